@@ -1,0 +1,141 @@
+"""Reading an official-layout checkpoint folder: find the weight files, check every tensor by
+name and shape against the layout table, and stream tensors out one at a time.
+
+Weights are read from safetensors only: pickle files (``.bin``/``.pt``) can execute code and
+are refused (product decision 7).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from ..runtime.config import ModelConfig
+from ..runtime.errors import CheckpointError
+from .layout import official_tensors
+
+if TYPE_CHECKING:
+    import torch
+
+_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor lives and what it is."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse the JSON header of a safetensors file (no tensor data is read)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if n > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+    out: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt header entry for {name!r}") from e
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if end > size - 8 - n or begin > end:
+            raise CheckpointError(f"{path}: tensor {name!r} lies beyond the end of the file (truncated download?)")
+        out[name] = TensorInfo(path, dtype, shape)
+    return out
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: from the shard index, or the single file."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid shard index: {e}") from e
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{model_dir}: the shard index lists files that are missing: {', '.join(missing)}")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir}: only pickle weight files found ({', '.join(pickles[:3])}); mdl-edge loads safetensors only, "
+            "because pickle files can run code"
+        )
+    raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json found")
+
+
+class Checkpoint:
+    """An official-layout checkpoint folder, validated on open."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: not a folder")
+        self.config = ModelConfig.from_dir(self.dir)
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in weight_files(self.dir):
+            for name, info in read_safetensors_header(f).items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{self.dir}: tensor {name!r} is stored twice ({self.tensors[name].file.name}, {f.name})")
+                self.tensors[name] = info
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        specs = {s.name: s for s in official_tensors(self.config)}
+        missing = [n for n, s in specs.items() if not s.optional and n not in self.tensors]
+        unexpected = [n for n in self.tensors if n not in specs]
+        misshaped = [
+            f"{n}: stored {list(i.shape)}, config implies {list(specs[n].shape)}"
+            for n, i in self.tensors.items()
+            if n in specs and i.shape != specs[n].shape
+        ]
+        problems = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                shown = "\n  ".join(items[:20]) + (f"\n  ... and {len(items) - 20} more" if len(items) > 20 else "")
+                problems.append(f"{len(items)} {title} tensor(s):\n  {shown}")
+        if problems:
+            raise CheckpointError(f"{self.dir}: does not match the MiDashengLM layout of its config.json\n" + "\n".join(problems))
+
+    def load(self, prefix: str, *, dtype: "torch.dtype | None" = None) -> Iterator[tuple[str, "torch.Tensor"]]:
+        """Yield ``(name without prefix, tensor)`` for every stored tensor under ``prefix``, file by file."""
+        import torch
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name, info in self.tensors.items():
+            if name.startswith(prefix):
+                by_file.setdefault(info.file, []).append(name)
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt") as st:
+                for name in names:
+                    t = st.get_tensor(name)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    yield name[len(prefix):], t
+

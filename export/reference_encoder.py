@@ -1,0 +1,126 @@
+"""Full-precision PyTorch Dasheng encoder and 5 Hz projector (spec §2-3), named like the checkpoint.
+
+Module and parameter names equal the official tensor names below ``audio_encoder.`` and
+``audio_projector.``, so the checkpoint loads by name. This is the model the ONNX exporter
+traces, which is why a chunk (``forward_chunk``) is a method of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..runtime import constants as C
+from ..runtime.config import EncoderConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        # Boolean key mask (True = may be attended to), broadcast over heads and queries; scale
+        # head_dim**-0.5 is SDPA's default.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :])
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as the original
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim)
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_valid)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_stride)
+
+
+def chunk_key_mask(n_samples: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Key mask ``[B, length]`` of the chunk starting at patch ``start``: patch < floor(L / 640).
+
+    A chunk with no valid key at all (only possible for a clip's lone last patch, or for padding
+    in a batch) is left unmasked: that is what the original ``dasheng`` encoder's additive
+    ``finfo.min`` mask computes, whereas a boolean SDPA mask would give NaN — and that NaN row is
+    not always dropped by the projector (e.g. L // 160 = 2019 keeps patch 504).
+    """
+    idx = torch.arange(start, start + length, device=n_samples.device)
+    valid = idx[None, :] < (n_samples // C.PATCH_HOP_SAMPLES)[:, None]
+    return valid | ~valid.any(dim=1, keepdim=True)
+
+
+class DashengEncoder(nn.Module):
+    """Log-mel ``[B, 64, T]`` -> 25 Hz features ``[B, T // 4, D]``, in independent 252-patch chunks."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.init_bn = nn.BatchNorm2d(cfg.n_mels)  # over mel bins; eps 1e-5 (PyTorch default)
+        self.patch_embed = PatchEmbed(cfg)
+        self.time_pos_embed = nn.Parameter(torch.zeros(1, cfg.embed_dim, 1, cfg.n_time_patches))
+        self.freq_pos_embed = nn.Parameter(torch.zeros(1, cfg.embed_dim, 1, 1))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+
+    def embed(self, mel: torch.Tensor) -> torch.Tensor:
+        """BatchNorm over mel bins + patch embedding: ``[B, 64, T]`` -> ``[B, T // 4, D]``."""
+        x = self.init_bn(mel[:, :, None, :])[:, :, 0, :]  # bins as BN channels
+        x = self.patch_embed.proj(x[:, None])  # [B, D, 1, P]
+        return x[:, :, 0, :].transpose(1, 2)
+
+    def forward_chunk(self, x: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """One chunk of at most 252 patches ``[B, t, D]``: positions restart at 0, blocks, final LN."""
+        t = x.shape[1]
+        pos = (self.time_pos_embed[0, :, 0, :t] + self.freq_pos_embed[0, :, 0, :]).transpose(0, 1)
+        x = x + pos
+        for blk in self.blocks:
+            x = blk(x, key_valid)
+        return self.norm(x)
+
+    def forward(self, mel: torch.Tensor, n_samples: torch.Tensor) -> torch.Tensor:
+        """Encode a batch; ``n_samples`` [B] are the clip lengths in samples (for the key mask)."""
+        x = self.embed(mel)
+        out = []
+        for start in range(0, x.shape[1], C.CHUNK_PATCHES):
+            chunk = x[:, start : start + C.CHUNK_PATCHES]
+            out.append(self.forward_chunk(chunk, chunk_key_mask(n_samples, start, chunk.shape[1])))
+        return torch.cat(out, dim=1)
+
+
+class AudioProjector(nn.Module):
+    """Stack 5 consecutive 25 Hz frames of the stitched sequence -> Linear -> GELU -> Linear."""
+
+    def __init__(self, in_dim: int, hidden: int, k: int = C.SUBSAMPLE) -> None:
+        super().__init__()
+        self.k = k
+        self.net = nn.Sequential(nn.Linear(in_dim * k, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, d = x.shape
+        n = p // self.k  # trailing p % 5 frames of the *stitched* sequence are dropped
+        return self.net(x[:, : n * self.k].reshape(b, n, self.k * d))

@@ -1,0 +1,88 @@
+"""Log-mel front end of MiDashengLM (spec §1): filterbank, window and a readable numpy reference.
+
+The numpy implementation here is the executable specification: float64 throughout, no torch.
+Fast paths (the C++ extension) are tested against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import constants as C
+from .errors import AudioError
+
+
+def hann_window() -> np.ndarray:
+    """Periodic Hann window of 512 samples (``torch.hann_window(512)``), float64."""
+    n = np.arange(C.WIN_LENGTH, dtype=np.float64)
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / C.WIN_LENGTH)
+
+
+def mel_filterbank() -> np.ndarray:
+    """HTK mel filterbank ``[257, 64]``, 0-8000 Hz, triangles without area normalisation, float64.
+
+    Equals ``torchaudio.functional.melscale_fbanks(257, 0, 8000, 64, 16000, norm=None, mel_scale="htk")``.
+    """
+    all_freqs = np.linspace(0.0, C.SAMPLE_RATE / 2, C.N_FREQS)
+
+    def hz_to_mel(f: float) -> float:
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+
+    m_pts = np.linspace(hz_to_mel(C.F_MIN), hz_to_mel(C.F_MAX), C.N_MELS + 2)
+    f_pts = 700.0 * (10.0 ** (m_pts / 2595.0) - 1.0)
+    f_diff = f_pts[1:] - f_pts[:-1]  # [n_mels + 1]
+    slopes = f_pts[None, :] - all_freqs[:, None]  # [n_freqs, n_mels + 2]
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return np.maximum(0.0, np.minimum(down, up))
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """Round float values to the nearest bfloat16 (ties to even) and return them as float32."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def pad_to_min_length(wave: np.ndarray) -> np.ndarray:
+    """Zero-pad clips shorter than 3200 samples (0.2 s) to exactly 3200, as the reference does."""
+    if wave.shape[-1] >= C.MIN_SAMPLES:
+        return wave
+    return np.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, C.MIN_SAMPLES - wave.shape[-1])])
+
+
+def check_wave(wave: np.ndarray, *, name: str = "audio") -> np.ndarray:
+    """Validate a mono waveform: 1-D, non-empty, finite. Returns it as a contiguous float32 array."""
+    wave = np.asarray(wave)
+    if wave.ndim != 1:
+        raise AudioError(f"{name}: expected a 1-D mono waveform, got shape {wave.shape}")
+    if wave.size == 0:
+        raise AudioError(f"{name}: the clip is empty (0 samples)")
+    if not np.issubdtype(wave.dtype, np.floating):
+        raise AudioError(f"{name}: expected float samples, got dtype {wave.dtype}")
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if not np.isfinite(wave).all():
+        bad = int(np.count_nonzero(~np.isfinite(wave)))
+        raise AudioError(f"{name}: {bad} of {wave.size} samples are NaN or infinite")
+    return wave
+
+
+def log_mel_numpy(wave: np.ndarray, *, bf16_buffers: bool = False) -> np.ndarray:
+    """Reference log-mel ``[64, 1 + L // 160]`` (float32) of a 16 kHz mono clip, in float64 math.
+
+    Reflect centre padding, periodic Hann, |rfft|^2, HTK mel, ``10 log10(max(x, 1e-10))``,
+    per-clip top_db 120; clips shorter than 3200 samples are zero-padded first.
+    ``bf16_buffers`` rounds window and filterbank to bfloat16 as bf16 deployments do (spec §1.5).
+    """
+    wave = pad_to_min_length(check_wave(wave)).astype(np.float64)
+    window, fb = hann_window(), mel_filterbank()
+    if bf16_buffers:
+        window, fb = bf16_round(window).astype(np.float64), bf16_round(fb).astype(np.float64)
+    half = C.N_FFT // 2
+    padded = np.pad(wave, (half, half), mode="reflect")
+    n = C.n_frames(wave.size)
+    idx = np.arange(C.N_FFT)[None, :] + C.HOP_LENGTH * np.arange(n)[:, None]
+    spec = np.abs(np.fft.rfft(padded[idx] * window, n=C.N_FFT, axis=-1)) ** 2  # [T, 257]
+    db = 10.0 * np.log10(np.maximum(spec @ fb, C.LOG_FLOOR))
+    db = np.maximum(db, db.max() - C.TOP_DB)
+    return db.T.astype(np.float32)

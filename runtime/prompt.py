@@ -1,0 +1,198 @@
+"""Prompts: the checkpoint's chat template, tokenization, and audio-placeholder expansion (torch-free).
+
+Product decisions 2-3: the prompt is the checkpoint's own chat template rendered with jinja2 the
+way Hugging Face's ``apply_chat_template`` renders it (sandboxed), then every single ``<|AUDIO|>``
+is expanded to one placeholder per audio token (spec §3.2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import CheckpointError, ConfigError
+
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_BOS = "<|audio_bos|>"
+AUDIO_EOS = "<|audio_eos|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS)
+
+#: ChatML with audio items as ``<|audio_bos|><|AUDIO|><|audio_eos|>`` and no injected system turn.
+#: Only a fallback for checkpoints that ship no template (and what synthetic checkpoints ship).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'audio' or 'audio' in item or 'audio_url' in item %}"
+    "{{ '<|audio_bos|><|AUDIO|><|audio_eos|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def user_message(text: str, *, audio_first: bool = False) -> list[dict[str, Any]]:
+    """The default conversation: one user turn ``[text, audio]`` (or ``[audio, text]``)."""
+    items: list[dict[str, Any]] = [{"type": "text", "text": text}, {"type": "audio"}]
+    if audio_first:
+        items.reverse()
+    return [{"role": "user", "content": items}]
+
+
+def _compile(template: str) -> Any:
+    """Compile a chat template in jinja2's immutable sandbox, with Hugging Face's helpers."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the special tokens a MiDashengLM prompt uses."""
+
+    audio: int
+    audio_bos: int
+    audio_eos: int
+    im_end: int
+    end_of_text: int
+
+
+class PromptFormat:
+    """Tokenizer + chat template of one checkpoint: messages and audio lengths in, token ids out."""
+
+    def __init__(self, tokenizer: Any, chat_template: str, *, stop_ids: Sequence[int] = (), source: str = "tokenizer") -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.source = source
+        ids = {}
+        for tok in SPECIAL_TOKENS:
+            i = tokenizer.token_to_id(tok)
+            if i is None:
+                raise CheckpointError(f"{source}: the tokenizer has no {tok} token (not a MiDashengLM tokenizer?)")
+            ids[tok] = i
+        self.special = SpecialIds(ids[AUDIO_TOKEN], ids[AUDIO_BOS], ids[AUDIO_EOS], ids[IM_END], ids[END_OF_TEXT])
+        self.stop_ids = tuple(dict.fromkeys([self.special.im_end, self.special.end_of_text, *stop_ids]))
+        try:
+            self._template = _compile(chat_template)
+        except Exception as e:  # jinja2.TemplateSyntaxError and friends
+            raise CheckpointError(f"{source}: the chat template does not compile: {e}") from e
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "PromptFormat":
+        """Load ``tokenizer.json``, the chat template and eos ids from a Hugging Face model folder.
+
+        The template is looked up in ``chat_template.jinja``, then ``chat_template.json``, then
+        ``tokenizer_config.json``; the built-in ChatML fallback is used only if none has one.
+        """
+        from tokenizers import Tokenizer
+
+        d = Path(model_dir)
+        tok_path = d / "tokenizer.json"
+        if not tok_path.is_file():
+            raise CheckpointError(f"{tok_path}: not found (the model folder needs a Hugging Face tokenizer.json)")
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:
+            raise CheckpointError(f"{tok_path}: not a valid tokenizers file: {e}") from e
+        template = _find_chat_template(d)
+        stop_ids: list[int] = []
+        gen_path = d / "generation_config.json"
+        if gen_path.is_file():
+            gen = _read_json(gen_path)
+            eos = gen.get("eos_token_id")
+            eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_list):
+                raise ConfigError(f"{gen_path}: eos_token_id must be an int or a list of ints, got {eos!r}")
+            stop_ids += eos_list
+        return cls(tokenizer, template, stop_ids=stop_ids, source=str(d))
+
+    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """The chat template applied to ``messages`` (text, with one ``<|AUDIO|>`` per audio item)."""
+        import jinja2
+
+        try:
+            return self._template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token="",
+                eos_token=IM_END,
+                pad_token=END_OF_TEXT,
+                audio_token=AUDIO_TOKEN,
+                audio_bos_token=AUDIO_BOS,
+                audio_eos_token=AUDIO_EOS,
+            )
+        except jinja2.exceptions.SecurityError as e:
+            raise CheckpointError(f"{self.source}: the chat template tried an unsafe operation and was stopped: {e}") from e
+        except jinja2.exceptions.TemplateError as e:
+            raise CheckpointError(f"{self.source}: the chat template failed to render: {e}") from e
+
+    def encode(self, messages: Sequence[dict[str, Any]], n_audio_tokens: Sequence[int], *, add_generation_prompt: bool = True) -> list[int]:
+        """Render, tokenize and expand each ``<|AUDIO|>`` to ``n_audio_tokens[i]`` placeholders."""
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return expand_audio_placeholders(ids, n_audio_tokens, self.special)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids to text, special tokens skipped."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def expand_audio_placeholders(ids: Sequence[int], n_audio_tokens: Sequence[int], special: SpecialIds) -> list[int]:
+    """Replace the i-th ``<|AUDIO|>`` with ``n_audio_tokens[i]`` copies (HF processor rule, spec §3.2).
+
+    A placeholder with neither an adjacent ``<|audio_bos|>`` before it nor ``<|audio_eos|>`` after it
+    is wrapped in the pair; otherwise the existing markers are kept as they are.
+    """
+    positions = [i for i, t in enumerate(ids) if t == special.audio]
+    if len(positions) != len(n_audio_tokens):
+        raise ValueError(f"the prompt has {len(positions)} audio placeholder(s) but {len(n_audio_tokens)} audio clip(s) were given")
+    out: list[int] = []
+    start = 0
+    for pos, n in zip(positions, n_audio_tokens):
+        if n < 0:
+            raise ValueError(f"audio token count must be >= 0, got {n}")
+        out += ids[start:pos]
+        wrap = not (pos > 0 and ids[pos - 1] == special.audio_bos) and not (pos + 1 < len(ids) and ids[pos + 1] == special.audio_eos)
+        out += ([special.audio_bos] if wrap else []) + [special.audio] * n + ([special.audio_eos] if wrap else [])
+        start = pos + 1
+    return out + list(ids[start:])
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not readable as JSON: {e}") from e
+
+
+def _find_chat_template(d: Path) -> str:
+    jinja = d / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        path = d / name
+        if path.is_file():
+            template = _read_json(path).get("chat_template")
+            if isinstance(template, str):
+                return template
+            if template is not None:
+                raise ConfigError(f"{path}: chat_template must be a string, got {type(template).__name__}")
+    return FALLBACK_CHAT_TEMPLATE

@@ -1,0 +1,73 @@
+"""Shared fixtures: synthetic checkpoints built once per session, and comparison helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, what: str = "values") -> None:
+    """``|a - e| <= atol + rtol * |e|`` elementwise; the failure names the worst element."""
+    a = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, dtype=np.float64)
+    e = np.asarray(expected.detach().cpu() if hasattr(expected, "detach") else expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
+    if a.size == 0:
+        return
+    err = np.abs(a - e)
+    excess = err - (atol + rtol * np.abs(e))
+    worst = np.unravel_index(int(np.nanargmax(np.where(np.isnan(err), np.inf, excess))), a.shape)
+    assert np.isfinite(a).all() == np.isfinite(e).all(), f"{what}: non-finite values differ"
+    assert (excess <= 0).all(), (
+        f"{what}: {int((excess > 0).sum())} of {a.size} elements exceed atol={atol:g} rtol={rtol:g}; "
+        f"worst at {tuple(int(i) for i in worst)}: got {a[worst]!r}, expected {e[worst]!r} (|diff| {err[worst]:.3g}); "
+        f"max |diff| {np.nanmax(err):.3g}"
+    )
+
+
+def rel_max_error(actual, expected) -> float:
+    """max |a - e| / max |e| (relative error at the scale of the tensor)."""
+    a = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, dtype=np.float64)
+    e = np.asarray(expected.detach().cpu() if hasattr(expected, "detach") else expected, dtype=np.float64)
+    return float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-30))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mdl_edge.export.synth import write_synthetic_checkpoint
+
+    return write_synthetic_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mdl_edge.export.synth import write_synthetic_checkpoint
+
+    return write_synthetic_checkpoint("tiny-qwen2", tmp_path_factory.mktemp("ckpt") / "tiny-qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir: Path):
+    from mdl_edge.export.reference_model import MiDashengLM
+
+    return MiDashengLM.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_model(tiny_qwen2_dir: Path):
+    from mdl_edge.export.reference_model import MiDashengLM
+
+    return MiDashengLM.from_pretrained(tiny_qwen2_dir)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
