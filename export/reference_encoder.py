@@ -64,14 +64,17 @@ class PatchEmbed(nn.Module):
 def chunk_key_mask(n_samples: torch.Tensor, start: int, length: int) -> torch.Tensor:
     """Key mask ``[B, length]`` of the chunk starting at patch ``start``: patch < floor(L / 640).
 
-    A chunk with no valid key at all (only possible for a clip's lone last patch, or for padding
-    in a batch) is left unmasked: that is what the original ``dasheng`` encoder's additive
-    ``finfo.min`` mask computes, whereas a boolean SDPA mask would give NaN — and that NaN row is
-    not always dropped by the projector (e.g. L // 160 = 2019 keeps patch 504).
+    A chunk holding none of those keys is a clip's lone last patch (floor(L/640) is at most one
+    short of the patch count); it attends to the clip's real patches, i.e. to itself. That is
+    what the original ``dasheng`` encoder computes (its additive ``finfo.min`` mask turns an
+    all-masked row uniform), whereas a boolean SDPA mask gives NaN there, and that NaN is not
+    always dropped by the projector (L // 160 = 2019 keeps patch 504). Padding in a batch is
+    never attended to.
     """
-    idx = torch.arange(start, start + length, device=n_samples.device)
-    valid = idx[None, :] < (n_samples // C.PATCH_HOP_SAMPLES)[:, None]
-    return valid | ~valid.any(dim=1, keepdim=True)
+    idx = torch.arange(start, start + length, device=n_samples.device)[None, :]
+    valid = idx < (n_samples // C.PATCH_HOP_SAMPLES)[:, None]
+    real = idx < ((1 + n_samples // C.HOP_LENGTH) // C.PATCH_FRAMES)[:, None]
+    return torch.where(valid.any(dim=1, keepdim=True), valid, real | ~real.any(dim=1, keepdim=True))
 
 
 class DashengEncoder(nn.Module):

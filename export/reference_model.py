@@ -24,7 +24,7 @@ from ..runtime.prompt import PromptFormat, user_message
 from .checkpoint import Checkpoint
 from .layout import DECODER_PREFIX, ENCODER_PREFIX, FRONT_END_BUFFERS, PROJECTOR_PREFIX
 from .reference_encoder import AudioProjector, DashengEncoder
-from .reference_mel import LogMel, batch_waves
+from .reference_mel import LogMel, batch_log_mel
 
 logger = logging.getLogger("mdl_edge")
 
@@ -143,8 +143,7 @@ class MiDashengLM(nn.Module):
     @torch.inference_mode()
     def log_mel(self, waves: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch of clips -> ``(log-mel [B, 64, T], lengths [B])`` (lengths after 3200-sample padding)."""
-        wave, lengths = batch_waves(waves, self.device)
-        return self.front_end(wave), lengths
+        return batch_log_mel(self.front_end, waves, self.device)
 
     @torch.inference_mode()
     def encode_audio(self, waves: Sequence[np.ndarray]) -> list[torch.Tensor]:

@@ -44,6 +44,15 @@ def bf16_round(x: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint32).view(np.float32)
 
 
+def front_end_buffers(*, bf16_buffers: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(window [512], filterbank [257, 64])`` as float32 values, the buffers of the fp32 reference;
+    with ``bf16_buffers`` rounded to bfloat16 as bf16 deployments hold them (spec §1.5)."""
+    window, fb = hann_window().astype(np.float32), mel_filterbank().astype(np.float32)
+    if bf16_buffers:
+        window, fb = bf16_round(window), bf16_round(fb)
+    return window, fb
+
+
 def pad_to_min_length(wave: np.ndarray) -> np.ndarray:
     """Zero-pad clips shorter than 3200 samples (0.2 s) to exactly 3200, as the reference does."""
     if wave.shape[-1] >= C.MIN_SAMPLES:
@@ -71,13 +80,11 @@ def log_mel_numpy(wave: np.ndarray, *, bf16_buffers: bool = False) -> np.ndarray
     """Reference log-mel ``[64, 1 + L // 160]`` (float32) of a 16 kHz mono clip, in float64 math.
 
     Reflect centre padding, periodic Hann, |rfft|^2, HTK mel, ``10 log10(max(x, 1e-10))``,
-    per-clip top_db 120; clips shorter than 3200 samples are zero-padded first.
-    ``bf16_buffers`` rounds window and filterbank to bfloat16 as bf16 deployments do (spec §1.5).
+    per-clip top_db 120; clips shorter than 3200 samples are zero-padded first. Window and
+    filterbank are the float32 buffers of :func:`front_end_buffers`; the arithmetic is float64.
     """
     wave = pad_to_min_length(check_wave(wave)).astype(np.float64)
-    window, fb = hann_window(), mel_filterbank()
-    if bf16_buffers:
-        window, fb = bf16_round(window).astype(np.float64), bf16_round(fb).astype(np.float64)
+    window, fb = (b.astype(np.float64) for b in front_end_buffers(bf16_buffers=bf16_buffers))
     half = C.N_FFT // 2
     padded = np.pad(wave, (half, half), mode="reflect")
     n = C.n_frames(wave.size)
