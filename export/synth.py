@@ -226,12 +226,14 @@ def _plan_shards(specs: list[TensorSpec], dtype: torch.dtype, max_bytes: int) ->
     return shards
 
 
-def write_synthetic_checkpoint(preset: str, out: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+def write_synthetic_checkpoint(
+    preset: str, out: str | Path, *, seed: int = 0, overwrite: bool = False, max_shard_bytes: int | None = None
+) -> Path:
     """Write a synthetic checkpoint of ``preset`` into folder ``out`` and return its path.
 
     The folder appears complete or not at all: everything is written into a hidden sibling
     folder which is renamed into place at the end. An existing non-empty ``out`` is refused
-    unless ``overwrite``.
+    unless ``overwrite``. ``max_shard_bytes`` overrides the preset's shard size.
     """
     from safetensors.torch import save_file
 
@@ -261,7 +263,7 @@ def write_synthetic_checkpoint(preset: str, out: str | Path, *, seed: int = 0, o
         write_tokenizer_files(
             tmp, base_vocab=p.base_vocab, special_start=s0, seed=seed, model_max_length=cfg.decoder.max_position_embeddings
         )
-        shards = _plan_shards(_written_tensors(cfg), p.dtype, p.max_shard_bytes)
+        shards = _plan_shards(_written_tensors(cfg), p.dtype, max_shard_bytes or p.max_shard_bytes)
         weight_map: dict[str, str] = {}
         total = 0
         for k, shard in enumerate(shards, 1):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import constants as C
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 _MISSING = object()
 
@@ -119,7 +119,7 @@ class ModelConfig:
         """Read ``model_dir/config.json``."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise ConfigError(f"{path}: not found (is {model_dir} a MiDashengLM checkpoint folder?)")
+            raise CheckpointError(f"{path}: not found (is {model_dir} a MiDashengLM checkpoint folder?)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
