@@ -1,0 +1,57 @@
+"""The console script: the README's main job, synth, reference caption, and error reporting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import soundfile as sf
+
+from mdl_edge.runtime.cli import main
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
+    assert main(["demo", "--workdir", str(tmp_path), "--seconds", "3", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "synthesized checkpoint" in out and "random weights" in out
+    assert "3.00 s audio -> 15 audio tokens; 4 new tokens" in out
+    for stage in ("decode audio", "mel", "encoder", "projector", "prefill", "decode"):
+        assert f"{stage} " in out
+
+
+def test_reference_caption(tiny_dir, tmp_path, capsys) -> None:
+    good = tmp_path / "a.wav"
+    sf.write(good, (np.random.default_rng(0).standard_normal(44100) * 0.1).astype(np.float32), 44100)
+    bad = tmp_path / "b.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    code = main(["reference", "caption", str(good), str(bad), "--model", str(tiny_dir), "--max-new-tokens", "3"])
+    cap = capsys.readouterr()
+    assert code == 1  # one file failed, the other was still captioned
+    assert f"{good}: " in cap.out and "5 audio tokens" in cap.out
+    assert f"{bad}: cannot decode audio" in cap.err
+
+
+def test_synth_errors_are_clear(tmp_path, capsys) -> None:
+    assert main(["synth", "--preset", "huge", "--out", str(tmp_path / "m")]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+    assert main(["synth", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", "3"]) == 0
+    assert main(["synth", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path, capsys) -> None:
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, np.float32), 16000)
+    assert main(["reference", "caption", str(wav), "--model", str(tmp_path / "nope")]) == 2
+    assert "nope: not a folder" in capsys.readouterr().err
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run([sys.executable, "-m", "mdl_edge.runtime.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "synth" in out and "reference" in out and "demo" in out
+
+
+def test_runtime_does_not_import_torch() -> None:
+    code = "import sys, mdl_edge.runtime.cli, mdl_edge.runtime.prompt, mdl_edge.runtime.audio, mdl_edge.runtime.mel; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
