@@ -1,14 +1,74 @@
-// Plain C++ core of the MiDashengLM front end (no Python in here).
+// Plain C++ core of the MiDashengLM log-mel front end (no Python in here).
+//
+// Definition (spec §1): reflect centre padding of 256 samples, periodic Hann window of 512,
+// hop 160, |rfft|^2 (257 bins), 64-band HTK mel filterbank 0-8000 Hz without area
+// normalisation, 10*log10(max(x, 1e-10)), then per-clip top_db 120. Clips shorter than 3200
+// samples are zero-padded to 3200 first. Window and filterbank are float32 values (optionally
+// rounded to bfloat16); all arithmetic is double, the result float32.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace mdl_edge {
 
-// Periodic Hann window, w[n] = 0.5 - 0.5 cos(2 pi n / N), as torch.hann_window(N) builds it.
-// Computed in double and rounded once to float so it matches a float64 reference to 1 ulp.
+constexpr int kSampleRate = 16000;
+constexpr int kNfft = 512;
+constexpr int kHop = 160;
+constexpr int kNfreqs = kNfft / 2 + 1;
+constexpr int kNmels = 64;
+constexpr std::size_t kMinSamples = 3200;
+constexpr double kLogFloor = 1e-10;
+constexpr double kTopDb = 120.0;
+
+// Periodic Hann window, w[n] = 0.5 - 0.5 cos(2 pi n / N), computed in double and rounded once.
 // Throws std::invalid_argument for length 0.
 std::vector<float> hann_periodic(std::size_t length);
+
+// HTK mel filterbank [257 * 64] (row-major: bin, band) as float32 values.
+std::vector<float> mel_filterbank();
+
+// Round to the nearest bfloat16 (ties to even), returned as float.
+float bf16_round(float x);
+
+// Frames of a clip of n samples (after padding to kMinSamples): 1 + n / 160.
+std::size_t n_frames(std::size_t n_samples);
+
+// The window, filterbank and FFT plan, built once per setting and shared (thread-safe).
+class MelFrontEnd {
+ public:
+  static const MelFrontEnd& get(bool bf16_buffers);
+
+  // Log-mel of a whole clip: out is [64, n_frames(max(n, 3200))], row-major, top_db applied.
+  // Throws std::invalid_argument for n == 0 or non-finite samples.
+  void log_mel(const float* wave, std::size_t n, float* out, int n_threads) const;
+
+  // dB values (no top_db) of frames [0, n_out_frames) of an already reflect-padded signal:
+  // frame f covers padded[f * 160, f * 160 + 512). out is [64, out_stride] row-major and frame f
+  // goes to column out_offset + f. Returns the maximum dB written. For blockwise long audio.
+  float raw_db_frames(const float* padded, std::size_t n_padded, std::size_t n_out_frames, float* out,
+                      std::size_t out_stride, std::size_t out_offset, int n_threads) const;
+
+  const std::vector<float>& window() const { return window_; }
+  const std::vector<float>& filterbank() const { return fb_; }
+
+ private:
+  explicit MelFrontEnd(bool bf16_buffers);
+  struct Band {
+    int first_bin;
+    std::vector<double> weights;
+  };
+  std::vector<float> window_;
+  std::vector<float> fb_;
+  std::vector<double> window_d_;
+  std::vector<Band> bands_;  // non-zero run of each mel band, for a sparse matmul
+  struct Plan;
+  std::shared_ptr<Plan> plan_;
+};
+
+// top_db over a [64, n_frames] matrix in place: x = max(x, max(x) - 120).
+void apply_top_db(float* db, std::size_t n, float peak);
 
 }  // namespace mdl_edge

@@ -58,6 +58,22 @@ def _corpus(seed: int, n_sentences: int) -> list[str]:
     return lines
 
 
+def _filler_words(taken: set[str]):
+    """Pseudo-words (" kalomi", ...) in byte-level form, none already in the vocabulary.
+
+    They fill the id range up to the official special-token ids; no merge produces them, but a
+    random model that samples them prints readable nonsense instead of placeholder markup."""
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    syllables = [c + v for c in consonants for v in vowels]
+    n = len(syllables)
+    i = 0
+    while True:
+        word = "\u0120" + syllables[i % n] + syllables[(i // n) % n] + syllables[(i // n // n) % n] + ("" if i < n**3 else str(i // n**3))
+        i += 1
+        if word not in taken:
+            yield word
+
+
 def build_tokenizer(*, base_vocab: int, special_start: int, seed: int):
     """Train the BPE (at most ``base_vocab`` entries) and place the specials from ``special_start``.
 
@@ -83,8 +99,8 @@ def build_tokenizer(*, base_vocab: int, special_start: int, seed: int):
     vocab: dict[str, int] = data["model"]["vocab"]
     if len(vocab) > special_start:
         raise ValueError(f"trained vocabulary ({len(vocab)}) overlaps the special-token ids ({special_start})")
-    for i in range(len(vocab), special_start):
-        vocab[f"<|filler_{i}|>"] = i
+    for i, word in zip(range(len(vocab), special_start), _filler_words(set(vocab))):
+        vocab[word] = i
     data["added_tokens"] = [
         {"id": special_start + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
         for i, t in enumerate(SPECIAL_TOKENS)
