@@ -143,22 +143,34 @@ float MelFrontEnd::raw_db_frames(const float* padded, std::size_t n_padded, std:
   std::atomic<std::size_t> slot{0};
   parallel_for(n_out_frames, n_threads, [&](std::size_t begin, std::size_t end) {
     const std::size_t my = slot.fetch_add(1);
-    std::vector<double> buf(kNfft), power(kNfreqs);
+    // pocketfft runs VLEN frames at once in SIMD lanes (GCC/Clang vector types); lanes past the
+    // last frame repeat it and are not written.
+    using V = pocketfft::detail::vtype_t<double>;
+    constexpr std::size_t L = pocketfft::detail::VLEN<double>::val;
+    std::vector<V> buf(kNfft);
+    double power[kNfreqs];
     float peak = -std::numeric_limits<float>::infinity();
-    for (std::size_t f = begin; f < end; ++f) {
-      const float* x = padded + f * kHop;
-      for (int i = 0; i < kNfft; ++i) buf[i] = static_cast<double>(x[i]) * window_d_[i];
+    for (std::size_t f0 = begin; f0 < end; f0 += L) {
+      const float* x[L];
+      for (std::size_t l = 0; l < L; ++l) x[l] = padded + std::min(f0 + l, end - 1) * kHop;
+      for (int i = 0; i < kNfft; ++i) {
+        V v;
+        for (std::size_t l = 0; l < L; ++l) v[l] = static_cast<double>(x[l][i]);
+        buf[i] = v * window_d_[i];
+      }
       plan_->rfft.exec(buf.data(), 1.0, true);  // FFTPACK order: r0, r1, i1, ..., r255, i255, r256
-      power[0] = buf[0] * buf[0];
-      for (int k = 1; k < kNfreqs - 1; ++k) power[k] = buf[2 * k - 1] * buf[2 * k - 1] + buf[2 * k] * buf[2 * k];
-      power[kNfreqs - 1] = buf[kNfft - 1] * buf[kNfft - 1];
-      for (int j = 0; j < kNmels; ++j) {
-        const Band& band = bands_[j];
-        double acc = 0.0;
-        for (std::size_t i = 0; i < band.weights.size(); ++i) acc += power[band.first_bin + i] * band.weights[i];
-        const float db = static_cast<float>(10.0 * std::log10(std::max(acc, kLogFloor)));
-        out[static_cast<std::size_t>(j) * out_stride + out_offset + f] = db;
-        peak = std::max(peak, db);
+      for (std::size_t l = 0; l < L && f0 + l < end; ++l) {
+        power[0] = buf[0][l] * buf[0][l];
+        for (int k = 1; k < kNfreqs - 1; ++k) power[k] = buf[2 * k - 1][l] * buf[2 * k - 1][l] + buf[2 * k][l] * buf[2 * k][l];
+        power[kNfreqs - 1] = buf[kNfft - 1][l] * buf[kNfft - 1][l];
+        for (int j = 0; j < kNmels; ++j) {
+          const Band& band = bands_[j];
+          double acc = 0.0;
+          for (std::size_t i = 0; i < band.weights.size(); ++i) acc += power[band.first_bin + i] * band.weights[i];
+          const float db = static_cast<float>(10.0 * std::log10(std::max(acc, kLogFloor)));
+          out[static_cast<std::size_t>(j) * out_stride + out_offset + f0 + l] = db;
+          peak = std::max(peak, db);
+        }
       }
     }
     peaks[my % peaks.size()] = std::max(peaks[my % peaks.size()], peak);

@@ -1,15 +1,24 @@
-"""Audio in: a path, bytes, file object or array -> mono float32 at 16 kHz.
+"""Audio in: a path, bytes, file object or array -> mono float32 at 16 kHz, in bounded memory.
 
-Files are decoded with libsndfile (soundfile): WAV, FLAC, OGG/Vorbis/Opus, MP3. Channels are
+Files are decoded with libsndfile (soundfile): WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF; anything
+else (M4A/AAC, video containers, ...) through ``ffmpeg`` when it is on PATH. Channels are
 averaged to mono (librosa's ``mono=True``), integer PCM arrives scaled to [-1, 1], and other
-rates are resampled with soxr's high-quality filter (what librosa uses by default).
+rates are resampled with soxr's high-quality filter (librosa's default resampler). Decoding
+runs block by block (:func:`iter_audio`), so an hour of audio never sits in memory as float64
+or in several copies; :func:`load_audio` is the concatenation of those blocks.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Iterator, Union
 
 import numpy as np
 
@@ -17,6 +26,9 @@ from . import constants as C
 from .errors import AudioError
 
 AudioSource = Union[str, Path, bytes, bytearray, BinaryIO, np.ndarray]
+
+#: Samples decoded per block (about 16 s at 16 kHz; a few MB whatever the file's rate).
+BLOCK_FRAMES = 1 << 18
 
 
 def describe(source: AudioSource) -> str:
@@ -27,57 +39,210 @@ def describe(source: AudioSource) -> str:
         return f"<{len(source)} bytes>"
     if isinstance(source, np.ndarray):
         return f"<array {source.shape} {source.dtype}>"
-    return getattr(source, "name", None) or f"<{type(source).__name__}>"
+    return str(getattr(source, "name", None) or f"<{type(source).__name__}>")
 
 
-def to_mono_16k(samples: np.ndarray, sample_rate: int, *, name: str = "audio") -> np.ndarray:
-    """``[n]`` or ``[n, channels]`` samples at ``sample_rate`` -> mono float32 at 16 kHz."""
-    x = np.asarray(samples)
+def _mono_float(x: np.ndarray, name: str) -> np.ndarray:
+    """``[n]`` or ``[n, channels]`` -> float32 mono, integers scaled to [-1, 1], checked finite."""
     if x.ndim == 2:
-        x = x.mean(axis=1, dtype=np.float64)
+        x = x.mean(axis=1, dtype=np.float64) if x.shape[1] > 1 else x[:, 0]
     elif x.ndim != 1:
         raise AudioError(f"{name}: expected [samples] or [samples, channels], got shape {x.shape}")
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float64) / float(np.iinfo(x.dtype).max + 1)
     elif not np.issubdtype(x.dtype, np.floating):
         raise AudioError(f"{name}: unsupported sample dtype {x.dtype}")
-    if x.size == 0:
-        raise AudioError(f"{name}: the clip is empty (0 samples)")
+    x = np.asarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise AudioError(f"{name}: {int(np.count_nonzero(~np.isfinite(x)))} samples are NaN or infinite")
-    x = x.astype(np.float32)
-    if sample_rate != C.SAMPLE_RATE:
-        if sample_rate <= 0:
-            raise AudioError(f"{name}: invalid sample rate {sample_rate}")
-        import soxr
-
-        x = soxr.resample(x, sample_rate, C.SAMPLE_RATE, quality="HQ").astype(np.float32)
-    return np.ascontiguousarray(x)
+    return x
 
 
-def load_audio(source: AudioSource, *, sample_rate: int | None = None) -> np.ndarray:
-    """Decode ``source`` to a mono float32 16 kHz waveform.
+class _Resampler:
+    """Streaming mono resampler to 16 kHz (soxr HQ); a pass-through at 16 kHz."""
 
-    Arrays must come with their ``sample_rate``; files carry their own. Raises
-    :class:`~mdl_edge.runtime.errors.AudioError` naming the source on any problem.
+    def __init__(self, rate: int, name: str) -> None:
+        if rate <= 0:
+            raise AudioError(f"{name}: invalid sample rate {rate}")
+        self.stream = None
+        if rate != C.SAMPLE_RATE:
+            import soxr
+
+            self.stream = soxr.ResampleStream(rate, C.SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+
+    def __call__(self, x: np.ndarray, last: bool = False) -> np.ndarray:
+        if self.stream is None:
+            return x
+        return np.asarray(self.stream.resample_chunk(x, last=last), dtype=np.float32)
+
+
+def _blocks_16k(blocks: Iterator[np.ndarray], rate: int, name: str) -> Iterator[np.ndarray]:
+    resample = _Resampler(rate, name)
+    n = 0
+    for b in blocks:
+        n += b.shape[0]
+        out = resample(_mono_float(b, name))
+        if out.size:
+            yield out
+    tail = resample(np.zeros(0, np.float32), last=True)
+    if tail.size:
+        yield tail
+    if n == 0:
+        raise AudioError(f"{name}: the clip is empty (0 samples)")
+
+
+def _wav_truncation(data: bytes | None, path: Path | None) -> str | None:
+    """libsndfile silently shortens a WAV whose data chunk is cut off; read the RIFF header."""
+    head = data[:4096] if data is not None else path.open("rb").read(4096) if path else b""
+    size = len(data) if data is not None else path.stat().st_size if path else 0
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(head):
+        cid, clen = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+        if cid == b"data":
+            if clen != 0xFFFFFFFF and pos + 8 + clen > size:
+                return f"truncated WAV: the data chunk declares {clen} bytes but the file holds {size - pos - 8}"
+            return None
+        pos += 8 + clen + (clen & 1)
+    return None
+
+
+def _soundfile_blocks(f, name: str) -> Iterator[tuple[np.ndarray, int]]:
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(f) as snd:
+            rate, declared, fmt = snd.samplerate, snd.frames, snd.format
+            n = 0
+            for block in snd.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True):
+                n += block.shape[0]
+                yield block, rate
+    except sf.LibsndfileError as e:
+        raise AudioError(f"{name}: cannot decode audio: {e}") from e
+    # MP3 headers (Xing) give an exact length; a file cut short decodes to fewer frames.
+    if fmt == "MP3" and declared > 0 and n + 2 * 1152 < declared:
+        raise AudioError(f"{name}: truncated MP3: the header promises {declared} samples, the file holds {n}")
+
+
+def _ffmpeg_blocks(path: Path, name: str) -> Iterator[tuple[np.ndarray, int]]:
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels", "-of", "json", str(path)],
+        capture_output=True, text=True,
+    )
+    streams = json.loads(probe.stdout or "{}").get("streams", []) if probe.returncode == 0 else []
+    if not streams:
+        detail = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "no audio stream"
+        raise AudioError(f"{name}: cannot decode audio with ffmpeg: {detail}")
+    rate, channels = int(streams[0]["sample_rate"]), int(streams[0]["channels"])
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "f32le", "-acodec", "pcm_f32le", "-"],
+            stdout=subprocess.PIPE, stderr=err,
+        )
+        try:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(BLOCK_FRAMES * channels * 4):
+                usable = len(chunk) - len(chunk) % (channels * 4)
+                yield np.frombuffer(chunk[:usable], dtype="<f4").reshape(-1, channels), rate
+        finally:
+            proc.stdout.close() if proc.stdout else None
+            code = proc.wait()
+        if code != 0:
+            err.seek(0)
+            msg = err.read().decode(errors="replace").strip().splitlines()
+            raise AudioError(f"{name}: ffmpeg failed to decode it: {msg[-1] if msg else f'exit code {code}'}")
+
+
+def _decoded_blocks(source: AudioSource, name: str) -> Iterator[tuple[np.ndarray, int]]:
+    """(block [frames, channels], sample rate) from soundfile, or ffmpeg as the fallback."""
+    import soundfile as sf
+
+    path = Path(source) if isinstance(source, (str, Path)) else None
+    data = bytes(source) if isinstance(source, (bytes, bytearray)) else None
+    if path is not None and not path.is_file():
+        raise AudioError(f"{name}: no such file")
+    if data is None and path is None:  # a file object: read it once, it may not be seekable
+        try:
+            data = source.read()  # type: ignore[union-attr]
+        except Exception as e:
+            raise AudioError(f"{name}: cannot read from the file object: {e}") from e
+        if not isinstance(data, (bytes, bytearray)):
+            raise AudioError(f"{name}: the file object must be opened in binary mode")
+    if data is not None and len(data) == 0:
+        raise AudioError(f"{name}: the file is empty (0 bytes)")
+    if path is not None and path.stat().st_size == 0:
+        raise AudioError(f"{name}: the file is empty (0 bytes)")
+    truncated = _wav_truncation(data, path)
+    if truncated:
+        raise AudioError(f"{name}: {truncated}")
+    try:
+        sf.info(io.BytesIO(data) if data is not None else str(path))
+        readable = True
+    except sf.LibsndfileError as e:
+        readable, sf_error = False, str(e)
+    if readable:
+        yield from _soundfile_blocks(io.BytesIO(data) if data is not None else str(path), name)
+        return
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        raise AudioError(
+            f"{name}: cannot decode audio: libsndfile reads WAV/FLAC/OGG/MP3 only ({sf_error.strip()}); "
+            "install ffmpeg (e.g. apt-get install ffmpeg) to read M4A/AAC/Opus/video files"
+        )
+    if path is not None:
+        yield from _ffmpeg_blocks(path, name)
+        return
+    fd, tmp = tempfile.mkstemp(suffix=".audio")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)  # type: ignore[arg-type]
+        yield from _ffmpeg_blocks(Path(tmp), name)
+    finally:
+        os.unlink(tmp)
+
+
+def iter_audio(source: AudioSource, *, sample_rate: int | None = None) -> Iterator[np.ndarray]:
+    """Decode ``source`` block by block into mono float32 16 kHz pieces.
+
+    Arrays need their ``sample_rate`` (checked, never assumed); files carry their own, and a
+    ``sample_rate`` given with a file must agree with it. Raises :class:`AudioError` naming the
+    source for anything unreadable, empty or non-finite.
     """
     name = describe(source)
     if isinstance(source, np.ndarray):
         if sample_rate is None:
             raise AudioError(f"{name}: pass sample_rate= with an array (it is checked, not assumed)")
-        return to_mono_16k(source, sample_rate, name=name)
-    import soundfile as sf
+        if source.ndim == 2 and source.shape[0] < source.shape[1] and source.shape[0] <= 8:
+            raise AudioError(f"{name}: expected [samples, channels]; got what looks like [channels, samples] (transpose it)")
+        yield from _blocks_16k(iter([np.asarray(source)]), sample_rate, name)
+        return
+    rate_seen: list[int] = []
 
-    if isinstance(source, (str, Path)) and not Path(source).is_file():
-        raise AudioError(f"{name}: no such file")
-    f = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
+    def blocks() -> Iterator[np.ndarray]:
+        for block, rate in _decoded_blocks(source, name):
+            if not rate_seen:
+                rate_seen.append(rate)
+                if sample_rate is not None and sample_rate != rate:
+                    raise AudioError(f"{name}: the file is {rate} Hz but sample_rate={sample_rate} was given")
+            yield block
+
+    it = blocks()
     try:
-        data, sr = sf.read(f, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{name}: cannot decode audio: {e}") from e
-    if sample_rate is not None and sample_rate != sr:
-        raise AudioError(f"{name}: file is {sr} Hz but sample_rate={sample_rate} was given")
-    return to_mono_16k(data, sr, name=name)
+        first = next(it)
+    except StopIteration:
+        raise AudioError(f"{name}: the clip is empty (0 samples)") from None
+    yield from _blocks_16k(_chain(first, it), rate_seen[0], name)
+
+
+def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
+
+
+def load_audio(source: AudioSource, *, sample_rate: int | None = None) -> np.ndarray:
+    """Decode ``source`` to one mono float32 16 kHz waveform (see :func:`iter_audio`)."""
+    parts = list(iter_audio(source, sample_rate=sample_rate))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def demo_clip(seconds: float = 10.0, *, seed: int = 0) -> np.ndarray:

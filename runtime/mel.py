@@ -93,3 +93,113 @@ def log_mel_numpy(wave: np.ndarray, *, bf16_buffers: bool = False) -> np.ndarray
     db = 10.0 * np.log10(np.maximum(spec @ fb, C.LOG_FLOOR))
     db = np.maximum(db, db.max() - C.TOP_DB)
     return db.T.astype(np.float32)
+
+
+def default_threads() -> int:
+    """CPU cores available to this process (affinity-aware where the OS tells)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def log_mel(wave: np.ndarray, *, bf16_buffers: bool = False, n_threads: int | None = None) -> np.ndarray:
+    """The exact log-mel ``[64, 1 + max(L, 3200) // 160]`` of a 16 kHz mono clip (C++ extension).
+
+    Same definition as :func:`log_mel_numpy`; float32 input is read without a copy and frames
+    are computed in parallel over ``n_threads`` (default: all available cores) with the GIL
+    released. Raises :class:`AudioError` for empty or non-finite input.
+    """
+    from .. import _mel
+
+    wave = np.asarray(wave)
+    if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
+        check_wave(wave)  # raises the descriptive AudioError
+    try:
+        return _mel.log_mel(wave, bf16_buffers=bf16_buffers, n_threads=n_threads or default_threads())
+    except ValueError as e:
+        raise AudioError(f"audio: {e}") from e
+
+
+class LogMelStream:
+    """Log-mel of audio that arrives in blocks, identical to :func:`log_mel` of the whole clip.
+
+    ``feed(block)`` returns the dB frames ``[64, k]`` that the samples so far complete (before
+    top_db, which needs the clip's global maximum); ``finish()`` returns the rest. Memory is the
+    output plus one block. :func:`log_mel_blocks` applies top_db at the end.
+    """
+
+    _HALF = C.N_FFT // 2
+
+    def __init__(self, *, bf16_buffers: bool = False, n_threads: int | None = None) -> None:
+        self.bf16_buffers = bf16_buffers
+        self.n_threads = n_threads or default_threads()
+        self.n_samples = 0  # samples fed so far
+        self.n_frames_done = 0
+        self.peak = -np.inf
+        self._buf = np.zeros(0, np.float32)  # padded-signal samples from frame n_frames_done on
+        self._started = False
+        self._finished = False
+
+    def _frames(self, padded: np.ndarray, n: int) -> np.ndarray:
+        from .. import _mel
+
+        db, peak = _mel.raw_db_frames(padded, n, bf16_buffers=self.bf16_buffers, n_threads=self.n_threads)
+        self.peak = max(self.peak, peak)
+        self.n_frames_done += n
+        return db
+
+    def feed(self, block: np.ndarray) -> np.ndarray:
+        """Add samples; return the newly completed frames ``[64, k]`` (raw dB)."""
+        if self._finished:
+            raise RuntimeError("LogMelStream.feed after finish()")
+        block = np.asarray(block, dtype=np.float32)
+        if block.ndim != 1:
+            raise AudioError(f"audio block: expected 1-D samples, got shape {block.shape}")
+        if not np.isfinite(block).all():
+            raise AudioError(f"audio: {int(np.count_nonzero(~np.isfinite(block)))} samples near sample {self.n_samples} are NaN or infinite")
+        self.n_samples += block.size
+        self._buf = np.concatenate([self._buf, block])
+        if not self._started:
+            # The start needs samples 1..256 for its reflection; until then, wait.
+            if self._buf.size <= self._HALF:
+                return np.zeros((C.N_MELS, 0), np.float32)
+            self._buf = np.concatenate([self._buf[1 : self._HALF + 1][::-1], self._buf])
+            self._started = True
+        n = (self._buf.size - C.N_FFT) // C.HOP_LENGTH + 1 if self._buf.size >= C.N_FFT else 0
+        if n <= 0:
+            return np.zeros((C.N_MELS, 0), np.float32)
+        db = self._frames(self._buf, n)
+        self._buf = self._buf[n * C.HOP_LENGTH :]
+        return db
+
+    def finish(self) -> np.ndarray:
+        """Pad the end (3200-sample minimum, reflection) and return the remaining frames."""
+        if self._finished:
+            raise RuntimeError("LogMelStream.finish called twice")
+        self._finished = True
+        if self.n_samples == 0:
+            raise AudioError("audio: the clip is empty (0 samples)")
+        total = max(self.n_samples, C.MIN_SAMPLES)
+        if total > self.n_samples:
+            self._buf = np.concatenate([self._buf, np.zeros(total - self.n_samples, np.float32)])
+        if not self._started:
+            self._buf = np.concatenate([self._buf[1 : self._HALF + 1][::-1], self._buf])
+            self._started = True
+        # reflection of the last 256 samples, edge sample not repeated
+        self._buf = np.concatenate([self._buf, self._buf[-self._HALF - 1 : -1][::-1]])
+        n = C.n_frames(total) - self.n_frames_done
+        return self._frames(self._buf, n)
+
+
+def log_mel_blocks(blocks, *, bf16_buffers: bool = False, n_threads: int | None = None) -> np.ndarray:
+    """:func:`log_mel` of the concatenation of ``blocks`` (an iterable of 1-D float arrays),
+    computed block by block: equal to the one-shot result, without holding the whole waveform."""
+    stream = LogMelStream(bf16_buffers=bf16_buffers, n_threads=n_threads)
+    parts = [stream.feed(b) for b in blocks]
+    parts.append(stream.finish())
+    db = np.concatenate(parts, axis=1)
+    np.maximum(db, np.float32(float(stream.peak) - C.TOP_DB), out=db)
+    return db
