@@ -101,6 +101,34 @@ const MelFrontEnd& MelFrontEnd::get(bool bf16_buffers) {
 
 namespace {
 
+// log10 of a positive, finite, normal double to ~1e-15 relative: exponent from the bits, and
+// ln(m) = 2 atanh((m - 1) / (m + 1)) by its series for m in [sqrt(1/2), sqrt(2)). Branch-free so
+// that loops over it vectorise; std::log10 is a libm call per value and dominated the profile.
+inline double log10_positive(double x) {
+  std::uint64_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  std::int64_t e = static_cast<std::int64_t>((bits >> 52) & 0x7FF) - 1023;
+  bits = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;  // m in [1, 2)
+  double m;
+  std::memcpy(&m, &bits, sizeof m);
+  const bool big = m > 1.4142135623730951;
+  m = big ? m * 0.5 : m;
+  e += big ? 1 : 0;
+  const double s = (m - 1.0) / (m + 1.0), s2 = s * s;
+  // |s| <= 0.1716, s^2 <= 0.0295: terms through s^17 leave < 1e-16 relative error
+  double p = 1.0 / 17;
+  p = p * s2 + 1.0 / 15;
+  p = p * s2 + 1.0 / 13;
+  p = p * s2 + 1.0 / 11;
+  p = p * s2 + 1.0 / 9;
+  p = p * s2 + 1.0 / 7;
+  p = p * s2 + 1.0 / 5;
+  p = p * s2 + 1.0 / 3;
+  p = p * s2 + 1.0;
+  const double ln_m = 2.0 * s * p;
+  return (static_cast<double>(e) * 0.6931471805599453 + ln_m) * 0.4342944819032518;
+}
+
 template <typename Fn>
 void parallel_for(std::size_t n, int n_threads, Fn fn) {
   unsigned hw = std::max(1u, std::thread::hardware_concurrency());
@@ -137,44 +165,64 @@ float MelFrontEnd::raw_db_frames(const float* padded, std::size_t n_padded, std:
   if ((n_out_frames - 1) * kHop + kNfft > n_padded)
     throw std::invalid_argument("raw_db_frames: padded signal too short for " + std::to_string(n_out_frames) + " frames");
   if (out_offset + n_out_frames > out_stride) throw std::invalid_argument("raw_db_frames: output too small");
+  const FrameView view{padded, padded, 0, padded, n_out_frames + 1};
+  std::size_t bad = 0;
+  return compute(view, n_out_frames, out, out_stride, out_offset, n_threads, nullptr, 0, &bad);
+}
+
+float MelFrontEnd::compute(const FrameView& view, std::size_t n_out_frames, float* out, std::size_t out_stride,
+                           std::size_t out_offset, int n_threads, const float* check, std::size_t n_check,
+                           std::size_t* n_bad) const {
   unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   std::size_t t = n_threads > 0 ? static_cast<std::size_t>(n_threads) : hw;
   std::vector<float> peaks(std::max<std::size_t>(t, 1), -std::numeric_limits<float>::infinity());
+  std::vector<std::size_t> bads(peaks.size(), 0);
   std::atomic<std::size_t> slot{0};
   parallel_for(n_out_frames, n_threads, [&](std::size_t begin, std::size_t end) {
-    const std::size_t my = slot.fetch_add(1);
-    // pocketfft runs VLEN frames at once in SIMD lanes (GCC/Clang vector types); lanes past the
-    // last frame repeat it and are not written.
+    const std::size_t my = slot.fetch_add(1) % peaks.size();
+    // each worker checks the samples its frames advance over; the last one checks to the end
+    const std::size_t c0 = std::min(n_check, begin * kHop), c1 = end == n_out_frames ? n_check : std::min(n_check, end * kHop);
+    std::size_t bad = 0;
+    for (std::size_t i = c0; i < c1; ++i) bad += !std::isfinite(check[i]);
+    bads[my] += bad;
+    // pocketfft transforms VLEN frames at once, one per SIMD lane (GCC/Clang vector types);
+    // power and mel bands are computed on whole vectors too. Lanes past the last frame repeat
+    // it and are not written.
     using V = pocketfft::detail::vtype_t<double>;
     constexpr std::size_t L = pocketfft::detail::VLEN<double>::val;
-    std::vector<V> buf(kNfft);
-    double power[kNfreqs];
+    std::vector<V> buf(kNfft), power(kNfreqs);
+    std::vector<double> mel(kNmels * L);
     float peak = -std::numeric_limits<float>::infinity();
     for (std::size_t f0 = begin; f0 < end; f0 += L) {
       const float* x[L];
-      for (std::size_t l = 0; l < L; ++l) x[l] = padded + std::min(f0 + l, end - 1) * kHop;
+      for (std::size_t l = 0; l < L; ++l) x[l] = view.at(std::min(f0 + l, end - 1));
       for (int i = 0; i < kNfft; ++i) {
         V v;
         for (std::size_t l = 0; l < L; ++l) v[l] = static_cast<double>(x[l][i]);
         buf[i] = v * window_d_[i];
       }
       plan_->rfft.exec(buf.data(), 1.0, true);  // FFTPACK order: r0, r1, i1, ..., r255, i255, r256
+      power[0] = buf[0] * buf[0];
+      for (int k = 1; k < kNfreqs - 1; ++k) power[k] = buf[2 * k - 1] * buf[2 * k - 1] + buf[2 * k] * buf[2 * k];
+      power[kNfreqs - 1] = buf[kNfft - 1] * buf[kNfft - 1];
+      for (int j = 0; j < kNmels; ++j) {
+        const Band& band = bands_[j];
+        V acc = power[0] * 0.0;
+        for (std::size_t i = 0; i < band.weights.size(); ++i) acc += power[band.first_bin + i] * band.weights[i];
+        for (std::size_t l = 0; l < L; ++l) mel[l * kNmels + j] = acc[l];
+      }
+      for (std::size_t i = 0; i < kNmels * L; ++i) mel[i] = 10.0 * log10_positive(std::max(mel[i], kLogFloor));
       for (std::size_t l = 0; l < L && f0 + l < end; ++l) {
-        power[0] = buf[0][l] * buf[0][l];
-        for (int k = 1; k < kNfreqs - 1; ++k) power[k] = buf[2 * k - 1][l] * buf[2 * k - 1][l] + buf[2 * k][l] * buf[2 * k][l];
-        power[kNfreqs - 1] = buf[kNfft - 1][l] * buf[kNfft - 1][l];
         for (int j = 0; j < kNmels; ++j) {
-          const Band& band = bands_[j];
-          double acc = 0.0;
-          for (std::size_t i = 0; i < band.weights.size(); ++i) acc += power[band.first_bin + i] * band.weights[i];
-          const float db = static_cast<float>(10.0 * std::log10(std::max(acc, kLogFloor)));
+          const float db = static_cast<float>(mel[l * kNmels + j]);
           out[static_cast<std::size_t>(j) * out_stride + out_offset + f0 + l] = db;
           peak = std::max(peak, db);
         }
       }
     }
-    peaks[my % peaks.size()] = std::max(peaks[my % peaks.size()], peak);
+    peaks[my] = std::max(peaks[my], peak);
   });
+  for (std::size_t b : bads) *n_bad += b;
   return *std::max_element(peaks.begin(), peaks.end());
 }
 
@@ -185,20 +233,29 @@ void apply_top_db(float* db, std::size_t n, float peak) {
 
 void MelFrontEnd::log_mel(const float* wave, std::size_t n, float* out, int n_threads) const {
   if (n == 0) throw std::invalid_argument("log_mel: the clip is empty (0 samples)");
-  std::size_t bad = 0;
-  for (std::size_t i = 0; i < n; ++i) bad += !std::isfinite(wave[i]);
-  if (bad) throw std::invalid_argument("log_mel: " + std::to_string(bad) + " of " + std::to_string(n) + " samples are NaN or infinite");
   const std::size_t len = std::max(n, kMinSamples);  // zero-padded to 3200 samples
-  const std::size_t half = kNfft / 2;
-  // Reflect padding (numpy "reflect": the edge sample is not repeated), over the zero-padded clip.
-  std::vector<float> padded(len + 2 * half, 0.0f);
-  std::copy(wave, wave + n, padded.begin() + half);
-  for (std::size_t i = 1; i <= half; ++i) {
-    padded[half - i] = padded[half + i];
-    padded[half + len - 1 + i] = padded[half + len - 1 - i];
-  }
   const std::size_t frames = n_frames(n);
-  const float peak = raw_db_frames(padded.data(), padded.size(), frames, out, frames, 0, n_threads);
+  const long half = kNfft / 2;
+  // Sample p of the padded signal: reflection about both ends (numpy "reflect": the edge sample
+  // is not repeated) of the clip zero-padded to len.
+  auto sample = [&](long p) -> float {
+    long i = p - half;
+    if (i < 0) i = -i;
+    if (i >= static_cast<long>(len)) i = 2 * (static_cast<long>(len) - 1) - i;
+    return static_cast<std::size_t>(i) < n ? wave[i] : 0.0f;
+  };
+  // Interior frames read the clip in place; frames whose window reaches past either end of the
+  // clip read from copies of the edges.
+  const std::size_t head_frames = std::min(frames, static_cast<std::size_t>((half + kHop - 1) / kHop));
+  std::size_t tail_start = frames;
+  while (tail_start > head_frames && (tail_start - 1) * kHop + half > n) --tail_start;
+  std::vector<float> head((head_frames ? head_frames - 1 : 0) * kHop + kNfft), tail((frames - tail_start) * kHop + kNfft);
+  for (std::size_t p = 0; p < head.size(); ++p) head[p] = sample(static_cast<long>(p));
+  for (std::size_t p = 0; p < tail.size(); ++p) tail[p] = sample(static_cast<long>(tail_start * kHop + p));
+  const FrameView view{wave, head.data(), head_frames, tail.data(), tail_start};
+  std::size_t bad = 0;
+  const float peak = compute(view, frames, out, frames, 0, n_threads, wave, n, &bad);
+  if (bad) throw std::invalid_argument("log_mel: " + std::to_string(bad) + " of " + std::to_string(n) + " samples are NaN or infinite");
   apply_top_db(out, frames * kNmels, peak);
 }
 

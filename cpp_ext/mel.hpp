@@ -52,6 +52,21 @@ class MelFrontEnd {
                       std::size_t out_stride, std::size_t out_offset, int n_threads) const;
 
   const std::vector<float>& window() const { return window_; }
+
+  // The reflect-padded signal frame by frame without copying the body: frames near the ends
+  // come from small edge buffers.
+  struct FrameView {
+    const float* body;  // frame f starts at body + f * kHop - kNfft / 2 (interior frames)
+    const float* head;
+    std::size_t head_frames;
+    const float* tail;
+    std::size_t tail_start;
+    const float* at(std::size_t f) const {
+      if (f < head_frames) return head + f * kHop;
+      if (f >= tail_start) return tail + (f - tail_start) * kHop;
+      return body + f * kHop - kNfft / 2;
+    }
+  };
   const std::vector<float>& filterbank() const { return fb_; }
 
  private:
@@ -66,6 +81,10 @@ class MelFrontEnd {
   std::vector<Band> bands_;  // non-zero run of each mel band, for a sparse matmul
   struct Plan;
   std::shared_ptr<Plan> plan_;
+  // Frames [0, n_frames) into out (column out_offset + f); counts non-finite samples of
+  // check[0, n_check) on the way. Returns the maximum dB.
+  float compute(const FrameView& view, std::size_t n_frames, float* out, std::size_t out_stride, std::size_t out_offset,
+                int n_threads, const float* check, std::size_t n_check, std::size_t* n_bad) const;
 };
 
 // top_db over a [64, n_frames] matrix in place: x = max(x, max(x) - 120).
