@@ -165,7 +165,7 @@ float MelFrontEnd::raw_db_frames(const float* padded, std::size_t n_padded, std:
   if ((n_out_frames - 1) * kHop + kNfft > n_padded)
     throw std::invalid_argument("raw_db_frames: padded signal too short for " + std::to_string(n_out_frames) + " frames");
   if (out_offset + n_out_frames > out_stride) throw std::invalid_argument("raw_db_frames: output too small");
-  const FrameView view{padded, padded, 0, padded, n_out_frames + 1};
+  const FrameView view{padded + kNfft / 2, padded, 0, padded, n_out_frames + 1};  // all frames interior
   std::size_t bad = 0;
   return compute(view, n_out_frames, out, out_stride, out_offset, n_threads, nullptr, 0, &bad);
 }
