@@ -42,7 +42,7 @@ def describe(source: AudioSource) -> str:
     return str(getattr(source, "name", None) or f"<{type(source).__name__}>")
 
 
-def _mono_float(x: np.ndarray, name: str) -> np.ndarray:
+def _mono_float(x: np.ndarray, name: str, decoded: bool = False) -> np.ndarray:
     """``[n]`` or ``[n, channels]`` -> float32 mono, integers scaled to [-1, 1], checked finite."""
     if x.ndim == 2:
         x = x.mean(axis=1, dtype=np.float64) if x.shape[1] > 1 else x[:, 0]
@@ -54,7 +54,10 @@ def _mono_float(x: np.ndarray, name: str) -> np.ndarray:
         raise AudioError(f"{name}: unsupported sample dtype {x.dtype}")
     x = np.asarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
-        raise AudioError(f"{name}: {int(np.count_nonzero(~np.isfinite(x)))} samples are NaN or infinite")
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if decoded and np.issubdtype(x.dtype, np.floating):
+            raise AudioError(f"{name}: {bad} decoded samples are NaN or infinite (a float file holding NaN, or a corrupt or truncated file)")
+        raise AudioError(f"{name}: {bad} samples are NaN or infinite")
     return x
 
 
@@ -76,12 +79,12 @@ class _Resampler:
         return np.asarray(self.stream.resample_chunk(x, last=last), dtype=np.float32)
 
 
-def _blocks_16k(blocks: Iterator[np.ndarray], rate: int, name: str) -> Iterator[np.ndarray]:
+def _blocks_16k(blocks: Iterator[np.ndarray], rate: int, name: str, decoded: bool) -> Iterator[np.ndarray]:
     resample = _Resampler(rate, name)
     n = 0
     for b in blocks:
         n += b.shape[0]
-        out = resample(_mono_float(b, name))
+        out = resample(_mono_float(b, name, decoded))
         if out.size:
             yield out
     tail = resample(np.zeros(0, np.float32), last=True)
@@ -214,7 +217,7 @@ def iter_audio(source: AudioSource, *, sample_rate: int | None = None) -> Iterat
             raise AudioError(f"{name}: pass sample_rate= with an array (it is checked, not assumed)")
         if source.ndim == 2 and source.shape[0] < source.shape[1] and source.shape[0] <= 8:
             raise AudioError(f"{name}: expected [samples, channels]; got what looks like [channels, samples] (transpose it)")
-        yield from _blocks_16k(iter([np.asarray(source)]), sample_rate, name)
+        yield from _blocks_16k(iter([np.asarray(source)]), sample_rate, name, decoded=False)
         return
     rate_seen: list[int] = []
 
@@ -231,7 +234,7 @@ def iter_audio(source: AudioSource, *, sample_rate: int | None = None) -> Iterat
         first = next(it)
     except StopIteration:
         raise AudioError(f"{name}: the clip is empty (0 samples)") from None
-    yield from _blocks_16k(_chain(first, it), rate_seen[0], name)
+    yield from _blocks_16k(_chain(first, it), rate_seen[0], name, decoded=True)
 
 
 def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
