@@ -94,20 +94,42 @@ def _blocks_16k(blocks: Iterator[np.ndarray], rate: int, name: str, decoded: boo
         raise AudioError(f"{name}: the clip is empty (0 samples)")
 
 
-def _wav_truncation(data: bytes | None, path: Path | None) -> str | None:
-    """libsndfile silently shortens a WAV whose data chunk is cut off; read the RIFF header."""
-    head = data[:4096] if data is not None else path.open("rb").read(4096) if path else b""
-    size = len(data) if data is not None else path.stat().st_size if path else 0
-    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+def _truncation(data: bytes | None, path: Path | None) -> str | None:
+    """Headers that announce more data than the file holds. libsndfile silently shortens such a
+    WAV and pads such an MP3 (with silence or garbage), so read the announcements ourselves."""
+    if data is not None:
+        head, size = data[:8192], len(data)
+    elif path is not None:
+        with path.open("rb") as f:
+            head = f.read(8192)
+        size = path.stat().st_size
+    else:
         return None
-    pos = 12
-    while pos + 8 <= len(head):
-        cid, clen = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
-        if cid == b"data":
-            if clen != 0xFFFFFFFF and pos + 8 + clen > size:
-                return f"truncated WAV: the data chunk declares {clen} bytes but the file holds {size - pos - 8}"
-            return None
-        pos += 8 + clen + (clen & 1)
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        pos = 12
+        while pos + 8 <= len(head):
+            cid, clen = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+            if cid == b"data":
+                if clen != 0xFFFFFFFF and pos + 8 + clen > size:
+                    return f"truncated WAV: the data chunk declares {clen} bytes but the file holds {size - pos - 8}"
+                return None
+            pos += 8 + clen + (clen & 1)
+        return None
+    # MP3 with a Xing/Info header: its byte count covers the stream from the first frame on.
+    start = 0
+    if head[:3] == b"ID3" and len(head) >= 10:
+        start = 10 + ((head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F))
+    for tag in (b"Xing", b"Info"):
+        i = head.find(tag, start)
+        if i < 0 or i + 16 > len(head):
+            continue
+        flags = struct.unpack(">I", head[i + 4 : i + 8])[0]
+        off = i + 8 + (4 if flags & 1 else 0)
+        if flags & 2 and off + 4 <= len(head):
+            declared = struct.unpack(">I", head[off : off + 4])[0]
+            if size - start < declared * 0.99:
+                return f"truncated MP3: the header declares {declared} bytes of stream but the file holds {size - start}"
+        return None
     return None
 
 
@@ -116,16 +138,11 @@ def _soundfile_blocks(f, name: str) -> Iterator[tuple[np.ndarray, int]]:
 
     try:
         with sf.SoundFile(f) as snd:
-            rate, declared, fmt = snd.samplerate, snd.frames, snd.format
-            n = 0
+            rate = snd.samplerate
             for block in snd.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True):
-                n += block.shape[0]
                 yield block, rate
     except sf.LibsndfileError as e:
         raise AudioError(f"{name}: cannot decode audio: {e}") from e
-    # MP3 headers (Xing) give an exact length; a file cut short decodes to fewer frames.
-    if fmt == "MP3" and declared > 0 and n + 2 * 1152 < declared:
-        raise AudioError(f"{name}: truncated MP3: the header promises {declared} samples, the file holds {n}")
 
 
 def _ffmpeg_blocks(path: Path, name: str) -> Iterator[tuple[np.ndarray, int]]:
@@ -176,7 +193,7 @@ def _decoded_blocks(source: AudioSource, name: str) -> Iterator[tuple[np.ndarray
         raise AudioError(f"{name}: the file is empty (0 bytes)")
     if path is not None and path.stat().st_size == 0:
         raise AudioError(f"{name}: the file is empty (0 bytes)")
-    truncated = _wav_truncation(data, path)
+    truncated = _truncation(data, path)
     if truncated:
         raise AudioError(f"{name}: {truncated}")
     try:
@@ -240,6 +257,19 @@ def iter_audio(source: AudioSource, *, sample_rate: int | None = None) -> Iterat
 def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
     yield first
     yield from rest
+
+
+def expected_samples(source: AudioSource) -> int | None:
+    """Length at 16 kHz that a file's header announces (a size hint; None when unknown)."""
+    if not isinstance(source, (str, Path)):
+        return None
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(source))
+    except Exception:
+        return None
+    return int(round(info.frames * C.SAMPLE_RATE / info.samplerate)) if info.frames > 0 else None
 
 
 def load_audio(source: AudioSource, *, sample_rate: int | None = None) -> np.ndarray:

@@ -194,12 +194,33 @@ class LogMelStream:
         return self._frames(self._buf, n)
 
 
-def log_mel_blocks(blocks, *, bf16_buffers: bool = False, n_threads: int | None = None) -> np.ndarray:
+def log_mel_blocks(blocks, *, expected_samples: int | None = None, bf16_buffers: bool = False, n_threads: int | None = None) -> np.ndarray:
     """:func:`log_mel` of the concatenation of ``blocks`` (an iterable of 1-D float arrays),
-    computed block by block: equal to the one-shot result, without holding the whole waveform."""
+    computed block by block: equal to the one-shot result, without holding the whole waveform.
+
+    Frames are written into one output array sized from ``expected_samples`` (e.g. from the
+    file header) and grown by half when the guess is short, so peak memory stays near the size
+    of the output plus one block. The result may be a column slice (not C-contiguous) of that
+    array.
+    """
     stream = LogMelStream(bf16_buffers=bf16_buffers, n_threads=n_threads)
-    parts = [stream.feed(b) for b in blocks]
-    parts.append(stream.finish())
-    db = np.concatenate(parts, axis=1)
-    np.maximum(db, np.float32(float(stream.peak) - C.TOP_DB), out=db)
-    return db
+    cap = C.n_frames(expected_samples) + 8 if expected_samples else 1024
+    out = np.empty((C.N_MELS, cap), np.float32)
+    n = 0
+
+    def put(db: np.ndarray) -> None:
+        nonlocal out, n
+        k = db.shape[1]
+        if n + k > out.shape[1]:
+            grown = np.empty((C.N_MELS, max(n + k, out.shape[1] * 3 // 2)), np.float32)
+            grown[:, :n] = out[:, :n]
+            out = grown
+        out[:, n : n + k] = db
+        n += k
+
+    for block in blocks:
+        put(stream.feed(block))
+    put(stream.finish())
+    out = out[:, :n]  # a view when the guess was long: no second copy of a large output
+    np.maximum(out, np.float32(float(stream.peak) - C.TOP_DB), out=out)
+    return out

@@ -140,7 +140,7 @@ def test_bad_files_name_the_file(tmp_path, make, match) -> None:
 
 
 def test_truncated_wav_and_mp3(tmp_path) -> None:
-    for fmt, subtype, ext, what in [("WAV", "PCM_16", "wav", "truncated WAV"), ("MP3", "MPEG_LAYER_III", "mp3", "truncated MP3|corrupt or truncated")]:
+    for fmt, subtype, ext, what in [("WAV", "PCM_16", "wav", "truncated WAV"), ("MP3", "MPEG_LAYER_III", "mp3", "truncated MP3")]:
         good = tmp_path / f"good.{ext}"
         sf.write(good, _sine(440, 44100, 3.0), 44100, format=fmt, subtype=subtype)
         bad = tmp_path / f"bad.{ext}"
