@@ -29,6 +29,17 @@ from .reference_mel import LogMel, batch_log_mel
 logger = logging.getLogger("mdl_edge")
 
 
+def load_audio_tower(ckpt: Checkpoint, encoder: DashengEncoder | None = None, projector: AudioProjector | None = None) -> tuple[DashengEncoder, AudioProjector]:
+    """The encoder and projector of a checkpoint in fp32 (the decoder is not read)."""
+    cfg = ckpt.config
+    encoder = encoder or DashengEncoder(cfg.encoder)
+    projector = projector or AudioProjector(cfg.encoder.embed_dim, cfg.decoder.hidden_size, cfg.subsample_factor)
+    state = {k: v for k, v in ckpt.load(ENCODER_PREFIX, dtype=torch.float32) if ENCODER_PREFIX + k not in FRONT_END_BUFFERS}
+    encoder.load_state_dict(state, strict=True)
+    projector.load_state_dict(dict(ckpt.load(PROJECTOR_PREFIX, dtype=torch.float32)), strict=True)
+    return encoder.eval(), projector.eval()
+
+
 def transformers_decoder_config(dec: DecoderConfig) -> Any:
     """A transformers Qwen2Config / Qwen3Config equivalent to ``text_config``.
 
@@ -129,9 +140,7 @@ class MiDashengLM(nn.Module):
         dec_state = dict(ckpt.load(DECODER_PREFIX, dtype=torch.float32))
         model = cls(ckpt.config, build_decoder(ckpt.config.decoder, dec_state), prompt, bf16_buffers=bf16_buffers)
         del dec_state
-        enc_state = {k: v for k, v in ckpt.load(ENCODER_PREFIX, dtype=torch.float32) if ENCODER_PREFIX + k not in FRONT_END_BUFFERS}
-        model.audio_encoder.load_state_dict(enc_state, strict=True)
-        model.audio_projector.load_state_dict(dict(ckpt.load(PROJECTOR_PREFIX, dtype=torch.float32)), strict=True)
+        load_audio_tower(ckpt, model.audio_encoder, model.audio_projector)
         model = model.to(device).eval()
         logger.info("loaded reference model from %s in %.1f s", model_dir, time.perf_counter() - t0)
         return model

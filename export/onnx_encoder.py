@@ -1,0 +1,114 @@
+"""Export the Dasheng encoder (fixed 1008-frame chunks) and the projector to ONNX.
+
+The chunk graph takes ``mel [B, 64, 1008]`` and ``n_keys [B]`` (how many leading patches of the
+chunk may be attended to) and returns ``[B, 252, D]``. BatchNorm is folded into a per-bin scale
+and shift, the patch embedding is a MatMul over 4-frame patches (quantizable like every other
+layer), and ``freq_pos_embed`` is folded into the time table. The runtime derives ``n_keys``
+from the clip length (the ``floor(L/640)`` rule, see :func:`runtime.encoder.chunk_plan`).
+The projector graph maps stacked frames ``[N, 5*D]`` to ``[N, H]`` with exact (erf) GELU.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..runtime import constants as C
+from ..runtime.errors import MdlEdgeError
+from ..runtime.onnx_meta import ENCODER_FILE, PROJECTOR_FILE, write_metadata
+from .checkpoint import Checkpoint
+from .reference_encoder import AudioProjector, DashengEncoder
+from .reference_model import load_audio_tower
+
+logger = logging.getLogger("mdl_edge")
+
+OPSET = 18
+
+
+class ChunkEncoder(nn.Module):
+    """One 1008-frame chunk through the encoder, with exporter-friendly folded parameters."""
+
+    def __init__(self, enc: DashengEncoder) -> None:
+        super().__init__()
+        bn = enc.init_bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        self.register_buffer("bn_scale", scale[:, None].detach().clone())
+        self.register_buffer("bn_shift", (bn.bias - bn.running_mean * scale)[:, None].detach().clone())
+        conv = enc.patch_embed.proj
+        d = conv.out_channels
+        # Conv2d(1, D, kernel=stride=(64, 4)) == MatMul over [64 bins x 4 frames] patches
+        self.patch = nn.Linear(C.N_MELS * C.PATCH_FRAMES, d)
+        self.patch.weight.data.copy_(conv.weight.detach().reshape(d, -1))
+        self.patch.bias.data.copy_(conv.bias.detach())
+        pos = (enc.time_pos_embed[0, :, 0, :] + enc.freq_pos_embed[0, :, 0, :]).transpose(0, 1)
+        self.register_buffer("pos", pos.detach().clone())  # [252, D]
+        self.blocks = enc.blocks
+        self.norm = enc.norm
+
+    def forward(self, mel: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
+        b = mel.shape[0]
+        x = mel * self.bn_scale + self.bn_shift  # [B, 64, 1008]
+        x = x.reshape(b, C.N_MELS, C.CHUNK_PATCHES, C.PATCH_FRAMES).permute(0, 2, 1, 3).reshape(b, C.CHUNK_PATCHES, -1)
+        x = self.patch(x) + self.pos
+        key_valid = torch.arange(C.CHUNK_PATCHES, device=mel.device)[None, :] < n_keys[:, None]
+        for blk in self.blocks:
+            x = blk(x, key_valid)
+        return self.norm(x)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic: tuple) -> None:
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "model.onnx"
+        program = torch.onnx.export(
+            module, args, str(raw), input_names=input_names, output_names=output_names,
+            dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, external_data=True, verbose=False,
+        )
+        del program
+        model = onnx.load(str(raw), load_external_data=True)
+    # One data file beside the graph, named after it (real-size encoders exceed protobuf's 2 GB).
+    data = path.name + ".data"
+    if (path.parent / data).exists():
+        (path.parent / data).unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+
+
+def export_audio_onnx(checkpoint_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``encoder.onnx`` (+ ``.data``) and ``projector.onnx`` (+ ``.data``) into ``out_dir``.
+
+    Both carry metadata (dimensions, chunking, opset, precision, source checkpoint hash) that the
+    runtime checks before use.
+    """
+    ckpt = Checkpoint(checkpoint_dir)
+    cfg = ckpt.config
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MdlEdgeError(f"{out}: cannot create the output folder: {e.strerror or e}") from e
+    encoder, projector = load_audio_tower(ckpt)
+    source = ckpt.source_hash()
+    enc_path, proj_path = out / ENCODER_FILE, out / PROJECTOR_FILE
+    with torch.no_grad():
+        chunk = ChunkEncoder(encoder).eval()
+        mel = torch.zeros(2, C.N_MELS, C.CHUNK_FRAMES)
+        n_keys = torch.tensor([C.CHUNK_PATCHES, 7])
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        _export(chunk, (mel, n_keys), enc_path, ["mel", "n_keys"], ["features"], ({0: batch}, {0: batch}))
+        rows = torch.export.Dim("rows", min=1, max=1 << 20)
+        stacked = torch.zeros(3, cfg.projector_in)
+        _export(projector.net, (stacked,), proj_path, ["stacked"], ["embeddings"], ({0: rows},))
+    common = {"source_hash": source, "opset": OPSET, "embed_dim": cfg.encoder.embed_dim, "precision": "fp32"}
+    write_metadata(enc_path, {
+        **common, "kind": "encoder", "depth": cfg.encoder.depth, "num_heads": cfg.encoder.num_heads,
+        "n_mels": C.N_MELS, "chunk_frames": C.CHUNK_FRAMES, "chunk_patches": C.CHUNK_PATCHES, "hop_length": C.HOP_LENGTH,
+    })
+    write_metadata(proj_path, {**common, "kind": "projector", "subsample": cfg.subsample_factor, "hidden_size": cfg.decoder.hidden_size})
+    logger.info("exported %s and %s", enc_path, proj_path)
+    return enc_path, proj_path

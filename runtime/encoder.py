@@ -1,0 +1,186 @@
+"""The audio tower on ONNX Runtime: log-mel -> 1008-frame encoder chunks -> stitched 25 Hz
+features -> 5 Hz embeddings from the projector. Identical (to float round-off) to the PyTorch
+reference's chunk-by-chunk result for every clip length; torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import constants as C
+from .errors import CheckpointError, ConfigError
+from .mel import default_threads, log_mel
+from .onnx_meta import ENCODER_FILE, PROJECTOR_FILE, read_metadata
+
+logger = logging.getLogger("mdl_edge")
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One encoder call's worth of a clip: which frames, how many real patches, how many keys."""
+
+    first_frame: int
+    n_real: int  # patches of the clip in this chunk (the rest is padding)
+    n_keys: int  # leading patches that may be attended to
+
+
+def chunk_plan(n_samples: int) -> list[ChunkSpec]:
+    """How a clip of ``n_samples`` (after 3200-sample padding) is cut into encoder chunks.
+
+    Keys follow the reference's ``floor(L / 640)`` rule; a chunk holding only a lone masked
+    last patch attends to its real patch (see ``export/reference_encoder.chunk_key_mask``).
+    """
+    p, v = C.n_patches(n_samples), C.n_valid_keys(n_samples)
+    plan = []
+    for c in range(math.ceil(p / C.CHUNK_PATCHES)):
+        start = c * C.CHUNK_PATCHES
+        real = min(C.CHUNK_PATCHES, p - start)
+        valid = min(max(v - start, 0), C.CHUNK_PATCHES)
+        plan.append(ChunkSpec(c * C.CHUNK_FRAMES, real, valid if valid > 0 else real))
+    return plan
+
+
+def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | None) -> Any:
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # ORT's own warnings go nowhere unless asked
+    if optimized_dir is not None:
+        opts.optimized_model_filepath = str(optimized_dir / (path.stem + ".optimized.onnx"))
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError("provider 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif provider != "cpu":
+        raise ConfigError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+        raise CheckpointError(f"{path}: onnxruntime cannot load it: {e}") from e
+
+
+@dataclass(frozen=True)
+class EncoderTimings:
+    """Seconds spent in each stage of :meth:`AudioEncoder.embed`."""
+
+    mel: float = 0.0
+    encoder: float = 0.0
+    projector: float = 0.0
+    n_chunks: int = 0
+
+
+class AudioEncoder:
+    """``encoder.onnx`` + ``projector.onnx`` of one checkpoint, checked to belong together.
+
+    ``threads``: ORT intra-op threads (default: the cores available); ``max_batch``: chunks per
+    ``session.run`` (bounds memory on long audio); ``provider``: ``"cpu"`` or ``"cuda"``;
+    ``optimized_model_dir``: where ORT may save its optimized graphs.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        encoder_file: str = ENCODER_FILE,
+        threads: int | None = None,
+        max_batch: int = 8,
+        provider: str = "cpu",
+        optimized_model_dir: str | Path | None = None,
+    ) -> None:
+        d = Path(model_dir)
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        self.threads = threads or default_threads()
+        self.max_batch = max_batch
+        opt = Path(optimized_model_dir) if optimized_model_dir else None
+        self.encoder_path, self.projector_path = d / encoder_file, d / PROJECTOR_FILE
+        self.encoder = _session(self.encoder_path, threads=self.threads, provider=provider, optimized_dir=opt)
+        self.projector = _session(self.projector_path, threads=self.threads, provider=provider, optimized_dir=opt)
+        self.meta = read_metadata(self.encoder, self.encoder_path)
+        self.projector_meta = read_metadata(self.projector, self.projector_path)
+        self._check()
+
+    def _check(self) -> None:
+        m, pm = self.meta, self.projector_meta
+        if m.get("kind") != "encoder" or pm.get("kind") != "projector":
+            raise CheckpointError(f"{self.encoder_path}: expected an encoder and a projector, got {m.get('kind')!r} and {pm.get('kind')!r}")
+        for key, want in (("n_mels", C.N_MELS), ("chunk_frames", C.CHUNK_FRAMES), ("hop_length", C.HOP_LENGTH)):
+            if m.get(key) != want:
+                raise CheckpointError(f"{self.encoder_path}: {key} is {m.get(key)!r}, this runtime needs {want}")
+        if m.get("source_hash") != pm.get("source_hash"):
+            raise CheckpointError(
+                f"{self.encoder_path} and {self.projector_path} come from different checkpoints "
+                f"(source hashes {m.get('source_hash')} vs {pm.get('source_hash')})"
+            )
+        mel_in = self.encoder.get_inputs()[0]
+        out = self.encoder.get_outputs()[0]
+        if list(mel_in.shape[1:]) != [C.N_MELS, C.CHUNK_FRAMES] or out.shape[-1] != m.get("embed_dim"):
+            raise CheckpointError(f"{self.encoder_path}: graph shapes {mel_in.shape} -> {out.shape} do not match its metadata")
+        stacked = self.projector.get_inputs()[0].shape[-1]
+        if stacked != m["embed_dim"] * C.SUBSAMPLE:
+            raise CheckpointError(
+                f"{self.projector_path}: takes {stacked} inputs, but the encoder gives {C.SUBSAMPLE} x {m['embed_dim']} = {m['embed_dim'] * C.SUBSAMPLE}"
+            )
+        self.embed_dim = int(m["embed_dim"])
+        self.hidden_size = int(self.projector.get_outputs()[0].shape[-1])
+        self.source_hash = str(m["source_hash"])
+
+    def encode_mels(self, mels: Sequence[np.ndarray], n_samples: Sequence[int]) -> list[np.ndarray]:
+        """Log-mels ``[64, T_i]`` of clips with lengths ``n_samples`` -> stitched features ``[P_i, D]``.
+
+        All chunks of all clips go through the encoder together, ``max_batch`` per run.
+        """
+        jobs: list[tuple[int, ChunkSpec]] = []
+        for i, (mel, n) in enumerate(zip(mels, n_samples)):
+            if mel.ndim != 2 or mel.shape[0] != C.N_MELS:
+                raise ConfigError(f"mel of clip {i}: expected [{C.N_MELS}, frames], got {list(mel.shape)}")
+            if mel.shape[1] < C.n_frames(max(n, C.MIN_SAMPLES)):
+                raise ConfigError(f"mel of clip {i}: {mel.shape[1]} frames, but {n} samples make {C.n_frames(max(n, C.MIN_SAMPLES))}")
+            jobs += [(i, spec) for spec in chunk_plan(max(n, C.MIN_SAMPLES))]
+        outs: list[list[np.ndarray]] = [[] for _ in mels]
+        for b in range(0, len(jobs), self.max_batch):
+            group = jobs[b : b + self.max_batch]
+            batch = np.zeros((len(group), C.N_MELS, C.CHUNK_FRAMES), np.float32)
+            for k, (i, spec) in enumerate(group):
+                piece = mels[i][:, spec.first_frame : spec.first_frame + spec.n_real * C.PATCH_FRAMES]
+                batch[k, :, : piece.shape[1]] = piece
+            n_keys = np.array([spec.n_keys for _, spec in group], np.int64)
+            (feats,) = self.encoder.run(None, {"mel": batch, "n_keys": n_keys})
+            for k, (i, spec) in enumerate(group):
+                outs[i].append(feats[k, : spec.n_real])
+        return [np.concatenate(o) for o in outs]
+
+    def project(self, feats: np.ndarray) -> np.ndarray:
+        """Stitched 25 Hz features ``[P, D]`` -> audio embeddings ``[P // 5, H]``: the trailing
+        ``P mod 5`` frames of the whole sequence are dropped (groups may straddle chunks)."""
+        n = feats.shape[0] // C.SUBSAMPLE
+        stacked = np.ascontiguousarray(feats[: n * C.SUBSAMPLE].reshape(n, C.SUBSAMPLE * feats.shape[1]), dtype=np.float32)
+        if n == 0:
+            return np.zeros((0, self.hidden_size), np.float32)
+        (emb,) = self.projector.run(None, {"stacked": stacked})
+        return emb
+
+    def embed(self, wave: np.ndarray, *, timings: dict[str, float] | None = None) -> np.ndarray:
+        """A 16 kHz mono clip -> its audio embeddings ``[((1 + L//160)//4)//5, H]``."""
+        t0 = time.perf_counter()
+        mel = log_mel(wave, n_threads=self.threads)
+        t1 = time.perf_counter()
+        (feats,) = self.encode_mels([mel], [wave.shape[0]])
+        t2 = time.perf_counter()
+        emb = self.project(feats)
+        if timings is not None:
+            timings.update(mel=t1 - t0, encoder=t2 - t1, projector=time.perf_counter() - t2)
+        return emb
