@@ -36,6 +36,27 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    _need_export()
+    from ..export.onnx_encoder import export_audio_onnx
+    from ..quantize.encoder import VARIANTS, quantize_encoder
+
+    variants = [v for v in args.encoder.split(",") if v]
+    unknown = [v for v in variants if v != "fp32" and v not in VARIANTS]
+    if unknown:
+        raise MdlEdgeError(f"unknown encoder variant(s) {', '.join(unknown)}; choose from fp32, {', '.join(VARIANTS)}")
+    t = time.perf_counter()
+    enc, proj = export_audio_onnx(args.model, args.out)
+    print(f"exported {enc.name} and {proj.name} to {args.out} in {time.perf_counter() - t:.1f} s")
+    for v in variants:
+        if v == "fp32":
+            continue
+        t = time.perf_counter()
+        path = quantize_encoder(args.out, v)
+        print(f"quantized {path.name} in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
 def _print_result(name: str, result, load_s: float, decode_audio_s: float, duration_s: float) -> None:
     print(f"{name}: {result.text!r}")
     t = {"decode audio": decode_audio_s, "load model": load_s, **result.timings}
@@ -115,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=_cmd_synth)
+
+    e = sub.add_parser("export", help="export a checkpoint's audio encoder and projector to ONNX (+ quantized variants)")
+    e.add_argument("model", help="checkpoint folder in the official Hugging Face layout")
+    e.add_argument("out", help="output folder")
+    e.add_argument("--encoder", default="fp32,int8", help="encoder variants, comma-separated: fp32, int8, int8-static (default: %(default)s)")
+    e.set_defaults(func=_cmd_export)
 
     r = sub.add_parser("reference", help="the full-precision PyTorch reference")
     rsub = r.add_subparsers(dest="ref_command", required=True, metavar="ACTION")
