@@ -184,3 +184,71 @@ class AudioEncoder:
         if timings is not None:
             timings.update(mel=t1 - t0, encoder=t2 - t1, projector=time.perf_counter() - t2)
         return emb
+
+
+class EncoderStream:
+    """Encode a clip while its audio arrives: ``feed(samples)`` as often as needed, then
+    ``finish()`` for the stitched features ``[P, D]`` (and :meth:`AudioEncoder.project` them).
+
+    A chunk is encoded as soon as 4 frames past it exist (then it cannot be the clip's last, so
+    all its 252 keys are valid), with the top_db floor known so far. The floor can only rise; at
+    the end a chunk is encoded again only if some of its values lie below the final floor (a
+    clip that gets much louder later). The result equals :meth:`AudioEncoder.encode_mels` of
+    the whole clip; normally only the last chunk is left for ``finish``.
+    """
+
+    def __init__(self, encoder: AudioEncoder) -> None:
+        from .mel import LogMelStream
+
+        self.encoder = encoder
+        self._mel = LogMelStream(n_threads=encoder.threads)
+        self._db = np.empty((C.N_MELS, 4096), np.float32)
+        self._n = 0
+        self._done: list[tuple[np.ndarray, float, float]] = []  # (features, floor used, raw min)
+        self.chunks_at_finish = 0
+        self.reencoded = 0
+
+    def _append(self, db: np.ndarray) -> None:
+        k = db.shape[1]
+        if self._n + k > self._db.shape[1]:
+            grown = np.empty((C.N_MELS, max(self._n + k, self._db.shape[1] * 2)), np.float32)
+            grown[:, : self._n] = self._db[:, : self._n]
+            self._db = grown
+        self._db[:, self._n : self._n + k] = db
+        self._n += k
+
+    def _encode(self, c: int, n_real: int, n_keys: int, floor: float) -> np.ndarray:
+        piece = self._db[:, c * C.CHUNK_FRAMES : c * C.CHUNK_FRAMES + n_real * C.PATCH_FRAMES]
+        batch = np.zeros((1, C.N_MELS, C.CHUNK_FRAMES), np.float32)
+        np.maximum(piece, np.float32(floor), out=batch[0, :, : piece.shape[1]])
+        (feats,) = self.encoder.encoder.run(None, {"mel": batch, "n_keys": np.array([n_keys], np.int64)})
+        return feats[0, :n_real]
+
+    def feed(self, samples: np.ndarray) -> None:
+        """Add 16 kHz mono samples; encodes every chunk that has become final."""
+        self._append(self._mel.feed(samples))
+        while self._n >= (len(self._done) + 1) * C.CHUNK_FRAMES + C.PATCH_FRAMES:
+            c = len(self._done)
+            floor = float(self._mel.peak) - C.TOP_DB
+            raw_min = float(self._db[:, c * C.CHUNK_FRAMES : (c + 1) * C.CHUNK_FRAMES].min())
+            self._done.append((self._encode(c, C.CHUNK_PATCHES, C.CHUNK_PATCHES, floor), floor, raw_min))
+
+    def finish(self) -> np.ndarray:
+        """Encode what is left; returns the stitched 25 Hz features of the whole clip."""
+        self._append(self._mel.finish())
+        n_samples = max(self._mel.n_samples, C.MIN_SAMPLES)
+        floor = float(np.float32(float(self._mel.peak) - C.TOP_DB))
+        out = []
+        for c, spec in enumerate(chunk_plan(n_samples)):
+            if c < len(self._done):
+                feats, used, raw_min = self._done[c]
+                if spec.n_keys != C.CHUNK_PATCHES or spec.n_real != C.CHUNK_PATCHES:
+                    raise AssertionError("an early chunk turned out not to be full")
+                if raw_min >= floor or float(np.float32(used)) == floor:
+                    out.append(feats)
+                    continue
+                self.reencoded += 1
+            else:
+                self.chunks_at_finish += 1
+            out.append(self._encode(c, spec.n_real, spec.n_keys, floor))
+        return np.concatenate(out)
