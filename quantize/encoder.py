@@ -66,11 +66,11 @@ def measure_drift(model_dir: Path, variant: str, clips: list[np.ndarray]) -> dic
     var = AudioEncoder(model_dir, encoder_file=variant_file(variant))
     mels = [log_mel(x) for x in clips]
     lens = [x.size for x in clips]
-    a = np.concatenate(ref.encode_mels(mels, lens))
-    b = np.concatenate(var.encode_mels(mels, lens))
+    fa, fb = ref.encode_mels(mels, lens), var.encode_mels(mels, lens)
+    a, b = np.concatenate(fa), np.concatenate(fb)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    ea = np.concatenate([ref.project(f) for f in ref.encode_mels(mels, lens)])
-    eb = np.concatenate([var.project(f) for f in var.encode_mels(mels, lens)])
+    ea = np.concatenate([ref.project(f) for f in fa])
+    eb = np.concatenate([ref.project(f) for f in fb])
     ecos = (ea * eb).sum(1) / (np.linalg.norm(ea, axis=1) * np.linalg.norm(eb, axis=1))
     return {
         "frame_cosine_mean": float(cos.mean()),

@@ -20,15 +20,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-
-
-def best_of(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from common import best_of
 
 
 def test_signal(minutes: float, seed: int = 0) -> np.ndarray:
