@@ -1,0 +1,163 @@
+"""GGUF export + llama.cpp decoding from audio embeddings against transformers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by tests/run.sh")
+
+from mdl_edge.export.gguf_decoder import export_decoder_gguf  # noqa: E402
+from mdl_edge.runtime import constants as C  # noqa: E402
+from mdl_edge.runtime.decoder import LlamaDecoder, SamplingOptions, Utf8Pieces, read_gguf_metadata, split_prompt  # noqa: E402
+from mdl_edge.runtime.errors import CheckpointError, ConfigError  # noqa: E402
+from mdl_edge.runtime.prompt import user_message  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny_dir, tiny_qwen2_dir, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("gguf")
+    return {
+        "tiny": export_decoder_gguf(tiny_dir, out / "tiny.f32.gguf", out_type="f32"),
+        "tiny_qwen2": export_decoder_gguf(tiny_qwen2_dir, out / "tiny_qwen2.f32.gguf", out_type="f32"),
+    }
+
+
+def _prompt(model, seconds: float = 2.0, text: str = "Caption the audio."):
+    wave = (np.random.default_rng(11).standard_normal(int(seconds * C.SAMPLE_RATE)) * 0.1).astype(np.float32)
+    (audio,) = model.encode_audio([wave])
+    ids = model.prompt.encode(user_message(text), [audio.shape[0]])
+    return ids, audio.numpy()
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_qwen2"])
+def test_f32_gguf_matches_transformers(which: str, request, ggufs) -> None:
+    model = request.getfixturevalue(f"{which}_model")
+    ids, audio = _prompt(model)
+    with torch.inference_mode():
+        emb = model.embed_prompt(ids, [torch.from_numpy(audio)])
+        tokens, _, _ = model.generate_from_embeds(emb, max_new_tokens=32, stop_ids=[])
+        full = torch.cat([emb, model.decoder.get_input_embeddings()(torch.tensor(tokens))])
+        ref_logits = model.decoder(inputs_embeds=full[None]).logits[0].numpy()
+    with LlamaDecoder(ggufs[which], n_ctx=512, f32_kv=True, flash_attn=False) as dec:
+        segs = split_prompt(ids, [audio], model.cfg.audio_token_id)
+        dec.evaluate(segs)
+        worst = 0.0
+        n = len(ids)
+        for k, tok in enumerate(tokens):
+            got = dec.logits()
+            worst = max(worst, float(np.abs(got - ref_logits[n - 1 + k, : got.size]).max()))
+            dec.evaluate(segs + [_tok(t) for t in tokens[: k + 1]])
+        assert worst <= 1e-4, f"{which}: max |logit diff| {worst:.2e} over {len(tokens)} teacher-forced positions"
+        greedy = list(dec.generate(segs, max_new_tokens=32))
+    assert greedy == tokens, f"{which}: llama.cpp greedy {greedy[:8]}... vs reference {tokens[:8]}..."
+
+
+def _tok(t: int):
+    from mdl_edge.runtime.decoder import Segment
+
+    return Segment(tokens=(t,))
+
+
+def test_tokenization_equals_tokenizers(tiny_model, ggufs) -> None:
+    text = "<|im_start|>user\nA dog barks, 3 times! Ünïcödé 汉字 <|audio_bos|><|AUDIO|><|audio_eos|><|im_end|>\n"
+    want = tiny_model.prompt.tokenizer.encode(text, add_special_tokens=False).ids
+    with LlamaDecoder(ggufs["tiny"], n_ctx=256) as dec:
+        assert dec.tokenize(text) == want
+
+
+def test_prefix_reuse_and_streaming(tiny_qwen2_model, ggufs) -> None:
+    m = tiny_qwen2_model
+    ids, audio = _prompt(m)
+    segs = split_prompt(ids, [audio], m.cfg.audio_token_id)
+    with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=512) as dec:
+        fresh = list(dec.generate(segs, max_new_tokens=12))
+        # same audio, another question after it: only the changed tail is evaluated
+        ids2 = m.prompt.encode(user_message("What sound is heard?", audio_first=True), [audio.shape[0]])
+        segs2 = split_prompt(ids2, [audio], m.cfg.audio_token_id)
+        first = list(dec.generate(segs2, max_new_tokens=12))
+        evaluated = dec.evaluate(segs2)
+        assert evaluated < len(ids2) - audio.shape[0]  # the audio prefix was reused
+        again = list(dec.generate(segs2, max_new_tokens=12))
+    with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=512) as dec2:
+        assert list(dec2.generate(segs2, max_new_tokens=12)) == first == again
+        assert list(dec2.generate(segs, max_new_tokens=12)) == fresh
+
+
+def test_utf8_pieces_join_across_tokens() -> None:
+    text = "aé汉😀z"
+    data = text.encode()
+    u = Utf8Pieces()
+    out = "".join(u.push(data[i : i + 1]) for i in range(len(data))) + u.flush()
+    assert out == text
+
+
+def test_quantized_variants_drift(tiny_qwen2_model, ggufs, tmp_path) -> None:
+    """KL divergence and top-1 agreement of f16 / k-quants vs f32 over a teacher-forced run.
+    Random weights overstate quantization drift, and at 64-d most k-quant blocks fall back to
+    other types, so the floors are loose; the numbers are printed."""
+    from mdl_edge.quantize.decoder import quantize_decoder
+
+    m = tiny_qwen2_model
+    ids, audio = _prompt(m)
+    segs = split_prompt(ids, [audio], m.cfg.audio_token_id)
+
+    def run(path: Path) -> tuple[list[int], list[np.ndarray]]:
+        with LlamaDecoder(path, n_ctx=512, f32_kv=True) as dec:
+            toks = list(dec.generate(segs, max_new_tokens=16))
+            logits = []
+            for k in range(len(toks) + 1):
+                dec.evaluate(segs + [_tok(t) for t in toks[:k]])
+                logits.append(dec.logits())
+        return toks, logits
+
+    ref_toks, ref_logits = run(ggufs["tiny_qwen2"])
+    for variant in ("F16", "Q8_0", "Q4_K_M"):
+        path = quantize_decoder(ggufs["tiny_qwen2"], tmp_path / f"{variant}.gguf", variant)
+        with LlamaDecoder(path, n_ctx=512, f32_kv=True) as dec:
+            kls, agree = [], []
+            for k in range(len(ref_toks) + 1):
+                dec.evaluate(segs + [_tok(t) for t in ref_toks[:k]])
+                q, p = dec.logits(), ref_logits[k]
+                lp, lq = p - np.logaddexp.reduce(p), q - np.logaddexp.reduce(q)
+                kls.append(float((np.exp(lp) * (lp - lq)).sum()))
+                agree.append(int(p.argmax() == q.argmax()))
+        print(f"{variant}: KL mean {np.mean(kls):.2e}, top-1 agreement {np.mean(agree):.2f}")
+        assert np.mean(kls) < {"F16": 1e-3, "Q8_0": 1e-2, "Q4_K_M": 0.2}[variant]
+        assert np.mean(agree) >= {"F16": 0.95, "Q8_0": 0.8, "Q4_K_M": 0.5}[variant]
+        assert read_gguf_metadata(path)["mdl_edge.source_hash"] == read_gguf_metadata(ggufs["tiny_qwen2"])["mdl_edge.source_hash"]
+
+
+def test_bad_ggufs(ggufs, tmp_path, tiny_qwen2_model) -> None:
+    data = ggufs["tiny"].read_bytes()
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated GGUF"):
+        LlamaDecoder(trunc)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"NOPE" + data[4:])
+    with pytest.raises(CheckpointError, match="bad magic"):
+        LlamaDecoder(junk)
+    import gguf
+
+    other = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(str(other), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="architecture 'llama' is not a MiDashengLM decoder"):
+        LlamaDecoder(other)
+    ids, audio = _prompt(tiny_qwen2_model, seconds=70.0)  # 350 audio tokens
+    with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=256) as dec:
+        with pytest.raises(ConfigError, match=f"the prompt has {len(ids)} positions but the context holds {dec.n_ctx}"):
+            dec.evaluate(split_prompt(ids, [audio], tiny_qwen2_model.cfg.audio_token_id))
+    ids, audio = _prompt(tiny_qwen2_model)
+    with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=256) as dec:
+        with pytest.raises(ConfigError, match="audio embeddings are 32-d"):
+            dec.evaluate(split_prompt(ids, [audio[:, :32]], tiny_qwen2_model.cfg.audio_token_id))
