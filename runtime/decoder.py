@@ -14,6 +14,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+import time
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -281,6 +282,7 @@ class LlamaDecoder:
             raise
         self._cached: list[Segment] = []  # what the KV cache holds, as segments
         self._n_past = 0
+        self.last_stop_reason = ""
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -398,7 +400,10 @@ class LlamaDecoder:
         L = self._L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         if opts.repetition_penalty != 1.0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(64, opts.repetition_penalty, 0.0, 0.0))
+            args = (64, opts.repetition_penalty, 0.0, 0.0)  # last 64 tokens, repeat penalty only
+            if len(L.llama_sampler_init_penalties.argtypes) == 5:  # bindings that still take n_vocab first
+                args = (self.n_vocab, *args)
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(*args))
         if opts.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
             return chain
@@ -427,10 +432,12 @@ class LlamaDecoder:
             self.evaluate(segments)
             smpl = self._sampler(sampling)
             stop = set(stop_ids)
+            self.last_stop_reason = "max_new_tokens"
             try:
                 for _ in range(max_new_tokens):
                     tok = int(L.llama_sampler_sample(smpl, self._ctx, -1))
                     if tok in stop:
+                        self.last_stop_reason = "stop_token"
                         return
                     yield tok
                     if self._n_past + 1 >= self.n_ctx:
@@ -441,6 +448,54 @@ class LlamaDecoder:
                     self._cached.append(seg)
             finally:
                 L.llama_sampler_free(smpl)
+
+
+    def generate_text(
+        self,
+        segments: Sequence[Segment],
+        *,
+        max_new_tokens: int = 256,
+        stop_ids: Sequence[int] = (),
+        sampling: SamplingOptions = SamplingOptions(),
+        on_text: Callable[[str], None] | None = None,
+    ) -> "DecodeResult":
+        """Generate, calling ``on_text`` with each new piece of text as soon as it is complete
+        UTF-8 (a character split across tokens is held back until its last byte arrives)."""
+        with self.lock:
+            t0 = time.perf_counter()
+            evaluated = self.evaluate(segments)
+            t_prefill = time.perf_counter() - t0
+            pieces = Utf8Pieces()
+            tokens: list[int] = []
+            text: list[str] = []
+            t1 = time.perf_counter()
+            for tok in self.generate(segments, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling):
+                tokens.append(tok)
+                piece = pieces.push(self.piece(tok))
+                if piece:
+                    text.append(piece)
+                    if on_text:
+                        on_text(piece)
+            tail = pieces.flush()
+            if tail:
+                text.append(tail)
+                if on_text:
+                    on_text(tail)
+            t_decode = time.perf_counter() - t1
+        return DecodeResult("".join(text), tuple(tokens), self.last_stop_reason, sum(len(s) for s in segments), evaluated, t_prefill, t_decode)
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """One generation: text, token ids, why it stopped, prompt size and timings (seconds)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    stop_reason: str
+    n_prompt: int
+    n_evaluated: int  # prompt positions actually evaluated (the rest came from the KV cache)
+    prefill_s: float
+    decode_s: float
 
 
 def _same(a: Segment, b: Segment) -> bool:

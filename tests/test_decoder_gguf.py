@@ -161,3 +161,30 @@ def test_bad_ggufs(ggufs, tmp_path, tiny_qwen2_model) -> None:
     with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=256) as dec:
         with pytest.raises(ConfigError, match="audio embeddings are 32-d"):
             dec.evaluate(split_prompt(ids, [audio[:, :32]], tiny_qwen2_model.cfg.audio_token_id))
+
+
+def test_streamed_text_concatenates_to_the_full_text(tiny_qwen2_model, ggufs) -> None:
+    m = tiny_qwen2_model
+    ids, audio = _prompt(m)
+    segs = split_prompt(ids, [audio], m.cfg.audio_token_id)
+    pieces: list[str] = []
+    with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=512) as dec:
+        res = dec.generate_text(segs, max_new_tokens=24, on_text=pieces.append, stop_ids=m.prompt.stop_ids)
+        again = dec.generate_text(segs, max_new_tokens=24, stop_ids=m.prompt.stop_ids)
+    assert "".join(pieces) == res.text == again.text == m.prompt.decode(res.token_ids)
+    assert res.n_evaluated == len(ids) and again.n_evaluated == len(segs[-1])  # second run reused the prefix
+    assert res.stop_reason in ("stop_token", "max_new_tokens")
+
+
+def test_sampling_is_repeatable_with_a_seed(tiny_qwen2_model, ggufs) -> None:
+    m = tiny_qwen2_model
+    ids, audio = _prompt(m)
+    segs = split_prompt(ids, [audio], m.cfg.audio_token_id)
+    opts = SamplingOptions(temperature=1.5, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=7)
+    with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=512) as dec:
+        a = list(dec.generate(segs, max_new_tokens=16, sampling=opts))
+        b = list(dec.generate(segs, max_new_tokens=16, sampling=opts))
+        greedy = list(dec.generate(segs, max_new_tokens=16))
+    assert a == b and a != greedy
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingOptions(top_p=0)
