@@ -4,8 +4,9 @@ Variants (ONNX Runtime quantization, weights int8 per output channel):
 
 - ``int8``: dynamic quantization of every MatMul (activations quantized on the fly, uint8);
   no calibration, the usual best speed/accuracy trade-off on CPUs with VNNI.
-- ``int8-static``: static QDQ quantization of the MatMuls, activation ranges calibrated on
-  generated audio; ORT fuses QDQ pairs into integer kernels.
+- ``int8-static``: static QDQ quantization of the MatMuls, activation ranges calibrated (MinMax)
+  on generated audio; ORT fuses QDQ pairs into integer kernels. Experimental: at real size its
+  per-frame cosine on held-out audio is far lower (about 0.95) than dynamic int8's (0.999).
 
 The drift (per-frame cosine and relative error of the 25 Hz features against the fp32 graph on
 generated clips) is measured right after quantization and stored in the variant's metadata.
@@ -115,7 +116,8 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
     meta["precision"] = variant
     _set_meta(model, meta)
     onnx.save_model(model, str(dst))
-    meta["drift_vs_fp32"] = measure_drift(d, variant, clips)
+    # drift on held-out audio: calibration clips would flatter a calibrated variant
+    meta["drift_vs_fp32"] = measure_drift(d, variant, calibration_clips(n=3, seed=98765))
     _set_meta(model, meta)
     onnx.save_model(model, str(dst))
     logger.info("%s: drift vs fp32 %s", dst.name, meta["drift_vs_fp32"])

@@ -391,6 +391,13 @@ class LlamaDecoder:
             self._cached.append(seg)
         return total - sum(len(s) for s in segments[:keep])
 
+    def reset(self) -> None:
+        """Empty the KV cache (the next prompt is evaluated from scratch)."""
+        with self.lock:
+            self._L.llama_memory_seq_rm(self._L.llama_get_memory(self._ctx), 0, 0, -1)
+            self._cached = []
+            self._n_past = 0
+
     def logits(self) -> np.ndarray:
         """Logits of the last evaluated position, ``[n_vocab]`` float32 (a copy)."""
         ptr = self._L.llama_get_logits_ith(self._ctx, -1)

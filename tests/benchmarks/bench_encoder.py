@@ -50,8 +50,8 @@ def main() -> None:
 
     wave = demo_clip(30.0)
     mel = log_mel(wave)
-    one_chunk = mel[:, : C.CHUNK_FRAMES]
-    n_one = (C.CHUNK_FRAMES - 1) * C.HOP_LENGTH + 4 * C.HOP_LENGTH  # samples making exactly one full chunk
+    n_one = C.CHUNK_FRAMES * C.HOP_LENGTH  # 1009 frames: one full chunk of 252 patches, all valid keys
+    one_chunk = mel[:, : C.n_frames(n_one)]
     ref_feats = None
     gflop = None
     if args.model:
