@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by tests/run.sh")
-
-from mdl_edge.export.gguf_decoder import export_decoder_gguf  # noqa: E402
-from mdl_edge.runtime import constants as C  # noqa: E402
-from mdl_edge.runtime.decoder import LlamaDecoder, SamplingOptions, Utf8Pieces, read_gguf_metadata, split_prompt  # noqa: E402
-from mdl_edge.runtime.errors import CheckpointError, ConfigError  # noqa: E402
-from mdl_edge.runtime.prompt import user_message  # noqa: E402
+from mdl_edge.export.gguf_decoder import export_decoder_gguf
+from mdl_edge.runtime import constants as C
+from mdl_edge.runtime.decoder import LlamaDecoder, SamplingOptions, Segment, Utf8Pieces, read_gguf_metadata, split_prompt
+from mdl_edge.runtime.errors import CheckpointError, ConfigError
+from mdl_edge.runtime.prompt import user_message
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +54,7 @@ def test_f32_gguf_matches_transformers(which: str, request, ggufs) -> None:
     assert greedy == tokens, f"{which}: llama.cpp greedy {greedy[:8]}... vs reference {tokens[:8]}..."
 
 
-def _tok(t: int):
-    from mdl_edge.runtime.decoder import Segment
-
+def _tok(t: int) -> Segment:
     return Segment(tokens=(t,))
 
 

@@ -58,7 +58,7 @@ def main() -> None:
     ref = MiDashengLM.from_pretrained(args.model)
     n_audio = 250
     rng = np.random.default_rng(0)
-    emb_std = float(ref.decoder.get_input_embeddings().weight[:1000].std())
+    emb_std = float(ref.decoder.get_input_embeddings().weight[:1000].detach().std())
     audio = (rng.standard_normal((n_audio, ref.cfg.decoder.hidden_size)) * emb_std).astype(np.float32)
     ids = ref.prompt.encode(user_message("Caption the audio."), [n_audio])
     segs = split_prompt(ids, [audio], ref.cfg.audio_token_id)
