@@ -38,22 +38,57 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     _need_export()
-    from ..export.onnx_encoder import export_audio_onnx
-    from ..quantize.encoder import VARIANTS, quantize_encoder
+    from ..export.bundle import export_bundle
 
-    variants = [v for v in args.encoder.split(",") if v]
-    unknown = [v for v in variants if v != "fp32" and v not in VARIANTS]
-    if unknown:
-        raise MdlEdgeError(f"unknown encoder variant(s) {', '.join(unknown)}; choose from fp32, {', '.join(VARIANTS)}")
     t = time.perf_counter()
-    enc, proj = export_audio_onnx(args.model, args.out)
-    print(f"exported {enc.name} and {proj.name} to {args.out} in {time.perf_counter() - t:.1f} s")
-    for v in variants:
-        if v == "fp32":
-            continue
-        t = time.perf_counter()
-        path = quantize_encoder(args.out, v)
-        print(f"quantized {path.name} in {time.perf_counter() - t:.1f} s")
+    print(f"exporting {args.model} -> bundle {args.out}")
+    export_bundle(args.model, args.out, encoders=_variants(args.encoder), decoders=_variants(args.decoder))
+    print(f"done in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def _variants(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _run_task(args: argparse.Namespace, task: str) -> int:
+    import json
+
+    from .pipeline import AudioLM
+
+    failed: list[str] = []
+    with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder) as lm:
+        for path in args.audio:
+            try:
+                options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+                if args.stream and not args.json:
+                    print(f"{path}: ", end="", flush=True)
+                    options["on_text"] = lambda piece: print(piece, end="", flush=True)
+                if task == "caption":
+                    res = lm.caption(path, **options)
+                elif task == "transcribe":
+                    res = lm.transcribe(path, language=args.language, **options)
+                else:
+                    res = lm.ask(path, args.question, **options)
+            except MdlEdgeError as e:
+                failed.append(path)
+                if args.json:
+                    print(json.dumps({"file": path, "error": str(e)}, ensure_ascii=False))
+                print(f"mdl-edge: error: {e}", file=sys.stderr)
+                continue
+            if args.json:
+                print(json.dumps({
+                    "file": path, "text": res.text, "token_ids": list(res.token_ids), "n_audio_tokens": res.n_audio_tokens,
+                    "audio_seconds": res.audio_seconds, "stop_reason": res.stop_reason, "timings": res.timings,
+                    "tokens_per_second": res.tokens_per_second,
+                }, ensure_ascii=False))
+            elif args.stream:
+                print()
+            else:
+                print(f"{path}: {res.text}")
+    if failed:
+        print(f"mdl-edge: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -94,14 +129,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _need_export()
     import soundfile as sf
 
-    from ..export.reference_model import MiDashengLM
+    from ..export.bundle import export_bundle
     from ..export.synth import write_synthetic_checkpoint
     from . import constants as C
-    from .audio import demo_clip, load_audio
+    from .audio import demo_clip
+    from .pipeline import AudioLM
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "mdl-edge-demo"
     model_dir = work / f"synth-{args.preset}-seed{args.seed}"
-    print(f"== mdl-edge demo: full-precision PyTorch reference on a synthetic '{args.preset}' model ==")
+    bundle_dir = work / f"bundle-{args.preset}-seed{args.seed}"
+    path = "PyTorch reference" if args.reference else "runtime (int8 ONNX encoder + Q4_K_M llama.cpp decoder)"
+    print(f"== mdl-edge demo: {path} on a synthetic '{args.preset}' model ==")
     print("   (random weights: the pipeline is real, the caption text is meaningless)")
     if not (model_dir / "config.json").is_file():
         t = time.perf_counter()
@@ -112,15 +150,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     clip = work / f"demo-{args.seconds:g}s.wav"
     sf.write(clip, demo_clip(args.seconds, seed=args.seed), C.SAMPLE_RATE, subtype="PCM_16")
     print(f"2. generated a {args.seconds:g} s test clip (chirp, bell, noise bursts, voiced hum): {clip}")
+    if args.reference:
+        from ..export.reference_model import MiDashengLM
+        from .audio import load_audio
+
+        t = time.perf_counter()
+        model = MiDashengLM.from_pretrained(model_dir, device=args.device)
+        load_s = time.perf_counter() - t
+        print(f"3. loaded the reference model on {args.device} in {load_s:.1f} s; captioning:")
+        t = time.perf_counter()
+        wave = load_audio(clip)
+        dec_s = time.perf_counter() - t
+        result = model.generate(wave, args.prompt, max_new_tokens=args.max_new_tokens)
+        _print_result(str(clip), result, load_s, dec_s, wave.size / C.SAMPLE_RATE)
+        return 0
+    if not (bundle_dir / "manifest.json").is_file():
+        t = time.perf_counter()
+        print("3. exporting the bundle (ONNX encoder fp32 + int8, GGUF decoder f16 + Q4_K_M):")
+        export_bundle(model_dir, bundle_dir, encoders=["fp32", "int8"], decoders=["f16", "Q4_K_M"], progress=print)
+        print(f"   bundle {bundle_dir} in {time.perf_counter() - t:.1f} s")
+    else:
+        print(f"3. reusing bundle {bundle_dir}")
     t = time.perf_counter()
-    model = MiDashengLM.from_pretrained(model_dir, device=args.device)
-    load_s = time.perf_counter() - t
-    print(f"3. loaded the reference model on {args.device} in {load_s:.1f} s; captioning:")
-    t = time.perf_counter()
-    wave = load_audio(clip)
-    dec_s = time.perf_counter() - t
-    result = model.generate(wave, args.prompt, max_new_tokens=args.max_new_tokens)
-    _print_result(str(clip), result, load_s, dec_s, wave.size / C.SAMPLE_RATE)
+    with AudioLM(bundle_dir, encoder="int8", decoder="Q4_K_M") as lm:
+        load_s = time.perf_counter() - t
+        print(f"4. loaded the runtime in {load_s:.1f} s; captioning {clip.name}:")
+        res = lm.generate(clip, args.prompt, max_new_tokens=args.max_new_tokens)
+    print(f"   text: {res.text!r}")
+    print(f"   {res.audio_seconds:.2f} s audio -> {res.n_audio_tokens} audio tokens; {len(res.token_ids)} new tokens "
+          f"({res.stop_reason}), {res.tokens_per_second:.1f} tok/s")
+    print("   timings: " + ", ".join(f"{k.replace('_', ' ')} {v * 1000:.0f} ms" for k, v in res.timings.items()))
     return 0
 
 
@@ -137,11 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=_cmd_synth)
 
-    e = sub.add_parser("export", help="export a checkpoint's audio encoder and projector to ONNX (+ quantized variants)")
+    e = sub.add_parser("export", help="turn a checkpoint into a runtime bundle (ONNX encoder + GGUF decoder)")
     e.add_argument("model", help="checkpoint folder in the official Hugging Face layout")
-    e.add_argument("out", help="output folder")
-    e.add_argument("--encoder", default="fp32,int8", help="encoder variants, comma-separated: fp32, int8, int8-static (default: %(default)s)")
+    e.add_argument("out", help="bundle folder to write")
+    e.add_argument("--encoder", default="fp32,int8", help="encoder variants: fp32, int8, int8-static (default: %(default)s; the last is the default at load)")
+    e.add_argument("--decoder", default="f16,Q4_K_M",
+                   help="decoder variants: f32, f16, bf16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M (default: %(default)s)")
     e.set_defaults(func=_cmd_export)
+
+    for task, helptext in (("caption", "caption audio files"), ("transcribe", "transcribe speech in audio files"), ("ask", "ask a question about an audio file")):
+        t = sub.add_parser(task, help=helptext)
+        t.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; more with ffmpeg)")
+        t.add_argument("--model", required=True, help="bundle folder made by `mdl-edge export`")
+        if task == "ask":
+            t.add_argument("-q", "--question", required=True)
+        if task == "transcribe":
+            t.add_argument("--language", help="language tag, e.g. en, zh (adds <|en|> to the prompt)")
+        t.add_argument("--encoder", help="encoder variant (default: the bundle's)")
+        t.add_argument("--decoder", help="decoder variant (default: the bundle's)")
+        t.add_argument("--threads", type=int, help="CPU threads (default: all available)")
+        t.add_argument("--max-new-tokens", type=int, default=256)
+        t.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
+        t.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+        t.set_defaults(func=lambda a, task=task: _run_task(a, task))
 
     r = sub.add_parser("reference", help="the full-precision PyTorch reference")
     rsub = r.add_subparsers(dest="ref_command", required=True, metavar="ACTION")
@@ -158,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", default="tiny")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--seconds", type=float, default=10.0)
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--device", default="cpu", help="with --reference: cpu or cuda")
+    d.add_argument("--reference", action="store_true", help="run the PyTorch reference instead of the runtime")
     d.add_argument("--prompt", default="Caption the audio.")
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.add_argument("--workdir", default=os.environ.get("MDL_EDGE_WORKDIR"), help="where the model and clip go (default: a temp folder)")

@@ -162,7 +162,9 @@ def _init_backend() -> object:
             def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
                 msg = text.decode("utf-8", errors="replace").rstrip()
                 if msg:
-                    _llama_logger.log(logging.WARNING if level == 3 else logging.ERROR if level == 4 else logging.DEBUG, msg)
+                    # llama.cpp's warnings are routine chatter (e.g. quantization fallbacks); only its
+                    # errors reach WARNING, and our own exceptions say what failed.
+                    _llama_logger.log(logging.WARNING if level == 4 else logging.DEBUG, msg)
 
             _LOG_CALLBACK = _log
             llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))

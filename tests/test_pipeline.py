@@ -1,0 +1,97 @@
+"""End to end on the tiny model: bundle export, AudioLM vs the PyTorch reference, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mdl_edge.runtime import constants as C
+from mdl_edge.runtime.cli import main
+from mdl_edge.runtime.errors import CheckpointError, ConfigError
+from mdl_edge.runtime.pipeline import AudioLM
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    from mdl_edge.export.bundle import export_bundle
+
+    return export_bundle(tiny_qwen2_dir, tmp_path_factory.mktemp("bundle") / "b", encoders=["fp32", "int8"],
+                         decoders=["f32", "Q8_0"], progress=lambda *_: None)
+
+
+def _clip(n: int) -> np.ndarray:
+    t = np.arange(n) / C.SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * 220 * t * (1 + t)) + np.random.default_rng(n).standard_normal(n) * 0.05).astype(np.float32)
+
+
+@pytest.mark.parametrize("seconds", [0.5, 3.0, 10.09, 20.3])
+def test_runtime_greedy_equals_reference(bundle, tiny_qwen2_model, seconds: float) -> None:
+    """fp32 ONNX encoder + f32 GGUF decoder: the same tokens as the PyTorch reference."""
+    wave = _clip(int(seconds * C.SAMPLE_RATE))
+    ref = tiny_qwen2_model.generate(wave, "Caption the audio.", max_new_tokens=24)
+    with AudioLM(bundle, encoder="fp32", decoder="f32") as lm:
+        got = lm.generate(wave, "Caption the audio.", sample_rate=C.SAMPLE_RATE, max_new_tokens=24)
+    assert got.n_audio_tokens == ref.n_audio_tokens == C.n_audio_tokens(wave.size)
+    assert got.token_ids == ref.token_ids, f"{seconds} s: runtime {got.token_ids[:10]} vs reference {ref.token_ids[:10]}"
+    assert got.text == ref.text and got.stop_reason == ref.stop_reason
+
+
+def test_result_fields_streaming_and_questions(bundle) -> None:
+    wave = _clip(3 * C.SAMPLE_RATE)
+    with AudioLM(bundle) as lm:
+        assert (lm.encoder_variant, lm.decoder_variant) == ("int8", "Q8_0")  # the manifest defaults
+        res = lm.caption(wave, sample_rate=C.SAMPLE_RATE, max_new_tokens=8)
+        streamed = "".join(lm.stream(wave, "Caption the audio.", sample_rate=C.SAMPLE_RATE, max_new_tokens=8))
+        for key in ("decode_audio", "mel", "encoder", "projector", "prefill", "decode", "time_to_first_token", "total"):
+            assert key in res.timings
+        assert streamed == res.text and res.audio_seconds == pytest.approx(3.0)
+        a = lm.ask(wave, "What sound is heard?", sample_rate=C.SAMPLE_RATE, max_new_tokens=4, audio_first=True)
+        b = lm.ask(wave, "Is it loud?", sample_rate=C.SAMPLE_RATE, max_new_tokens=4, audio_first=True)
+        assert b.timings["encoder"] == 0.0  # the second question reused the clip's encoding
+        assert lm.decoder.evaluate(lm.decoder._cached) == len(lm.decoder._cached[-1])  # and the KV prefix
+        assert a.n_audio_tokens == b.n_audio_tokens == 15
+        assert lm.transcribe(wave, sample_rate=C.SAMPLE_RATE, language="en", max_new_tokens=2).n_audio_tokens == 15
+
+
+def test_swapped_decoder_is_refused(bundle, tiny_dir, tmp_path) -> None:
+    from mdl_edge.export.gguf_decoder import export_decoder_gguf
+
+    d = tmp_path / "b"
+    shutil.copytree(bundle, d)
+    export_decoder_gguf(tiny_dir, d / "decoder.Q8_0.gguf", out_type="f32")  # another checkpoint's decoder
+    with pytest.raises(CheckpointError, match="made from another checkpoint"):
+        AudioLM(d)
+
+
+def test_bad_bundles(bundle, tiny_dir, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="run `mdl-edge export` on it first"):
+        AudioLM(tiny_dir)
+    with pytest.raises(ConfigError, match="no decoder variant 'Q2_K'; this bundle has f32, Q8_0"):
+        AudioLM(bundle, decoder="Q2_K")
+    d = tmp_path / "b"
+    shutil.copytree(bundle, d)
+    (d / "decoder.f32.gguf").unlink()
+    with pytest.raises(CheckpointError, match="decoder.f32.gguf is listed in the manifest but missing"):
+        AudioLM(d, decoder="f32")
+
+
+def test_cli_json_and_failures(bundle, tmp_path, capsys) -> None:
+    good = tmp_path / "good.wav"
+    sf.write(good, _clip(2 * C.SAMPLE_RATE), C.SAMPLE_RATE)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF garbage")
+    code = main(["caption", str(good), str(bad), str(good), "--model", str(bundle), "--json", "--max-new-tokens", "4"])
+    out = capsys.readouterr()
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    assert code == 1 and len(lines) == 3
+    assert lines[0]["file"] == str(good) and lines[0]["n_audio_tokens"] == 10 and "timings" in lines[0]
+    assert "error" in lines[1] and "bad.wav" in lines[1]["error"]
+    assert lines[2]["text"] == lines[0]["text"]
+    assert "1 of 3 file(s) failed" in out.err
+    assert main(["ask", str(good), "-q", "Is it music?", "--model", str(bundle), "--stream", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith(f"{good}: ")
