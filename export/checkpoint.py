@@ -142,7 +142,6 @@ class Checkpoint:
 
     def load(self, prefix: str, *, dtype: "torch.dtype | None" = None) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield ``(name without prefix, tensor)`` for every stored tensor under ``prefix``, file by file."""
-        import torch
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..runtime.errors import ConfigError, MdlEdgeError
-from ..runtime.prompt import AUDIO_TOKEN, END_OF_TEXT, IM_END, PromptFormat
+from ..runtime.prompt import PromptFormat
 from .checkpoint import Checkpoint
 from .layout import DECODER_PREFIX
 

@@ -11,7 +11,6 @@ The projector graph maps stacked frames ``[N, 5*D]`` to ``[N, H]`` with exact (e
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..runtime import constants as C
 from ..runtime.errors import MdlEdgeError
 from ..runtime.onnx_meta import ENCODER_FILE, PROJECTOR_FILE, write_metadata
 from .checkpoint import Checkpoint
-from .reference_encoder import AudioProjector, DashengEncoder
+from .reference_encoder import DashengEncoder
 from .reference_model import load_audio_tower
 
 logger = logging.getLogger("mdl_edge")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -70,16 +70,6 @@ def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | N
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
         raise CheckpointError(f"{path}: onnxruntime cannot load it: {e}") from e
-
-
-@dataclass(frozen=True)
-class EncoderTimings:
-    """Seconds spent in each stage of :meth:`AudioEncoder.embed`."""
-
-    mel: float = 0.0
-    encoder: float = 0.0
-    projector: float = 0.0
-    n_chunks: int = 0
 
 
 class AudioEncoder:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from mdl_edge.export.reference_encoder import DashengEncoder
 from mdl_edge.runtime import constants as C
 
 from conftest import assert_close, rel_max_error

@@ -89,7 +89,6 @@ def main() -> None:
                 cos = (feats * ref_feats).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(ref_feats, axis=1)
                 row["cosine_mean"], row["cosine_min"] = float(cos.mean()), float(cos.min())
             rows.append(row)
-        del e
 
     base = {r["threads"]: r["s"] for r in rows if r["what"].startswith("PyTorch")}
     print(f"one chunk = {gflop:.0f} GFLOP\n")
