@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..export.onnx_encoder import quiet_third_party
 from ..runtime import constants as C
 from ..runtime.audio import demo_clip
 from ..runtime.encoder import AudioEncoder
@@ -96,7 +97,8 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
     for p in (dst, dst.with_name(dst.name + ".data")):
         p.unlink(missing_ok=True)
     if variant == "int8":
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=True)
+        with quiet_third_party():
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=True)
     else:
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
@@ -105,11 +107,12 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
             def get_next(self):  # noqa: ANN201 (onnxruntime's interface)
                 return next(self.it, None)
 
-        quantize_static(
-            src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=["MatMul"],
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        with quiet_third_party():
+            quantize_static(
+                src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=["MatMul"],
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
     # Carry the fp32 metadata over, with this variant's precision and drift.
     meta = json.loads({p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}[META_KEY])
     model = onnx.load(str(dst), load_external_data=False)

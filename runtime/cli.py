@@ -177,6 +177,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"4. loaded the runtime in {load_s:.1f} s; captioning {clip.name}:")
         res = lm.generate(clip, args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"   text: {res.text!r}")
+    print(f"   token ids: {list(res.token_ids[:16])}{' ...' if len(res.token_ids) > 16 else ''}")
     print(f"   {res.audio_seconds:.2f} s audio -> {res.n_audio_tokens} audio tokens; {len(res.token_ids)} new tokens "
           f"({res.stop_reason}), {res.tokens_per_second:.1f} tok/s")
     print("   timings: " + ", ".join(f"{k.replace('_', ' ')} {v * 1000:.0f} ms" for k, v in res.timings.items()))
