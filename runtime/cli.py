@@ -92,6 +92,24 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
     return 0
 
 
+def _cmd_parity(args: argparse.Namespace) -> int:
+    _need_export()
+    import json
+
+    from ..export.parity import format_report, parity_report
+
+    bundle = args.bundle
+    if bundle is None:
+        from ..export.bundle import export_bundle
+
+        bundle = Path(tempfile.mkdtemp(prefix="mdl-edge-parity-")) / "bundle"
+        print(f"no --bundle: exporting one to {bundle} (fp32 + int8 encoders; f16, Q8_0, Q4_K_M decoders)", file=sys.stderr)
+        export_bundle(args.model, bundle, encoders=["fp32", "int8"], decoders=["f16", "Q8_0", "Q4_K_M"], progress=lambda m: print(m, file=sys.stderr))
+    report = parity_report(args.model, bundle, device=args.device, audio=args.audio, max_new_tokens=args.max_new_tokens, threads=args.threads)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def _print_result(name: str, result, load_s: float, decode_audio_s: float, duration_s: float) -> None:
     print(f"{name}: {result.text!r}")
     t = {"decode audio": decode_audio_s, "load model": load_s, **result.timings}
@@ -222,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
         t.add_argument("--stream", action="store_true", help="print tokens as they are generated")
         t.set_defaults(func=lambda a, task=task: _run_task(a, task))
+
+    pr = sub.add_parser("parity", help="compare the PyTorch reference with every variant of a bundle")
+    pr.add_argument("model", help="the checkpoint folder (official layout)")
+    pr.add_argument("--bundle", help="bundle exported from it (default: export one to a temp folder)")
+    pr.add_argument("--device", default="cpu", help="where the reference runs: cpu or cuda")
+    pr.add_argument("--audio", nargs="+", help="clips to compare on (default: generated 3, 12 and 25 s clips)")
+    pr.add_argument("--max-new-tokens", type=int, default=32)
+    pr.add_argument("--threads", type=int)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=_cmd_parity)
 
     r = sub.add_parser("reference", help="the full-precision PyTorch reference")
     rsub = r.add_subparsers(dest="ref_command", required=True, metavar="ACTION")

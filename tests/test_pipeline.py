@@ -95,3 +95,15 @@ def test_cli_json_and_failures(bundle, tmp_path, capsys) -> None:
     assert "1 of 3 file(s) failed" in out.err
     assert main(["ask", str(good), "-q", "Is it music?", "--model", str(bundle), "--stream", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith(f"{good}: ")
+
+
+def test_parity_report(bundle, tiny_qwen2_dir, capsys) -> None:
+    code = main(["parity", str(tiny_qwen2_dir), "--bundle", str(bundle), "--json", "--max-new-tokens", "12"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(report["clips"]) == 3
+    assert max(report["mel"]) <= 1e-3
+    assert report["encoder"]["fp32"]["feature_rel_max_error"] <= 1e-4
+    assert report["encoder"]["int8"]["feature_cosine_mean"] >= 0.99
+    assert report["decoder"]["f32"]["logit_kl_mean"] <= 1e-8 and report["decoder"]["f32"]["top1_agreement"] == 1.0
+    assert report["end_to_end"]["fp32 + f32"]["exact_match_rate"] == 1.0
+    assert set(report["end_to_end"]) == {"fp32 + f32", "int8 + f32", "fp32 + Q8_0", "int8 + Q8_0"}
