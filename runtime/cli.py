@@ -110,6 +110,44 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    _need_export()
+    import json
+
+    import soundfile as sf
+
+    from ..export.bench import format_bench, run_bench
+    from ..export.bundle import export_bundle
+    from ..export.synth import write_synthetic_checkpoint
+    from . import constants as C
+    from .audio import demo_clip
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else work / f"synth-{args.preset}"
+    if not (model / "config.json").is_file():
+        print(f"synthesizing '{args.preset}' into {model}", file=sys.stderr)
+        write_synthetic_checkpoint(args.preset, model, overwrite=True)
+    bundle = Path(args.bundle) if args.bundle else work / f"bundle-{model.name}"
+    if not (bundle / "manifest.json").is_file():
+        print(f"exporting {bundle} (fp32 + int8 encoders; f16 + Q4_K_M decoders)", file=sys.stderr)
+        export_bundle(model, bundle, encoders=["fp32", "int8"], decoders=["f16", "Q4_K_M"], progress=lambda m: print(m, file=sys.stderr))
+    clips = []
+    for s in (float(x) for x in args.clips.split(",")):
+        path = work / f"clip-{s:g}s.wav"
+        if not path.exists():
+            sf.write(path, demo_clip(s), C.SAMPLE_RATE, subtype="PCM_16")
+        clips.append(path)
+    pairs = tuple(tuple(v.split("+")) for v in args.variants.split(","))
+    if any(len(p) != 2 for p in pairs):
+        raise MdlEdgeError(f"--variants wants ENCODER+DECODER pairs, got {args.variants!r}")
+    results = run_bench(model, bundle, clips, tokens=args.tokens, threads=args.threads, variants=pairs)  # type: ignore[arg-type]
+    print(format_bench(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def _print_result(name: str, result, load_s: float, decode_audio_s: float, duration_s: float) -> None:
     print(f"{name}: {result.text!r}")
     t = {"decode audio": decode_audio_s, "load model": load_s, **result.timings}
@@ -250,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_parity)
+
+    b = sub.add_parser("bench", help="end-to-end benchmark: the PyTorch reference vs runtime bundles")
+    b.add_argument("--model", help="checkpoint folder (default: synthesize --preset into --work)")
+    b.add_argument("--bundle", help="bundle with fp32/int8 encoders and f16/Q4_K_M decoders (default: export into --work)")
+    b.add_argument("--preset", default="0.6b")
+    b.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mdl-edge-bench"))
+    b.add_argument("--clips", default="10,30,60,300", help="clip lengths in seconds (default: %(default)s)")
+    b.add_argument("--tokens", type=int, default=32, help="new tokens per caption (stop tokens ignored)")
+    b.add_argument("--variants", default="fp32+f16,int8+Q4_K_M", help="runtime ENCODER+DECODER pairs to time (default: %(default)s)")
+    b.add_argument("--threads", type=int)
+    b.add_argument("--json", help="also write the results here")
+    b.set_defaults(func=_cmd_bench)
 
     r = sub.add_parser("reference", help="the full-precision PyTorch reference")
     rsub = r.add_subparsers(dest="ref_command", required=True, metavar="ACTION")

@@ -132,9 +132,11 @@ class AudioLM:
         audio_first: bool = False,
         messages: list[dict[str, Any]] | None = None,
         on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
     ) -> Result:
         """Answer ``prompt`` about ``audio`` (a path, bytes, file object, or array with
-        ``sample_rate``). Greedy by default; ``on_text`` receives the text as it is generated."""
+        ``sample_rate``). Greedy by default; ``on_text`` receives the text as it is generated;
+        ``ignore_eos`` generates exactly ``max_new_tokens`` (for benchmarks)."""
         sampling = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -155,7 +157,7 @@ class AudioLM:
                     on_text(piece)
 
             res: DecodeResult = self.decoder.generate_text(
-                segments, max_new_tokens=max_new_tokens, stop_ids=self.prompt.stop_ids, sampling=sampling, on_text=seen
+                segments, max_new_tokens=max_new_tokens, stop_ids=() if ignore_eos else self.prompt.stop_ids, sampling=sampling, on_text=seen
             )
         timings.update(prefill=res.prefill_s, decode=res.decode_s)
         timings["time_to_first_token"] = timings["decode_audio"] + timings["mel"] + timings["encoder"] + timings["projector"] + (first[0] if first else res.prefill_s)

@@ -107,3 +107,16 @@ def test_parity_report(bundle, tiny_qwen2_dir, capsys) -> None:
     assert report["decoder"]["f32"]["logit_kl_mean"] <= 1e-8 and report["decoder"]["f32"]["top1_agreement"] == 1.0
     assert report["end_to_end"]["fp32 + f32"]["exact_match_rate"] == 1.0
     assert set(report["end_to_end"]) == {"fp32 + f32", "int8 + f32", "fp32 + Q8_0", "int8 + Q8_0"}
+
+
+def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
+    args = ["bench", "--model", str(tiny_qwen2_dir), "--bundle", str(bundle), "--work", str(tmp_path), "--clips", "2,30", "--tokens", "4"]
+    assert main(args) == 2  # the default pairs need f16 / Q4_K_M, which this bundle lacks: refused before any run
+    assert "no decoder variant 'f16'" in capsys.readouterr().err
+    out = tmp_path / "bench.json"
+    assert main(args + ["--variants", "fp32+f32,int8+Q8_0", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert [r["config"] for r in results] == ["reference fp32 (PyTorch)", "runtime fp32 + f32", "runtime int8 + Q8_0"]
+    assert all(len(r["clips"]) == 2 and r["peak_rss_gb"] > 0 for r in results)
+    assert "goals (runtime int8 + Q8_0, 30 s clip)" in table
