@@ -31,6 +31,8 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in the file
+    nbytes: int = 0
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -61,7 +63,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         if end > size - 8 - n or begin > end:
             raise CheckpointError(f"{path}: tensor {name!r} lies beyond the end of the file (truncated download?)")
-        out[name] = TensorInfo(path, dtype, shape)
+        out[name] = TensorInfo(path, dtype, shape, 8 + n + begin, end - begin)
     return out
 
 
@@ -139,6 +141,22 @@ class Checkpoint:
                     fh.seek(8 + n + data * k // 16)
                     h.update(fh.read(65536))
         return h.hexdigest()
+
+    def read(self, name: str) -> "torch.Tensor":
+        """One tensor read with plain file I/O (no memory map): converting a large checkpoint
+        tensor by tensor then keeps only the current tensor resident."""
+        import torch
+
+        info = self.tensors[name]
+        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I64": torch.int64}
+        if info.dtype not in dtypes:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, not a float type")
+        buf = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(buf) != info.nbytes:
+                raise CheckpointError(f"{info.file}: truncated while reading {name!r}")
+        return torch.frombuffer(buf, dtype=dtypes[info.dtype]).reshape(info.shape) if info.nbytes else torch.zeros(info.shape, dtype=dtypes[info.dtype])
 
     def load(self, prefix: str, *, dtype: "torch.dtype | None" = None) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield ``(name without prefix, tensor)`` for every stored tensor under ``prefix``, file by file."""

@@ -151,15 +151,9 @@ def export_decoder_gguf(checkpoint_dir: str | Path, out_path: str | Path, *, out
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        # data follows the order of the tensor infos: read one tensor at a time in that order
-        from safetensors import safe_open
-
-        handles: dict[Path, object] = {}
+        # data follows the order of the tensor infos: one tensor at a time, read without mmap
         for name in names:
-            f = ckpt.tensors[name].file
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt")
-            t = handles[f].get_tensor(name)  # type: ignore[attr-defined]
+            t = ckpt.read(name)
             dtype, raw = plan(name)
             if raw == gguf.GGMLQuantizationType.BF16:
                 arr = t.to(torch.bfloat16).view(torch.uint16).numpy()
