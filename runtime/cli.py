@@ -56,11 +56,17 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
 
     from .pipeline import AudioLM
 
+    from .progress import Progress
+
     failed: list[str] = []
+    # progress on stderr: files done, and encoder chunks of long clips; never when streaming text
+    bar = Progress(len(args.audio), "files", enabled=not args.no_progress and not (args.stream and not args.json))
     with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder) as lm:
-        for path in args.audio:
+        for n_done, path in enumerate(args.audio):
+            bar.update(n_done, Path(path).name)
             try:
-                options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+                options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                               on_chunks=lambda k, total, name=Path(path).name: bar.update(n_done, f"{name}: chunk {k}/{total}"))
                 if args.stream and not args.json:
                     print(f"{path}: ", end="", flush=True)
                     options["on_text"] = lambda piece: print(piece, end="", flush=True)
@@ -71,11 +77,13 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
                 else:
                     res = lm.ask(path, args.question, **options)
             except MdlEdgeError as e:
+                bar.close()
                 failed.append(path)
                 if args.json:
                     print(json.dumps({"file": path, "error": str(e)}, ensure_ascii=False))
                 print(f"mdl-edge: error: {e}", file=sys.stderr)
                 continue
+            bar.close()
             if args.json:
                 print(json.dumps({
                     "file": path, "text": res.text, "token_ids": list(res.token_ids), "n_audio_tokens": res.n_audio_tokens,
@@ -277,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
         t.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+        t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
         t.set_defaults(func=lambda a, task=task: _run_task(a, task))
 
     pr = sub.add_parser("parity", help="compare the PyTorch reference with every variant of a bundle")

@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -128,10 +128,13 @@ class AudioEncoder:
         self.hidden_size = int(self.projector.get_outputs()[0].shape[-1])
         self.source_hash = str(m["source_hash"])
 
-    def encode_mels(self, mels: Sequence[np.ndarray], n_samples: Sequence[int]) -> list[np.ndarray]:
+    def encode_mels(
+        self, mels: Sequence[np.ndarray], n_samples: Sequence[int], *, on_chunks: Callable[[int, int], None] | None = None
+    ) -> list[np.ndarray]:
         """Log-mels ``[64, T_i]`` of clips with lengths ``n_samples`` -> stitched features ``[P_i, D]``.
 
-        All chunks of all clips go through the encoder together, ``max_batch`` per run.
+        All chunks of all clips go through the encoder together, ``max_batch`` per run;
+        ``on_chunks(done, total)`` is called after each run (for progress bars).
         """
         jobs: list[tuple[int, ChunkSpec]] = []
         for i, (mel, n) in enumerate(zip(mels, n_samples)):
@@ -151,6 +154,8 @@ class AudioEncoder:
             (feats,) = self.encoder.run(None, {"mel": batch, "n_keys": n_keys})
             for k, (i, spec) in enumerate(group):
                 outs[i].append(feats[k, : spec.n_real])
+            if on_chunks:
+                on_chunks(min(b + self.max_batch, len(jobs)), len(jobs))
         return [np.concatenate(o) for o in outs]
 
     def project(self, feats: np.ndarray) -> np.ndarray:
@@ -163,12 +168,14 @@ class AudioEncoder:
         (emb,) = self.projector.run(None, {"stacked": stacked})
         return emb
 
-    def embed(self, wave: np.ndarray, *, timings: dict[str, float] | None = None) -> np.ndarray:
+    def embed(
+        self, wave: np.ndarray, *, timings: dict[str, float] | None = None, on_chunks: Callable[[int, int], None] | None = None
+    ) -> np.ndarray:
         """A 16 kHz mono clip -> its audio embeddings ``[((1 + L//160)//4)//5, H]``."""
         t0 = time.perf_counter()
         mel = log_mel(wave, n_threads=self.threads)
         t1 = time.perf_counter()
-        (feats,) = self.encode_mels([mel], [wave.shape[0]])
+        (feats,) = self.encode_mels([mel], [wave.shape[0]], on_chunks=on_chunks)
         t2 = time.perf_counter()
         emb = self.project(feats)
         if timings is not None:

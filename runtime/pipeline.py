@@ -104,14 +104,16 @@ class AudioLM:
         self.close()
 
     # -- audio -------------------------------------------------------------------------------
-    def embed(self, wave: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
+    def embed(
+        self, wave: np.ndarray, timings: dict[str, float] | None = None, on_chunks: Callable[[int, int], None] | None = None
+    ) -> np.ndarray:
         """Audio embeddings of a 16 kHz clip; the last clip's are cached for follow-up questions."""
         key = hashlib.blake2b(np.ascontiguousarray(wave).view(np.uint8), digest_size=16).digest()
         if key == self._cache_key and self._cache_emb is not None:
             if timings is not None:
                 timings.update(mel=0.0, encoder=0.0, projector=0.0)
             return self._cache_emb
-        emb = self.encoder.embed(wave, timings=timings)
+        emb = self.encoder.embed(wave, timings=timings, on_chunks=on_chunks)
         self._cache_key, self._cache_emb = key, emb
         return emb
 
@@ -133,17 +135,19 @@ class AudioLM:
         messages: list[dict[str, Any]] | None = None,
         on_text: Callable[[str], None] | None = None,
         ignore_eos: bool = False,
+        on_chunks: Callable[[int, int], None] | None = None,
     ) -> Result:
         """Answer ``prompt`` about ``audio`` (a path, bytes, file object, or array with
         ``sample_rate``). Greedy by default; ``on_text`` receives the text as it is generated;
-        ``ignore_eos`` generates exactly ``max_new_tokens`` (for benchmarks)."""
+        ``ignore_eos`` generates exactly ``max_new_tokens`` (for benchmarks); ``on_chunks(done,
+        total)`` reports encoder progress on long audio."""
         sampling = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         wave = load_audio(audio, sample_rate=sample_rate)
         timings["decode_audio"] = time.perf_counter() - t0
         with self._lock:
-            emb = self.embed(wave, timings)
+            emb = self.embed(wave, timings, on_chunks)
             msgs = messages or user_message(prompt, audio_first=audio_first)
             ids = self.prompt.encode(msgs, [emb.shape[0]])
             segments = split_prompt(ids, [emb], self.prompt.special.audio)
