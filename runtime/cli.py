@@ -250,7 +250,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mdl-edge`` (exposed for docs and tests)."""
-    p = argparse.ArgumentParser(prog="mdl-edge", description="Run MiDashengLM (audio captioning, ASR, audio QA) on a CPU.")
+    p = argparse.ArgumentParser(
+        prog="mdl-edge",
+        description="Run MiDashengLM (audio captioning, ASR, audio QA) on a CPU.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  mdl-edge demo                                     # everything on a synthetic model\n"
+            "  mdl-edge export midashenglm-7b bundle             # a downloaded checkpoint -> runtime bundle\n"
+            "  mdl-edge caption a.wav b.m4a --model bundle --json\n"
+            "  mdl-edge transcribe talk.flac --language en --model bundle --stream\n"
+            "  mdl-edge ask a.wav -q 'What sound is heard?' --model bundle\n"
+            "  mdl-edge parity midashenglm-7b --bundle bundle    # what each quantized variant costs\n"
+        ),
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
