@@ -13,8 +13,9 @@ def tiny_bundle() -> Path:
     """Synthesize and export a tiny model once (needs the export extra)."""
     from mdl_edge.export.bundle import export_bundle
     from mdl_edge.export.synth import write_synthetic_checkpoint
+    from mdl_edge.runtime.bundle import FORMAT_VERSION
 
-    bundle = WORK / "bundle"
+    bundle = WORK / f"bundle-v{FORMAT_VERSION}"
     if not (bundle / "manifest.json").is_file():
         ckpt = write_synthetic_checkpoint("tiny", WORK / "checkpoint", overwrite=True)
         export_bundle(ckpt, bundle, encoders=["fp32", "int8"], decoders=["f16", "Q4_K_M"], progress=lambda *_: None)
