@@ -65,8 +65,20 @@ def _worker(config: str, variants: list[str] | None, model: str, bundle: str, cl
             rows.append({"clip": c, "seconds": r.audio_seconds, "ttft": r.timings["time_to_first_token"], "total": r.timings["total"],
                          "decode_tok_s": r.tokens_per_second})
         lm.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"config": config, "load_s": load, "peak_rss_gb": peak / 1e9, "clips": rows}
+    return {"config": config, "load_s": load, "peak_rss_gb": _peak_rss() / 1e9, "clips": rows}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set in bytes. VmHWM belongs to the process image; getrusage's
+    ru_maxrss would carry over the parent's peak through fork (a parent that just quantized a
+    model would report its gigabytes for every worker)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, tokens: int = 32, threads: int | None = None,
