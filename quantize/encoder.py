@@ -51,15 +51,13 @@ def calibration_clips(n: int = 4, seconds: float = 10.0, seed: int = 1234) -> li
 
 
 def _chunks(clips: list[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-    from ..runtime.encoder import chunk_plan
+    from ..runtime.encoder import chunk_batch, chunk_plan
 
     for x in clips:
         mel = log_mel(x)
         for spec in chunk_plan(max(x.size, C.MIN_SAMPLES)):
-            batch = np.zeros((1, C.N_MELS, C.CHUNK_FRAMES), np.float32)
-            piece = mel[:, spec.first_frame : spec.first_frame + spec.n_real * C.PATCH_FRAMES]
-            batch[0, :, : piece.shape[1]] = piece
-            yield {"mel": batch, "n_keys": np.array([spec.n_keys], np.int64)}
+            batch, n_keys = chunk_batch([(mel, spec)])
+            yield {"mel": batch, "n_keys": n_keys}
 
 
 def measure_drift(model_dir: Path, variant: str, clips: list[np.ndarray]) -> dict[str, float]:

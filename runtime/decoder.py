@@ -335,7 +335,7 @@ class LlamaDecoder:
         return buf.raw[:n]
 
     # -- evaluation -----------------------------------------------------------------------
-    def _batch(self, n: int, embd: bool) -> object:
+    def _batch(self, embd: bool) -> object:
         key = (self.n_batch, embd)
         if key not in self._batches:
             self._batches[key] = self._L.llama_batch_init(self.n_batch, self.n_embd if embd else 0, 1)
@@ -346,7 +346,7 @@ class LlamaDecoder:
         n_total = len(seg)
         for start in range(0, n_total, self.n_batch):
             n = min(self.n_batch, n_total - start)
-            b = self._batch(n, seg.embeddings is not None)
+            b = self._batch(seg.embeddings is not None)
             b.n_tokens = n
             if seg.embeddings is not None:
                 chunk = np.ascontiguousarray(seg.embeddings[start : start + n], dtype=np.float32)
@@ -436,28 +436,31 @@ class LlamaDecoder:
     ) -> Iterator[int]:
         """Evaluate the prompt (prefix-cached) and yield new token ids until a stop id (not
         yielded) or ``max_new_tokens``. Tokens are appended to the cache as they are generated."""
-        L = self._L
         with self.lock:
             self.evaluate(segments)
-            smpl = self._sampler(sampling)
-            stop = set(stop_ids)
-            self.last_stop_reason = "max_new_tokens"
-            try:
-                for _ in range(max_new_tokens):
-                    tok = int(L.llama_sampler_sample(smpl, self._ctx, -1))
-                    if tok in stop:
-                        self.last_stop_reason = "stop_token"
-                        return
-                    yield tok
-                    if self._n_past + 1 >= self.n_ctx:
-                        raise ConfigError(f"generation reached the context size ({self.n_ctx}); raise n_ctx")
-                    seg = Segment(tokens=(tok,))
-                    self._decode(seg, self._n_past, want_logits=True)
-                    self._n_past += 1
-                    self._cached.append(seg)
-            finally:
-                L.llama_sampler_free(smpl)
+            yield from self._continue(max_new_tokens, stop_ids, sampling)
 
+    def _continue(self, max_new_tokens: int, stop_ids: Sequence[int], sampling: SamplingOptions) -> Iterator[int]:
+        """Sample from the logits of the last evaluated position onwards."""
+        L = self._L
+        smpl = self._sampler(sampling)
+        stop = set(stop_ids)
+        self.last_stop_reason = "max_new_tokens"
+        try:
+            for _ in range(max_new_tokens):
+                tok = int(L.llama_sampler_sample(smpl, self._ctx, -1))
+                if tok in stop:
+                    self.last_stop_reason = "stop_token"
+                    return
+                yield tok
+                if self._n_past + 1 >= self.n_ctx:
+                    raise ConfigError(f"generation reached the context size ({self.n_ctx}); raise n_ctx")
+                seg = Segment(tokens=(tok,))
+                self._decode(seg, self._n_past, want_logits=True)
+                self._n_past += 1
+                self._cached.append(seg)
+        finally:
+            L.llama_sampler_free(smpl)
 
     def generate_text(
         self,
@@ -478,7 +481,8 @@ class LlamaDecoder:
             tokens: list[int] = []
             text: list[str] = []
             t1 = time.perf_counter()
-            for tok in self.generate(segments, max_new_tokens=max_new_tokens, stop_ids=stop_ids, sampling=sampling):
+            # the prompt was evaluated just above (timed as prefill): sample straight on from it
+            for tok in self._continue(max_new_tokens, stop_ids, sampling):
                 tokens.append(tok)
                 piece = pieces.push(self.piece(tok))
                 if piece:

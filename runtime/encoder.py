@@ -47,6 +47,19 @@ def chunk_plan(n_samples: int) -> list[ChunkSpec]:
     return plan
 
 
+def chunk_batch(chunks: Sequence[tuple[np.ndarray, ChunkSpec]], *, floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder inputs for ``(mel, spec)`` pairs: ``mel [B, 64, 1008]`` (each chunk's real frames,
+    zero-padded; raised to ``floor`` dB if given) and ``n_keys [B]``."""
+    batch = np.zeros((len(chunks), C.N_MELS, C.CHUNK_FRAMES), np.float32)
+    for k, (mel, spec) in enumerate(chunks):
+        piece = mel[:, spec.first_frame : spec.first_frame + spec.n_real * C.PATCH_FRAMES]
+        if floor is None:
+            batch[k, :, : piece.shape[1]] = piece
+        else:
+            np.maximum(piece, np.float32(floor), out=batch[k, :, : piece.shape[1]])
+    return batch, np.array([spec.n_keys for _, spec in chunks], np.int64)
+
+
 def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | None) -> Any:
     import onnxruntime as ort
 
@@ -146,11 +159,7 @@ class AudioEncoder:
         outs: list[list[np.ndarray]] = [[] for _ in mels]
         for b in range(0, len(jobs), self.max_batch):
             group = jobs[b : b + self.max_batch]
-            batch = np.zeros((len(group), C.N_MELS, C.CHUNK_FRAMES), np.float32)
-            for k, (i, spec) in enumerate(group):
-                piece = mels[i][:, spec.first_frame : spec.first_frame + spec.n_real * C.PATCH_FRAMES]
-                batch[k, :, : piece.shape[1]] = piece
-            n_keys = np.array([spec.n_keys for _, spec in group], np.int64)
+            batch, n_keys = chunk_batch([(mels[i], spec) for i, spec in group])
             (feats,) = self.encoder.run(None, {"mel": batch, "n_keys": n_keys})
             for k, (i, spec) in enumerate(group):
                 outs[i].append(feats[k, : spec.n_real])
@@ -215,10 +224,8 @@ class EncoderStream:
         self._n += k
 
     def _encode(self, c: int, n_real: int, n_keys: int, floor: float) -> np.ndarray:
-        piece = self._db[:, c * C.CHUNK_FRAMES : c * C.CHUNK_FRAMES + n_real * C.PATCH_FRAMES]
-        batch = np.zeros((1, C.N_MELS, C.CHUNK_FRAMES), np.float32)
-        np.maximum(piece, np.float32(floor), out=batch[0, :, : piece.shape[1]])
-        (feats,) = self.encoder.encoder.run(None, {"mel": batch, "n_keys": np.array([n_keys], np.int64)})
+        batch, keys = chunk_batch([(self._db, ChunkSpec(c * C.CHUNK_FRAMES, n_real, n_keys))], floor=floor)
+        (feats,) = self.encoder.encoder.run(None, {"mel": batch, "n_keys": keys})
         return feats[0, :n_real]
 
     def feed(self, samples: np.ndarray) -> None:
