@@ -126,8 +126,13 @@ class MiDashengLM(nn.Module):
     def from_pretrained(cls, model_dir: str | Path, *, device: str = "cpu", bf16_buffers: bool = False) -> "MiDashengLM":
         """Load an official-layout checkpoint folder in fp32 (validated by name and shape first)."""
         t0 = time.perf_counter()
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {device!r} requested but CUDA is not available")
+            # The reference is full precision: TF32 matmuls/convolutions (cuDNN's default) would
+            # put ~1e-3 relative error into every layer. This is process-wide, as torch's flags are.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         ckpt = Checkpoint(model_dir)
         prompt = PromptFormat.from_dir(model_dir)
         vocab = prompt.tokenizer.get_vocab_size()

@@ -61,6 +61,15 @@ def tiny_qwen2_model(tiny_qwen2_dir: Path):
     return MiDashengLM.from_pretrained(tiny_qwen2_dir)
 
 
+@pytest.fixture(scope="session")
+def bundle(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the tiny Qwen2 checkpoint: fp32 + int8 encoders, f32 + Q8_0 decoders."""
+    from mdl_edge.export.bundle import export_bundle
+
+    return export_bundle(tiny_qwen2_dir, tmp_path_factory.mktemp("bundle") / "b", encoders=["fp32", "int8"],
+                         decoders=["f32", "Q8_0"], progress=lambda *_: None)
+
+
 def cuda_available() -> bool:
     try:
         import torch

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +13,6 @@ from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.cli import main
 from mdl_edge.runtime.errors import CheckpointError, ConfigError
 from mdl_edge.runtime.pipeline import AudioLM
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_qwen2_dir, tmp_path_factory) -> Path:
-    from mdl_edge.export.bundle import export_bundle
-
-    return export_bundle(tiny_qwen2_dir, tmp_path_factory.mktemp("bundle") / "b", encoders=["fp32", "int8"],
-                         decoders=["f32", "Q8_0"], progress=lambda *_: None)
 
 
 def _clip(n: int) -> np.ndarray:
