@@ -173,6 +173,19 @@ def _init_backend() -> object:
     return llama_cpp
 
 
+def extra_bufts_safe() -> bool:
+    """Whether ggml's extra CPU buffer types (weights repacked for the CPU's SIMD, and AMX tiles)
+    are safe to use with this llama.cpp build.
+
+    The AMX buffer type crashes in ``ggml_backend_amx_mul_mat`` on quantized weights whenever a
+    batch has more than one token (llama.cpp issue #20824), and a native build on an AMX Xeon
+    compiles it in. Without AMX the extra types only repack weights (a few percent faster prefill
+    on AVX2), so they are used unless the build reports AMX.
+    """
+    info = _init_backend().llama_print_system_info().decode(errors="replace")
+    return "AMX_INT8 = 1" not in info
+
+
 @dataclass(frozen=True)
 class Segment:
     """A run of prompt input: text token ids, or audio embeddings ``[n, hidden]``."""
@@ -224,6 +237,8 @@ class LlamaDecoder:
 
     ``f32_kv=True`` and flash attention off give logits equal to transformers' to ~1e-5 with an
     f32 GGUF (parity mode); the default f16 KV cache is faster and uses half the memory.
+    ``extra_bufts``: ggml's extra CPU buffer types (repacked weights, AMX); default: on unless
+    this llama.cpp build has AMX (see :func:`extra_bufts_safe`).
     """
 
     def __init__(
@@ -235,6 +250,7 @@ class LlamaDecoder:
         n_batch: int = 512,
         f32_kv: bool = False,
         flash_attn: bool = False,
+        extra_bufts: bool | None = None,
     ) -> None:
         from .mel import default_threads
 
@@ -250,10 +266,10 @@ class LlamaDecoder:
         self.lock = threading.RLock()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = 0
-        # ggml's AMX buffer type crashes on quantized weights for batches > 1 token on AMX Xeons
-        # (llama.cpp issue #20824); the plain CPU buffers are as fast for our sizes.
+        if extra_bufts is None:
+            extra_bufts = extra_bufts_safe()
         if hasattr(mparams, "use_extra_bufts"):
-            mparams.use_extra_bufts = False
+            mparams.use_extra_bufts = extra_bufts
         self._model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise CheckpointError(f"{self.path}: llama.cpp could not load it (see the mdl_edge.llama_cpp log)")

@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation --no-index .
-exec python3 -m pytest -m cuda -p no:cacheprovider -rs "$@"
+exec python3 -m pytest tests/test_cuda.py -m cuda -p no:cacheprovider -rs "$@"

@@ -183,3 +183,35 @@ def test_sampling_is_repeatable_with_a_seed(tiny_qwen2_model, ggufs) -> None:
     assert a == b and a != greedy
     with pytest.raises(ConfigError, match="top_p"):
         SamplingOptions(top_p=0)
+
+
+def test_repacked_weights_match_plain(tiny_qwen2_model, ggufs, tmp_path, caplog) -> None:
+    """ggml's extra CPU buffer types (weights repacked for this CPU's SIMD; on by default unless
+    the build has AMX) change only the summation order: same greedy tokens, near-equal logits."""
+    import logging
+
+    import llama_cpp
+
+    from mdl_edge.quantize.decoder import quantize_decoder
+
+    if "REPACK = 1" not in llama_cpp.llama_print_system_info().decode():
+        pytest.skip("this llama.cpp build has no repacked CPU weights")
+    m = tiny_qwen2_model
+    ids, audio = _prompt(m)
+    segs = split_prompt(ids, [audio], m.cfg.audio_token_id)
+    path = quantize_decoder(ggufs["tiny_qwen2"], tmp_path / "Q4_0.gguf", "Q4_0")
+    runs = {}
+    for extra in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="mdl_edge.llama_cpp"), LlamaDecoder(path, n_ctx=512, extra_bufts=extra) as dec:
+            toks = list(dec.generate(segs, max_new_tokens=16))
+            dec.evaluate(segs)
+            runs[extra] = (toks, dec.logits())
+        repacked = any("CPU_REPACK model buffer" in r.getMessage() for r in caplog.records)
+        assert repacked == extra, f"extra_bufts={extra}: CPU_REPACK buffer {'missing' if extra else 'used'}"
+    (t0, l0), (t1, l1) = runs[False], runs[True]
+    lp, lq = l0 - np.logaddexp.reduce(l0), l1 - np.logaddexp.reduce(l1)
+    kl = float((np.exp(lp) * (lp - lq)).sum())
+    print(f"repacked vs plain Q4_0: KL {kl:.2e}, max |logit diff| {np.abs(l0 - l1).max():.3g}")
+    assert kl < 1e-3, f"KL {kl:.3g}"
+    assert t0 == t1, f"plain {t0} vs repacked {t1}"
