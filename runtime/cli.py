@@ -61,7 +61,7 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
     failed: list[str] = []
     # progress on stderr: files done, and encoder chunks of long clips; never when streaming text
     bar = Progress(len(args.audio), "files", enabled=not args.no_progress and not (args.stream and not args.json))
-    with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder) as lm:
+    with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder, n_ctx=args.n_ctx) as lm:
         for n_done, path in enumerate(args.audio):
             bar.update(n_done, Path(path).name)
             try:
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--encoder", help="encoder variant (default: the bundle's)")
         t.add_argument("--decoder", help="decoder variant (default: the bundle's)")
         t.add_argument("--threads", type=int, help="CPU threads (default: all available)")
+        t.add_argument("--n-ctx", type=int, help="decoder context in positions (default: sized to each request)")
         t.add_argument("--max-new-tokens", type=int, default=256)
         t.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         t.add_argument("--seed", type=int, default=0)

@@ -7,6 +7,7 @@ prompt with audio embeddings -> llama.cpp generation.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,15 @@ from .audio import AudioSource, load_audio
 from .bundle import Bundle
 from .decoder import DecodeResult, LlamaDecoder, SamplingOptions, split_prompt
 from .encoder import AudioEncoder
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .prompt import PromptFormat, user_message
+
+logger = logging.getLogger("mdl_edge")
+
+# The automatic decoder context starts at, and grows in steps of, this many positions: a clip
+# up to ~2.5 min plus 256 new tokens fits the first step, and the f16 KV cache of Qwen3-0.6B
+# costs 0.11 GB per step (0.47 GB for a fixed 4096).
+AUTO_CTX_STEP = 512
 
 CAPTION_PROMPT = "Caption the audio."
 TRANSCRIBE_PROMPT = "Transcribe the speech into text"
@@ -49,7 +57,8 @@ class AudioLM:
 
     Keyword options: ``threads`` (default: the cores available), ``encoder`` / ``decoder``
     (variant names from the bundle's manifest; default: the manifest's defaults), ``n_ctx``
-    (decoder context), ``provider`` (``"cpu"`` or ``"cuda"`` for the encoder).
+    (decoder context in positions; default: automatic, starting at ``AUTO_CTX_STEP`` and growing
+    when a request needs more), ``provider`` (``"cpu"`` or ``"cuda"`` for the encoder).
 
     One instance is safe to share between threads: generations are serialised by a lock (one
     llama.cpp context). For parallel work create one ``AudioLM`` per thread.
@@ -62,7 +71,7 @@ class AudioLM:
         threads: int | None = None,
         encoder: str | None = None,
         decoder: str | None = None,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         provider: str = "cpu",
     ) -> None:
         self.bundle = Bundle.open(path)
@@ -72,7 +81,10 @@ class AudioLM:
         self.encoder = AudioEncoder(self.bundle.dir, encoder_file=enc_path.name, threads=threads, provider=provider)
         if self.encoder.source_hash != m["source_hash"]:
             raise CheckpointError(f"{enc_path}: made from another checkpoint than this bundle ({self.encoder.source_hash} vs {m['source_hash']})")
-        self.decoder = LlamaDecoder(dec_path, n_ctx=n_ctx, threads=threads)
+        if n_ctx is not None and n_ctx < 64:
+            raise ConfigError(f"n_ctx must be at least 64 positions, got {n_ctx}")
+        self._auto_ctx = n_ctx is None
+        self.decoder = LlamaDecoder(dec_path, n_ctx=n_ctx or AUTO_CTX_STEP, threads=threads)
         try:
             gguf_hash = self.decoder.meta.get("mdl_edge.source_hash")
             if gguf_hash != m["source_hash"]:
@@ -91,6 +103,18 @@ class AudioLM:
         self._lock = threading.RLock()
         self._cache_key: bytes | None = None
         self._cache_emb: np.ndarray | None = None
+
+    def _fit_context(self, need: int) -> None:
+        """With the automatic context size, grow the llama.cpp context (in AUTO_CTX_STEP steps,
+        up to the model's training length) so that ``need`` positions fit."""
+        if not self._auto_ctx or need <= self.decoder.n_ctx:
+            return
+        limit = max(self.decoder.n_ctx_train, AUTO_CTX_STEP)
+        if need > limit:
+            raise ConfigError(f"this request needs {need} positions but the decoder was trained on {limit}; shorten the audio or max_new_tokens")
+        size = min(-(-need // AUTO_CTX_STEP) * AUTO_CTX_STEP, limit)
+        logger.info("growing the decoder context from %d to %d positions", self.decoder.n_ctx, size)
+        self.decoder.resize(size)
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -151,6 +175,7 @@ class AudioLM:
             msgs = messages or user_message(prompt, audio_first=audio_first)
             ids = self.prompt.encode(msgs, [emb.shape[0]])
             segments = split_prompt(ids, [emb], self.prompt.special.audio)
+            self._fit_context(len(ids) + max_new_tokens + 1)
             first: list[float] = []
             t_gen = time.perf_counter()
 

@@ -186,16 +186,22 @@ def test_sampling_is_repeatable_with_a_seed(tiny_qwen2_model, ggufs) -> None:
 
 
 def test_repacked_weights_match_plain(tiny_qwen2_model, ggufs, tmp_path, caplog) -> None:
-    """ggml's extra CPU buffer types (weights repacked for this CPU's SIMD; on by default unless
-    the build has AMX) change only the summation order: same greedy tokens, near-equal logits."""
+    """ggml's extra CPU buffer types (weights repacked for this CPU's SIMD; opt-in) change only
+    the summation order: same greedy tokens, near-equal logits."""
     import logging
 
     import llama_cpp
 
     from mdl_edge.quantize.decoder import quantize_decoder
 
+    from mdl_edge.runtime.decoder import extra_bufts_safe
+
     if "REPACK = 1" not in llama_cpp.llama_print_system_info().decode():
         pytest.skip("this llama.cpp build has no repacked CPU weights")
+    if not extra_bufts_safe():
+        with pytest.raises(ConfigError, match="issue #20824"):
+            LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=64, extra_bufts=True)
+        pytest.skip("this llama.cpp build has AMX: extra buffer types are refused")
     m = tiny_qwen2_model
     ids, audio = _prompt(m)
     segs = split_prompt(ids, [audio], m.cfg.audio_token_id)

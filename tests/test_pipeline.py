@@ -49,6 +49,30 @@ def test_result_fields_streaming_and_questions(bundle) -> None:
         assert lm.transcribe(wave, sample_rate=C.SAMPLE_RATE, language="en", max_new_tokens=2).n_audio_tokens == 15
 
 
+def test_context_grows_to_fit_and_fixed_context_is_enforced(bundle) -> None:
+    """The automatic context starts small (KV memory) and grows for long audio; the tokens are
+    those of a large fixed context. A fixed context too small for the request is refused."""
+    from mdl_edge.runtime.pipeline import AUTO_CTX_STEP
+
+    wave = _clip(210 * C.SAMPLE_RATE)  # 1050 audio tokens: more than one step
+    with AudioLM(bundle, encoder="fp32", decoder="f32") as lm:
+        assert lm.decoder.n_ctx == AUTO_CTX_STEP
+        short = lm.caption(wave[: 2 * C.SAMPLE_RATE], sample_rate=C.SAMPLE_RATE, max_new_tokens=6)
+        assert lm.decoder.n_ctx == AUTO_CTX_STEP
+        grown = lm.caption(wave, sample_rate=C.SAMPLE_RATE, max_new_tokens=6)
+        assert grown.n_audio_tokens == C.n_audio_tokens(wave.size) == 1050
+        # the smallest whole number of steps that holds the prompt and the new tokens
+        assert lm.decoder.n_ctx % AUTO_CTX_STEP == 0 and 1050 < lm.decoder.n_ctx < 1050 + 6 + 64 + AUTO_CTX_STEP
+        again = lm.caption(wave[: 2 * C.SAMPLE_RATE], sample_rate=C.SAMPLE_RATE, max_new_tokens=6)
+    assert again.token_ids == short.token_ids  # a resized context starts from an empty cache
+    with AudioLM(bundle, encoder="fp32", decoder="f32", n_ctx=4096) as lm:
+        assert lm.caption(wave, sample_rate=C.SAMPLE_RATE, max_new_tokens=6).token_ids == grown.token_ids
+    with AudioLM(bundle, decoder="f32", n_ctx=512) as lm, pytest.raises(ConfigError, match="context holds 512"):
+        lm.caption(wave, sample_rate=C.SAMPLE_RATE, max_new_tokens=6)
+    with pytest.raises(ConfigError, match="n_ctx must be at least 64"):
+        AudioLM(bundle, n_ctx=8)
+
+
 def test_swapped_decoder_is_refused(bundle, tiny_dir, tmp_path) -> None:
     from mdl_edge.export.gguf_decoder import export_decoder_gguf
 
@@ -109,5 +133,5 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     table = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert [r["config"] for r in results] == ["reference fp32 (PyTorch)", "runtime fp32 + f32", "runtime int8 + Q8_0"]
-    assert all(len(r["clips"]) == 2 and r["peak_rss_gb"] > 0 for r in results)
+    assert all(len(r["clips"]) == 2 and all(c["peak_rss_gb"] > 0 for c in r["clips"]) for r in results)
     assert "goals (runtime int8 + Q8_0, 30 s clip)" in table
