@@ -110,6 +110,12 @@ def test_cli_json_and_failures(bundle, tmp_path, capsys) -> None:
     assert "1 of 3 file(s) failed" in out.err
     assert main(["ask", str(good), "-q", "Is it music?", "--model", str(bundle), "--stream", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith(f"{good}: ")
+    long = tmp_path / "long.wav"
+    # 300 audio tokens: more than llama.cpp's smallest context (it rounds 64 up to 256)
+    sf.write(long, _clip(60 * C.SAMPLE_RATE), C.SAMPLE_RATE)
+    assert main(["caption", str(long), "--model", str(bundle), "--n-ctx", "64", "--json"]) == 1
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert "but the context holds 256 (raise n_ctx)" in line["error"]
 
 
 def test_parity_report(bundle, tiny_qwen2_dir, capsys) -> None:

@@ -7,13 +7,17 @@ and its Q8_0 / Q4_K_M quantizations when missing. Measured in one run: memory re
 then per variant and thread count the prefill rate (250 audio embeddings + the prompt text,
 from an empty cache) and the greedy decode rate, each variant's decode rate as a fraction of
 its bandwidth limit (all weight bytes are read per token: the tied head reads the embedding
-matrix), and our Python generation loop against a bare loop of ``llama_decode`` calls.
+matrix), and our Python generation loop against the same loop in C (``bare_decode.c``, built
+here against llama-cpp-python's own ``libllama`` and headers; runs interleaved, best of each).
+Separate runs differ by machine noise (several % here), so the loop's own cost is also measured
+inside each run: the time outside its two C calls per token (sample, decode) over the time in them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,10 +25,56 @@ import numpy as np
 from common import best_of
 
 
-def bandwidth_gbs() -> float:
-    x = np.ones(256 * 2**20 // 8 * 4, np.float64)  # 1 GiB
+def build_bare_decode(out_dir: Path) -> Path | None:
+    """Compile bare_decode.c against the installed llama-cpp-python (None without a compiler)."""
+    import os
+    import shutil
+    import subprocess
+
+    import llama_cpp
+
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    pkg = Path(llama_cpp.__file__).parent
+    include = pkg.parent / "include"
+    if cc is None or not (include / "llama.h").exists():
+        return None
+    exe = out_dir / "bare_decode"
+    lib = pkg / "lib"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).with_name("bare_decode.c")), f"-I{include}", f"-L{lib}", "-lllama",
+                    f"-Wl,-rpath,{lib}"], check=True)
+    return exe
+
+
+class TimedLib:
+    """llama_cpp with its per-token C calls timed: the rest of our loop's time is Python's."""
+
+    def __init__(self, lib: object) -> None:
+        self._lib = lib
+        self.c_s = 0.0
+
+    def __getattr__(self, name: str) -> object:
+        f = getattr(self._lib, name)
+        if name not in ("llama_decode", "llama_sampler_sample"):
+            return f
+
+        def timed(*a: object) -> object:
+            t = time.perf_counter()
+            r = f(*a)
+            self.c_s += time.perf_counter() - t
+            return r
+
+        return timed
+
+
+def bandwidth_gbs(threads: int) -> float:
+    """Memory read rate of a 1 GiB float32 sum with ``threads`` torch threads (what a decode
+    step does with the weights: stream them once)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)  # 1 GiB
     s = best_of(lambda: x.sum(), 3, warmup=True)
-    return x.nbytes / s / 1e9
+    return x.numel() * 4 / s / 1e9
 
 
 def main() -> None:
@@ -41,7 +91,7 @@ def main() -> None:
     from mdl_edge.export.gguf_decoder import export_decoder_gguf
     from mdl_edge.export.reference_model import MiDashengLM
     from mdl_edge.quantize.decoder import quantize_decoder
-    from mdl_edge.runtime.decoder import LlamaDecoder, Segment, split_prompt
+    from mdl_edge.runtime.decoder import LlamaDecoder, SamplingOptions, split_prompt
     from mdl_edge.runtime.prompt import user_message
 
     work = Path(args.work)
@@ -56,6 +106,7 @@ def main() -> None:
             quantize_decoder(f16, p, q)
         variants[q] = p
 
+    bare_exe = build_bare_decode(work)
     ref = MiDashengLM.from_pretrained(args.model)
     n_audio = 250
     rng = np.random.default_rng(0)
@@ -63,7 +114,7 @@ def main() -> None:
     audio = (rng.standard_normal((n_audio, ref.cfg.decoder.hidden_size)) * emb_std).astype(np.float32)
     ids = ref.prompt.encode(user_message("Caption the audio."), [n_audio])
     segs = split_prompt(ids, [audio], ref.cfg.audio_token_id)
-    bw = bandwidth_gbs()
+    bw = {t: bandwidth_gbs(t) for t in (1, 2)}
     rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -73,8 +124,10 @@ def main() -> None:
             t = time.perf_counter()
             toks, _, _ = ref.generate_from_embeds(embeds, max_new_tokens=args.tokens // 2, stop_ids=[])
             t_all = time.perf_counter() - t
+        rate = len(toks) / max(t_all - t_pre, 1e-9)
+        size = sum(t.numel() * t.element_size() for t in ref.decoder.parameters()) / 1e9  # tied head counted once
         rows.append({"variant": "transformers fp32", "threads": threads, "prefill_tok_s": len(ids) / t_pre,
-                     "decode_tok_s": len(toks) / max(t_all - t_pre, 1e-9), "size_gb": None})
+                     "decode_tok_s": rate, "size_gb": size, "bandwidth_fraction": rate * size / bw[threads]})
         for name, path in variants.items():
             with LlamaDecoder(path, n_ctx=1024, threads=threads) as dec:
                 def prefill() -> None:
@@ -86,37 +139,46 @@ def main() -> None:
 
                 def ours() -> None:
                     prefill()
+                    lib, dec._L = dec._L, TimedLib(dec._L)
                     t = time.perf_counter()
-                    assert len(list(dec.generate(segs, max_new_tokens=n, stop_ids=[]))) == n
+                    # our sampling loop straight after the prefill, as generate_text runs it
+                    assert len(list(dec._continue(n, (), SamplingOptions()))) == n
                     times.append(time.perf_counter() - t)
+                    py_share.append((times[-1] - dec._L.c_s) / dec._L.c_s)
+                    dec._L = lib
 
                 def bare() -> None:
-                    # the same number of llama_decode calls from the same cache state, no sampling
-                    prefill()
-                    t = time.perf_counter()
-                    for k in range(n):
-                        dec._decode(Segment(tokens=(int(ids[-1]),)), len(ids) + k, want_logits=True)
-                    bare_times.append(time.perf_counter() - t)
+                    # the same greedy sample + llama_decode steps from a cache of the same length, in C
+                    if bare_exe is None:
+                        return
+                    out = subprocess.run([str(bare_exe), str(path), str(len(ids)), str(n), str(threads)], check=True,
+                                         capture_output=True, text=True).stdout
+                    bare_times.append(json.loads(out)["decode_s"])
 
                 times: list[float] = []
                 bare_times: list[float] = []
+                py_share: list[float] = []
                 for _ in range(args.repeats):  # interleaved, best of each: machine noise hits both alike
                     ours()
                     bare()
-                t_dec, t_bare = min(times), min(bare_times)
+                t_dec = min(times)
+                t_bare = min(bare_times) if bare_times else float("nan")
             size = path.stat().st_size / 1e9
             rate = n / t_dec
             rows.append({"variant": f"llama.cpp {name}", "threads": threads, "prefill_tok_s": len(ids) / t_pre, "decode_tok_s": rate,
-                         "size_gb": size, "bandwidth_fraction": rate * size / bw, "python_overhead": (t_dec - t_bare) / t_bare})
+                         "size_gb": size, "bandwidth_fraction": rate * size / bw[threads], "python_overhead": (t_dec - t_bare) / t_bare,
+                         "python_share": min(py_share)})
     base = {r["threads"]: r for r in rows if r["variant"] == "transformers fp32"}
-    print(f"memory read bandwidth: {bw:.1f} GB/s (numpy sum, 1 thread); prompt {len(ids)} positions ({n_audio} audio)\n")
-    print("| decoder | threads | prefill tok/s | vs fp32 | decode tok/s | vs fp32 | weights GB | of bandwidth limit | Python loop overhead |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"memory read bandwidth (1 GiB sum): {bw[1]:.1f} GB/s at 1 thread, {bw[2]:.1f} GB/s at 2; "
+          f"prompt {len(ids)} positions ({n_audio} audio)\n")
+    print("| decoder | threads | prefill tok/s | vs fp32 | decode tok/s | vs fp32 | weights GB | of bandwidth limit | our loop vs C loop | Python time / C time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         b = base[r["threads"]]
         print(f"| {r['variant']} | {r['threads']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / b['prefill_tok_s']:.1f}x | "
-              f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / b['decode_tok_s']:.1f}x | {r['size_gb'] or 0:.2f} | "
-              f"{r.get('bandwidth_fraction', 0) * 100:.0f}% | {r.get('python_overhead', 0) * 100:+.1f}% |")
+              f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / b['decode_tok_s']:.1f}x | {r['size_gb']:.2f} | "
+              f"{r['bandwidth_fraction'] * 100:.0f}% | " + (f"{r['python_overhead'] * 100:+.1f}% | {r['python_share'] * 100:.2f}% |"
+                                                           if "python_share" in r else "- | - |"))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
