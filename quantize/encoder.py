@@ -111,7 +111,8 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
     clips = clips if clips is not None else calibration_clips()
     for p in (dst, dst.with_name(dst.name + ".data")):
         p.unlink(missing_ok=True)
-    keep_fp32 = [patch_embed_node(onnx.load(str(src), load_external_data=False))]
+    graph = onnx.load(str(src), load_external_data=False)  # structure and metadata, no weights
+    keep_fp32 = [patch_embed_node(graph)]
     if variant == "int8":
         with quiet_third_party():
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=True,
@@ -131,7 +132,7 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
                 calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_fp32,
             )
     # Carry the fp32 metadata over, with this variant's precision and drift.
-    meta = json.loads({p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}[META_KEY])
+    meta = json.loads({p.key: p.value for p in graph.metadata_props}[META_KEY])
     model = onnx.load(str(dst), load_external_data=False)
     meta["precision"] = variant
     _set_meta(model, meta)

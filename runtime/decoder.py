@@ -173,6 +173,9 @@ def _init_backend() -> object:
     return llama_cpp
 
 
+MIN_CTX = 64  # smallest context accepted (llama.cpp itself rounds small sizes up to 256)
+
+
 def extra_bufts_safe() -> bool:
     """Whether ggml's extra CPU buffer types (weights repacked for the CPU's SIMD, and AMX tiles)
     are safe to use with this llama.cpp build.
@@ -303,6 +306,8 @@ class LlamaDecoder:
         self.last_stop_reason = ""
 
     def _new_context(self, n_ctx: int) -> None:
+        if n_ctx < MIN_CTX:
+            raise ConfigError(f"n_ctx must be at least {MIN_CTX} positions, got {n_ctx}")
         L = self._L
         if self._ctx:
             L.llama_free(self._ctx)
@@ -318,8 +323,6 @@ class LlamaDecoder:
     def resize(self, n_ctx: int) -> None:
         """Recreate the context with room for ``n_ctx`` positions (the KV cache is emptied; the
         model stays loaded). The KV cache costs memory in proportion to ``n_ctx``."""
-        if n_ctx < 1:
-            raise ConfigError(f"n_ctx must be >= 1, got {n_ctx}")
         with self.lock:
             self._new_context(n_ctx)
 
