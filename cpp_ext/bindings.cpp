@@ -22,6 +22,11 @@ FloatArray as_wave(const py::array& a, const char* what) {
   return FloatArray::ensure(a);
 }
 
+// Thread counts are resolved once, in Python (mdl_edge.runtime.options.resolve_threads).
+void check_threads(int n_threads, const char* what) {
+  if (n_threads < 1) throw py::value_error(std::string(what) + ": n_threads must be >= 1, got " + std::to_string(n_threads));
+}
+
 py::array_t<float> to_array(const std::vector<float>& v, std::vector<py::ssize_t> shape) {
   py::array_t<float> out(shape);
   std::copy(v.begin(), v.end(), out.mutable_data());
@@ -59,6 +64,7 @@ PYBIND11_MODULE(_mel, m) {
   m.def(
       "log_mel",
       [](const py::array& wave, bool bf16, int n_threads) {
+        check_threads(n_threads, "log_mel");
         FloatArray x = as_wave(wave, "log_mel");
         const std::size_t n = static_cast<std::size_t>(x.size());
         if (n == 0) throw py::value_error("log_mel: the clip is empty (0 samples)");
@@ -71,16 +77,17 @@ PYBIND11_MODULE(_mel, m) {
         }
         return out;
       },
-      py::arg("wave"), py::kw_only(), py::arg("bf16_buffers") = false, py::arg("n_threads") = 0,
+      py::arg("wave"), py::kw_only(), py::arg("bf16_buffers") = false, py::arg("n_threads"),
       R"doc(Log-mel [64, 1 + max(L, 3200) // 160] of a 16 kHz mono clip (float32 in, float32 out).
 
 Reflect centre padding, periodic Hann 512, hop 160, power spectrum, 64 HTK mel bands,
 10*log10(max(x, 1e-10)), per-clip top_db 120; clips under 3200 samples are zero-padded.
-n_threads=0 uses every core. Raises ValueError for an empty clip or non-finite samples.)doc");
+n_threads >= 1 (the Python layer resolves the default). Raises ValueError for an empty clip or non-finite samples.)doc");
 
   m.def(
       "raw_db_frames",
       [](const py::array& padded, long n_frames, bool bf16, int n_threads) {
+        check_threads(n_threads, "raw_db_frames");
         FloatArray x = as_wave(padded, "raw_db_frames");
         if (n_frames < 0) throw py::value_error("raw_db_frames: n_frames must be >= 0");
         const std::size_t nf = static_cast<std::size_t>(n_frames);
@@ -95,6 +102,6 @@ n_threads=0 uses every core. Raises ValueError for an empty clip or non-finite s
         }
         return py::make_tuple(out, peak);
       },
-      py::arg("padded"), py::arg("n_frames"), py::kw_only(), py::arg("bf16_buffers") = false, py::arg("n_threads") = 0,
+      py::arg("padded"), py::arg("n_frames"), py::kw_only(), py::arg("bf16_buffers") = false, py::arg("n_threads"),
       "dB [64, n_frames] (no top_db) of frames of an already reflect-padded signal, and their maximum.");
 }

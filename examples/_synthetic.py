@@ -13,7 +13,7 @@ def tiny_bundle() -> Path:
     """Synthesize and export a tiny model once (needs the export extra)."""
     from mdl_edge.export.bundle import export_bundle
     from mdl_edge.export.synth import write_synthetic_checkpoint
-    from mdl_edge.runtime.bundle import FORMAT_VERSION
+    from mdl_edge.runtime.manifest import FORMAT_VERSION
 
     bundle = WORK / f"bundle-v{FORMAT_VERSION}"
     if not (bundle / "manifest.json").is_file():

@@ -5,7 +5,7 @@ import argparse
 
 from _synthetic import clip_files, tiny_bundle
 
-from mdl_edge.runtime.pipeline import AudioLM
+from mdl_edge import AudioLM, GenerationOptions
 
 ap = argparse.ArgumentParser()
 ap.add_argument("audio", nargs="?")
@@ -13,7 +13,8 @@ ap.add_argument("--model")
 args = ap.parse_args()
 
 questions = ["What sound is heard?", "Is there speech?", "What is the acoustic environment?"]
+options = GenerationOptions(max_new_tokens=16, audio_first=True)
 with AudioLM(args.model or tiny_bundle()) as lm:
     for q in questions:
-        r = lm.ask(args.audio or clip_files()[2], q, audio_first=True, max_new_tokens=16)
+        r = lm.ask(args.audio or clip_files()[2], q, options)
         print(f"Q: {q}\nA: {r.text!r}  (encoder {r.timings['encoder'] * 1000:.0f} ms, prefill {r.timings['prefill'] * 1000:.0f} ms)")

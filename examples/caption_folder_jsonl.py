@@ -9,7 +9,7 @@ from pathlib import Path
 from _synthetic import clip_files, tiny_bundle
 
 from mdl_edge.runtime.errors import MdlEdgeError
-from mdl_edge.runtime.pipeline import AudioLM
+from mdl_edge import AudioLM, GenerationOptions
 
 ap = argparse.ArgumentParser()
 ap.add_argument("folder", nargs="?")
@@ -22,7 +22,7 @@ out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
 with AudioLM(args.model or tiny_bundle()) as lm:
     for f in files:
         try:
-            r = lm.caption(f, max_new_tokens=24)
+            r = lm.caption(f, GenerationOptions(max_new_tokens=24))
             row = {"file": str(f), "caption": r.text, "audio_seconds": r.audio_seconds}
         except MdlEdgeError as e:  # a bad file is reported, the others still run
             row = {"file": str(f), "error": str(e)}

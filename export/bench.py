@@ -55,15 +55,18 @@ def _worker(config: str, variants: list[str] | None, model: str, bundle: str, cl
     else:
         import numpy as np
 
+        from ..runtime.options import GenerationOptions
         from ..runtime.pipeline import AudioLM
+        from ..runtime.prompt import CAPTION_PROMPT
 
         enc, dec = variants
         lm = AudioLM(bundle, encoder=enc, decoder=dec, threads=threads)
         load = time.perf_counter() - t
-        lm.generate(np.zeros(16000, np.float32), "Hi", sample_rate=16000, max_new_tokens=2, ignore_eos=True)  # warm-up
+        lm.generate(np.zeros(16000, np.float32), "Hi", GenerationOptions(max_new_tokens=2, ignore_eos=True), sample_rate=16000)  # warm-up
+        options = GenerationOptions(max_new_tokens=tokens, ignore_eos=True)
         for c in clips:
             _reset_peak_rss()
-            r = lm.generate(c, "Caption the audio.", max_new_tokens=tokens, ignore_eos=True)
+            r = lm.generate(c, CAPTION_PROMPT, options)
             rows.append({"clip": c, "seconds": r.audio_seconds, "ttft": r.timings["time_to_first_token"], "total": r.timings["total"],
                          "decode_tok_s": r.tokens_per_second, "peak_rss_gb": _peak_rss() / 1e9})
         lm.close()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -11,9 +11,10 @@ from pathlib import Path
 from ..quantize.decoder import GGUF_TYPES, quantize_decoder
 from ..quantize.encoder import VARIANTS as ENCODER_VARIANTS
 from ..quantize.encoder import quantize_encoder, variant_file
-from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST
+from ..runtime import constants as C
 from ..runtime.errors import ConfigError
-from ..runtime.onnx_meta import PROJECTOR_FILE
+from ..runtime.manifest import MANIFEST, DecoderPart, EncoderPart, Manifest, ProjectorPart, TokenIds, Variant
+from ..runtime.onnx_meta import PROJECTOR_FILE, read_file_metadata
 from ..runtime.prompt import PromptFormat
 from .checkpoint import Checkpoint
 from .gguf_decoder import OUT_TYPES, export_decoder_gguf
@@ -42,13 +43,13 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, encoders: 
     t = time.perf_counter()
     export_audio_onnx(ckpt.dir, out)
     progress(f"  encoder + projector -> ONNX ({time.perf_counter() - t:.1f} s)")
-    enc_variants = {"fp32": {"file": variant_file("fp32")}}
+    enc_variants = {"fp32": variant_file("fp32")}
     for v in encoders:
         if v == "fp32":
             continue
         t = time.perf_counter()
         path = quantize_encoder(out, v)
-        enc_variants[v] = {"file": path.name}
+        enc_variants[v] = path.name
         progress(f"  encoder {v} ({time.perf_counter() - t:.1f} s)")
     if "fp32" not in encoders:
         enc_variants.pop("fp32")  # kept on disk: the quantized variants were derived from it
@@ -65,36 +66,39 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, encoders: 
             t = time.perf_counter()
             path = quantize_decoder(base, out / f"decoder.{d}.gguf", d)
             progress(f"  decoder {d} ({time.perf_counter() - t:.1f} s)")
-        dec_variants[d] = {"file": path.name, "bytes": path.stat().st_size}
+        dec_variants[d] = Variant(path.name, bytes=path.stat().st_size)
     if base_type not in decoders:
         base.unlink()
     for name in TOKENIZER_FILES:
         if (ckpt.dir / name).is_file():
             shutil.copy(ckpt.dir / name, out / name)
     cfg = ckpt.config
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "source_hash": ckpt.source_hash(),
-        "source_name": ckpt.dir.name,
-        "encoder": {"embed_dim": cfg.encoder.embed_dim, "depth": cfg.encoder.depth, "chunk_frames": 1008,
-                    "default": encoders[-1] if encoders[-1] in enc_variants else next(iter(enc_variants)), "variants": {
-                        k: {**v, "drift_vs_fp32": _drift(out / v["file"])} for k, v in enc_variants.items()}},
-        "projector": {"file": PROJECTOR_FILE, "in_dim": cfg.projector_in, "hidden_size": cfg.decoder.hidden_size},
-        "decoder": {"arch": cfg.decoder.arch, "hidden_size": cfg.decoder.hidden_size, "vocab_size": cfg.decoder.vocab_size,
-                    "default": decoders[-1], "variants": dec_variants},
-        "tokens": {"audio": fmt.special.audio, "audio_bos": fmt.special.audio_bos, "audio_eos": fmt.special.audio_eos,
-                   "im_end": fmt.special.im_end, "end_of_text": fmt.special.end_of_text, "stop": list(fmt.stop_ids)},
-        "chat_template": fmt.chat_template,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    s = fmt.special
+    Manifest(
+        source_hash=ckpt.source_hash(),
+        source_name=ckpt.dir.name,
+        encoder=EncoderPart(cfg.encoder.embed_dim, cfg.encoder.depth, C.CHUNK_FRAMES,
+                            encoders[-1] if encoders[-1] in enc_variants else next(iter(enc_variants)),
+                            {k: Variant(f, drift_vs_fp32=_drift(out / f)) for k, f in enc_variants.items()}),
+        projector=ProjectorPart(PROJECTOR_FILE, cfg.projector_in, cfg.decoder.hidden_size),
+        decoder=DecoderPart(cfg.decoder.arch, cfg.decoder.hidden_size, cfg.decoder.vocab_size, decoders[-1], dec_variants),
+        tokens=TokenIds(s.audio, s.audio_bos, s.audio_eos, s.im_end, s.end_of_text, tuple(fmt.stop_ids)),
+        chat_template=fmt.chat_template,
+    ).write(out / MANIFEST)
+    _ordinary_modes(out)
     return out
 
 
+def _ordinary_modes(folder: Path) -> None:
+    """Give every file the mode a new file gets from the user's umask: some writers (temporary
+    files renamed into place) leave 0600, and a bundle copied to a shared folder must be
+    readable by the other users there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            p.chmod(0o666 & ~umask)
+
+
 def _drift(path: Path) -> dict | None:
-    import onnx
-
-    from ..runtime.onnx_meta import META_KEY
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return json.loads(props.get(META_KEY, "{}")).get("drift_vs_fp32")
+    return read_file_metadata(path).get("drift_vs_fp32")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ..runtime.config import ModelConfig
-from ..runtime.errors import CheckpointError
+from ..runtime.errors import CheckpointError, ConfigError
 from .layout import official_tensors
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class Checkpoint:
     def __init__(self, model_dir: str | Path) -> None:
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
-            raise CheckpointError(f"{self.dir}: not a folder")
+            raise ConfigError(f"{self.dir}: not a folder")
         self.config = ModelConfig.from_dir(self.dir)
         self.tensors: dict[str, TensorInfo] = {}
         for f in weight_files(self.dir):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..runtime import gguf_meta as G
 from ..runtime.errors import ConfigError, MdlEdgeError
 from ..runtime.prompt import PromptFormat
 from .checkpoint import Checkpoint
@@ -123,11 +124,11 @@ def export_decoder_gguf(checkpoint_dir: str | Path, out_path: str | Path, *, out
     w.add_pad_token_id(prompt.special.end_of_text)
     w.add_add_bos_token(False)
     w.add_chat_template(prompt.chat_template)
-    w.add_string("mdl_edge.source_hash", ckpt.source_hash())
-    w.add_uint32("mdl_edge.audio_token_id", cfg.audio_token_id)
-    w.add_uint32("mdl_edge.audio_bos_token_id", prompt.special.audio_bos)
-    w.add_uint32("mdl_edge.audio_eos_token_id", prompt.special.audio_eos)
-    w.add_uint32("mdl_edge.encoder_embed_dim", cfg.encoder.embed_dim)
+    w.add_string(G.KEY_SOURCE_HASH, ckpt.source_hash())
+    w.add_uint32(G.KEY_AUDIO_TOKEN_ID, cfg.audio_token_id)
+    w.add_uint32(G.KEY_AUDIO_BOS_TOKEN_ID, prompt.special.audio_bos)
+    w.add_uint32(G.KEY_AUDIO_EOS_TOKEN_ID, prompt.special.audio_eos)
+    w.add_uint32(G.KEY_ENCODER_EMBED_DIM, cfg.encoder.embed_dim)
 
     names = [n for n in ckpt.tensors if n.startswith(DECODER_PREFIX)]
     if dec.tie_word_embeddings:

@@ -10,17 +10,15 @@ The projector graph maps stacked frames ``[N, 5*D]`` to ``[N, H]`` with exact (e
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..runtime import constants as C
+from ..runtime import quiet_third_party
 from ..runtime.errors import MdlEdgeError
 from ..runtime.onnx_meta import ENCODER_FILE, PROJECTOR_FILE, write_metadata
 from .checkpoint import Checkpoint
@@ -61,36 +59,6 @@ class ChunkEncoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, key_valid)
         return self.norm(x)
-
-
-@contextlib.contextmanager
-def quiet_third_party() -> Iterator[None]:
-    """Silence the exporters' and quantizers' routine chatter for the duration (torch.onnx's
-    missing-torchvision notes and deprecation warnings, onnxruntime's pre-processing advice on
-    the root logger); errors still raise. Our own progress goes through the mdl_edge logger."""
-
-    class DropAdvice(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "pre-processing before quantization" not in record.getMessage()
-
-    torch_log = logging.getLogger("torch.onnx")
-    level = torch_log.level
-    advice = DropAdvice()
-    root = logging.getLogger()
-    torch_log.setLevel(logging.ERROR)
-    root.addFilter(advice)
-    for h in root.handlers:
-        h.addFilter(advice)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        torch_log.setLevel(level)
-        root.removeFilter(advice)
-        for h in root.handlers:
-            h.removeFilter(advice)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic: tuple) -> None:

@@ -19,11 +19,9 @@ import torch
 
 from ..runtime.audio import demo_clip, load_audio
 from ..runtime.bundle import Bundle
-from ..runtime.decoder import LlamaDecoder, Segment, split_prompt
-from ..runtime.encoder import AudioEncoder
+from ..runtime.decoder import Segment, split_prompt
 from ..runtime.mel import log_mel
-from ..runtime.pipeline import CAPTION_PROMPT
-from ..runtime.prompt import user_message
+from ..runtime.prompt import CAPTION_PROMPT, user_message
 from .reference_model import MiDashengLM
 
 logger = logging.getLogger("mdl_edge")
@@ -83,8 +81,8 @@ def parity_report(checkpoint_dir: str | Path, bundle_dir: str | Path, *, device:
     for r in refs:
         report["mel"].append(float(np.abs(log_mel(r.wave) - r.mel).max()))
     encoders = {}
-    for name, meta in bundle.manifest["encoder"]["variants"].items():
-        enc = AudioEncoder(bundle.dir, encoder_file=meta["file"], threads=threads)
+    for name, variant in bundle.manifest.encoder.variants.items():
+        _, enc = bundle.load_encoder(name, threads=threads)
         feats = [enc.encode_mels([log_mel(r.wave)], [r.wave.size])[0] for r in refs]
         embs = [enc.project(f) for f in feats]
         fc = np.concatenate([_cos(f, r.feats) for f, r in zip(feats, refs)])
@@ -93,13 +91,13 @@ def parity_report(checkpoint_dir: str | Path, bundle_dir: str | Path, *, device:
             "feature_cosine_mean": float(fc.mean()), "feature_cosine_min": float(fc.min()),
             "feature_rel_max_error": max(float(np.abs(f - r.feats).max() / np.abs(r.feats).max()) for f, r in zip(feats, refs)),
             "embedding_cosine_mean": float(ec.mean()), "embedding_cosine_min": float(ec.min()),
-            "bytes": _size(bundle.file(meta["file"])),
+            "bytes": _size(bundle.file(variant.file)),
         }
         encoders[name] = embs
-    for dname, meta in bundle.manifest["decoder"]["variants"].items():
-        path = bundle.file(meta["file"])
+    for dname in bundle.manifest.decoder.variants:
         kls, agree = [], []
-        with LlamaDecoder(path, n_ctx=max(1024, max(len(r.ids) for r in refs) + max_new_tokens + 8), threads=threads, f32_kv=True) as dec:
+        _, dec = bundle.load_decoder(dname, n_ctx=max(1024, max(len(r.ids) for r in refs) + max_new_tokens + 8), threads=threads, f32_kv=True)
+        with dec:
             for r in refs:
                 segs = split_prompt(r.ids, [r.emb], audio_id)
                 for k in range(len(r.tokens) + 1):
@@ -110,12 +108,13 @@ def parity_report(checkpoint_dir: str | Path, bundle_dir: str | Path, *, device:
                     kls.append(float((np.exp(lp) * (lp - lq)).sum()))
                     agree.append(bool(p.argmax() == q.argmax()))
             report["decoder"][dname] = {"logit_kl_mean": float(np.mean(kls)), "logit_kl_max": float(np.max(kls)),
-                                        "top1_agreement": float(np.mean(agree)), "bytes": path.stat().st_size}
+                                        "top1_agreement": float(np.mean(agree)), "bytes": dec.path.stat().st_size}
             for ename, embs in encoders.items():
                 matches, firsts = [], []
                 for r, emb in zip(refs, embs):
                     ids = model.prompt.encode(user_message(CAPTION_PROMPT), [emb.shape[0]])
-                    got = list(dec.generate(split_prompt(ids, [emb], audio_id), max_new_tokens=max_new_tokens, stop_ids=model.prompt.stop_ids))
+                    res = dec.generate(split_prompt(ids, [emb], audio_id), max_new_tokens=max_new_tokens, stop_ids=model.prompt.stop_ids).result()
+                    got = list(res.token_ids)
                     matches.append(got == r.tokens)
                     firsts.append(next((i for i, (a, b) in enumerate(zip(got, r.tokens)) if a != b), None if len(got) == len(r.tokens) else min(len(got), len(r.tokens))))
                 report["end_to_end"][f"{ename} + {dname}"] = {"exact_match_rate": float(np.mean(matches)), "first_divergence": firsts}

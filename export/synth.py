@@ -241,7 +241,7 @@ def write_synthetic_checkpoint(
     p = PRESETS[preset]
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MdlEdgeError(f"{out}: already exists and is not empty (pass overwrite=True / --force to replace it)")
+        raise ConfigError(f"{out}: already exists and is not empty (pass overwrite=True / --force to replace it)")
     parent = out.resolve().parent
     tmp = parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..runtime.decoder import _init_backend, read_gguf_metadata
+from ..runtime.decoder import _init_backend
 from ..runtime.errors import ConfigError, MdlEdgeError
+from ..runtime.gguf_meta import read_gguf_metadata
+from ..runtime.options import resolve_threads
 
 logger = logging.getLogger("mdl_edge")
 
@@ -26,8 +28,9 @@ GGUF_TYPES = {
 }
 
 
-def quantize_decoder(src: str | Path, dst: str | Path, variant: str, *, threads: int = 0) -> Path:
-    """Quantize GGUF ``src`` (f32/f16/bf16) to ``variant`` (e.g. ``Q4_K_M``) at ``dst``."""
+def quantize_decoder(src: str | Path, dst: str | Path, variant: str, *, threads: int | None = None) -> Path:
+    """Quantize GGUF ``src`` (f32/f16/bf16) to ``variant`` (e.g. ``Q4_K_M``) at ``dst``
+    (``threads``: default all available cores)."""
     import ctypes
 
     if variant not in GGUF_TYPES:
@@ -37,7 +40,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, variant: str, *, threads:
     L = _init_backend()
     params = L.llama_model_quantize_default_params()
     params.ftype = getattr(L, GGUF_TYPES[variant])
-    params.nthread = threads
+    params.nthread = resolve_threads(threads)
     tmp = dst.with_name(dst.name + ".partial")
     rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:

@@ -16,20 +16,19 @@ generated clips) is measured right after quantization and stored in the variant'
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from ..export.onnx_encoder import quiet_third_party
 from ..runtime import constants as C
+from ..runtime import quiet_third_party
 from ..runtime.audio import demo_clip
 from ..runtime.encoder import AudioEncoder
 from ..runtime.errors import ConfigError
 from ..runtime.mel import log_mel
-from ..runtime.onnx_meta import ENCODER_FILE, META_KEY
+from ..runtime.onnx_meta import ENCODER_FILE, model_metadata, write_metadata
 
 logger = logging.getLogger("mdl_edge")
 
@@ -131,23 +130,11 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
                 calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_fp32,
             )
-    # Carry the fp32 metadata over, with this variant's precision and drift.
-    meta = json.loads({p.key: p.value for p in graph.metadata_props}[META_KEY])
-    model = onnx.load(str(dst), load_external_data=False)
-    meta["precision"] = variant
-    _set_meta(model, meta)
-    onnx.save_model(model, str(dst))
-    # drift on held-out audio: calibration clips would flatter a calibrated variant
+    # Carry the fp32 metadata over, with this variant's precision; then its drift, measured on
+    # held-out audio (calibration clips would flatter a calibrated variant).
+    meta = {**model_metadata(graph, src), "precision": variant}
+    write_metadata(dst, meta)
     meta["drift_vs_fp32"] = measure_drift(d, variant, calibration_clips(n=3, seed=98765))
-    _set_meta(model, meta)
-    onnx.save_model(model, str(dst))
+    write_metadata(dst, meta)
     logger.info("%s: drift vs fp32 %s", dst.name, meta["drift_vs_fp32"])
     return dst
-
-
-def _set_meta(model, meta: dict) -> None:
-    props = {p.key: p.value for p in model.metadata_props}
-    props[META_KEY] = json.dumps(meta, sort_keys=True)
-    del model.metadata_props[:]
-    for k, v in props.items():
-        model.metadata_props.add(key=k, value=v)

@@ -1,67 +1,113 @@
-"""Model bundles: a folder holding everything the runtime needs, described by ``manifest.json``.
+"""Model bundles: a folder holding everything the runtime needs, described by ``manifest.json``
+(schema: ``runtime/manifest.py``), written by ``mdl-edge export`` (``export/bundle.py``).
 
-Written by ``mdl-edge export`` (``export/bundle.py``); read and checked here, torch-free. The
-manifest names each piece and its variants, and the pieces are checked to belong together
-(source checkpoint hash, widths, special-token ids) before anything runs.
+Every check that the pieces belong together lives here: the manifest against the tokenizer and
+chat template when the bundle is opened, each encoder and decoder file against the manifest
+when it is loaded (source checkpoint hash, widths, special-token ids), before anything runs.
+Torch-free.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .errors import CheckpointError, ConfigError
+from . import gguf_meta as G
+from .errors import CheckpointError, ConfigError, OptionError
+from .manifest import MANIFEST, Manifest, check_file_name
+from .prompt import PromptFormat
 
-MANIFEST = "manifest.json"
-FORMAT = "mdl-edge-bundle"
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from .decoder import LlamaDecoder
+    from .encoder import AudioEncoder
 
 
 @dataclass(frozen=True)
 class Bundle:
-    """A checked bundle folder."""
+    """An opened, checked bundle folder: its manifest and its prompt format."""
 
     dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
+    prompt: PromptFormat
 
     @classmethod
     def open(cls, path: str | Path) -> "Bundle":
+        """Read the manifest, tokenizer and chat template and check that they agree."""
         d = Path(path)
+        if not d.is_dir():
+            raise ConfigError(f"{d}: not a folder (expected a bundle made by `mdl-edge export`)")
         m = d / MANIFEST
         if not m.is_file():
             hint = " (it looks like a Hugging Face checkpoint: run `mdl-edge export` on it first)" if (d / "config.json").is_file() else ""
             raise CheckpointError(f"{d}: no {MANIFEST}; not an mdl-edge bundle{hint}")
-        try:
-            manifest = json.loads(m.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{m}: not readable as JSON: {e}") from e
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{m}: not an mdl-edge bundle manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{m}: bundle format version {manifest.get('format_version')} (this mdl-edge reads {FORMAT_VERSION})")
-        for part in ("encoder", "projector", "decoder", "tokens"):
-            if part not in manifest:
-                raise CheckpointError(f"{m}: the manifest has no {part!r} section")
-        return cls(d, manifest)
-
-    def variant(self, part: str, name: str | None) -> tuple[str, Path]:
-        """The chosen (or default: first listed) variant of ``encoder``/``decoder`` and its file."""
-        variants: dict[str, Any] = self.manifest[part]["variants"]
-        if not variants:
-            raise CheckpointError(f"{self.dir}: the bundle has no {part} variants")
-        name = name or self.manifest[part].get("default") or next(iter(variants))
-        if name not in variants:
-            raise ConfigError(f"{self.dir}: no {part} variant {name!r}; this bundle has {', '.join(variants)}")
-        path = self.file(variants[name]["file"])
-        return name, path
+        manifest = Manifest.read(m)
+        prompt = PromptFormat.from_dir(d)
+        prompt.check()
+        t, s = manifest.tokens, prompt.special
+        theirs = {"audio": s.audio, "audio_bos": s.audio_bos, "audio_eos": s.audio_eos, "im_end": s.im_end, "end_of_text": s.end_of_text}
+        for key, tok_id in theirs.items():
+            if getattr(t, key) != tok_id:
+                raise CheckpointError(f"{m}: field 'tokens.{key}' is {getattr(t, key)} but the bundle's tokenizer.json has {tok_id}")
+        return cls(d, manifest, prompt)
 
     def file(self, name: str) -> Path:
-        """A file of the bundle; names must stay inside the folder."""
-        p = (self.dir / name).resolve()
-        if self.dir.resolve() not in p.parents:
-            raise CheckpointError(f"{self.dir}: manifest entry {name!r} points outside the bundle")
+        """A file of the bundle, named relative to its folder. The name must stay inside the
+        folder; the file itself may be a symlink to anywhere (the Hugging Face cache keeps a
+        bundle's files in ``../../blobs/``)."""
+        p = self.dir / check_file_name(name, f"{self.dir / MANIFEST}: a file name")
         if not p.is_file():
             raise CheckpointError(f"{self.dir}: {name} is listed in the manifest but missing")
         return p
+
+    def variant(self, part: str, name: str | None) -> tuple[str, Path]:
+        """The chosen (default: the manifest's default) variant of ``encoder``/``decoder`` and its file."""
+        section = self.manifest.part(part)
+        name = name or section.default
+        if name not in section.variants:
+            raise OptionError(part, f"{self.dir}: no {part} variant {name!r}; this bundle has {', '.join(section.variants)}")
+        return name, self.file(section.variants[name].file)
+
+    # -- loading checked pieces --------------------------------------------------------------
+    def load_encoder(self, name: str | None = None, *, threads: int | None = None, max_batch: int | None = None,
+                     provider: str = "cpu") -> tuple[str, "AudioEncoder"]:
+        """An encoder variant with the bundle's projector, checked against the manifest."""
+        from .encoder import AudioEncoder
+
+        name, path = self.variant("encoder", name)
+        m = self.manifest
+        self.file(m.projector.file)
+        enc = AudioEncoder(self.dir, encoder_file=m.encoder.variants[name].file, projector_file=m.projector.file,
+                           threads=threads, max_batch=max_batch, provider=provider)
+        if enc.source_hash != m.source_hash:
+            raise CheckpointError(f"{path}: made from another checkpoint than this bundle (source hash {enc.source_hash} vs {m.source_hash})")
+        if enc.embed_dim != m.encoder.embed_dim or enc.hidden_size != m.projector.hidden_size or m.projector.hidden_size != m.decoder.hidden_size:
+            raise CheckpointError(
+                f"{path}: encoder width {enc.embed_dim} / projector output {enc.hidden_size} do not match the manifest "
+                f"({m.encoder.embed_dim} / {m.projector.hidden_size}, decoder {m.decoder.hidden_size})"
+            )
+        return name, enc
+
+    def check_decoder(self, path: Path, meta: dict[str, object]) -> None:
+        """A GGUF header against the manifest: same checkpoint, width and audio token."""
+        m = self.manifest
+        if meta.get(G.KEY_SOURCE_HASH) != m.source_hash:
+            raise CheckpointError(
+                f"{path}: this decoder was made from another checkpoint (source hash {meta.get(G.KEY_SOURCE_HASH)}) than the "
+                f"bundle's encoder ({m.source_hash}); re-export the bundle"
+            )
+        arch = str(meta.get(G.KEY_ARCHITECTURE))
+        width = meta.get(G.key_embedding_length(arch))
+        if width != m.decoder.hidden_size:
+            raise CheckpointError(f"{path}: decoder width {width} != the projector's output {m.decoder.hidden_size}")
+        if meta.get(G.KEY_AUDIO_TOKEN_ID) != m.tokens.audio:
+            raise CheckpointError(f"{self.dir}: the tokenizer, decoder and manifest disagree on the <|AUDIO|> token id")
+
+    def load_decoder(self, name: str | None = None, **options: object) -> tuple[str, "LlamaDecoder"]:
+        """A decoder variant, its header checked against the manifest before llama.cpp loads it;
+        ``options`` go to :class:`~mdl_edge.runtime.decoder.LlamaDecoder`."""
+        from .decoder import LlamaDecoder
+
+        name, path = self.variant("decoder", name)
+        self.check_decoder(path, G.read_gguf_metadata(path))
+        return name, LlamaDecoder(path, **options)  # type: ignore[arg-type]

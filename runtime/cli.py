@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import MdlEdgeError
+from .errors import ConfigError, MdlEdgeError, OptionError
+from .options import DEFAULT_MAX_NEW_TOKENS
 
 EXPORT_HINT = "this command needs the export extra (PyTorch, transformers): pip install 'mdl-edge[export]'"
 
@@ -54,33 +55,36 @@ def _variants(text: str) -> list[str]:
 def _run_task(args: argparse.Namespace, task: str) -> int:
     import json
 
+    from .options import GenerationOptions, SamplingOptions
     from .pipeline import AudioLM
-
     from .progress import Progress
+    from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt
 
+    # Options and the prompt are built (and validated) once, before the model is loaded.
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=SamplingOptions(temperature=args.temperature, seed=args.seed))
+    prompt = {"caption": lambda: CAPTION_PROMPT, "transcribe": lambda: transcribe_prompt(args.language),
+              "ask": lambda: question_prompt(args.question)}[task]()
+    streaming = args.stream and not args.json
     failed: list[str] = []
     # progress on stderr: files done, and encoder chunks of long clips; never when streaming text
-    bar = Progress(len(args.audio), "files", enabled=not args.no_progress and not (args.stream and not args.json))
-    with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder, n_ctx=args.n_ctx) as lm:
+    bar = Progress(len(args.audio), "files", enabled=not args.no_progress and not streaming)
+    with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder, provider=args.provider,
+                 max_batch=args.max_batch, n_ctx=args.n_ctx, n_batch=args.n_batch, flash_attn=args.flash_attn,
+                 extra_bufts=args.extra_bufts) as lm:
         for n_done, path in enumerate(args.audio):
             bar.update(n_done, Path(path).name)
             try:
-                options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                               on_chunks=lambda k, total, name=Path(path).name: bar.update(n_done, f"{name}: chunk {k}/{total}"))
-                if args.stream and not args.json:
+                if streaming:
                     print(f"{path}: ", end="", flush=True)
-                    options["on_text"] = lambda piece: print(piece, end="", flush=True)
-                if task == "caption":
-                    res = lm.caption(path, **options)
-                elif task == "transcribe":
-                    res = lm.transcribe(path, language=args.language, **options)
-                else:
-                    res = lm.ask(path, args.question, **options)
+                res = lm.generate(path, prompt, options, on_text=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
+                                  on_chunks=lambda k, total, name=Path(path).name: bar.update(n_done, f"{name}: chunk {k}/{total}"))
             except MdlEdgeError as e:
                 bar.close()
                 failed.append(path)
                 if args.json:
                     print(json.dumps({"file": path, "error": str(e)}, ensure_ascii=False))
+                elif streaming:
+                    print()
                 print(f"mdl-edge: error: {e}", file=sys.stderr)
                 continue
             bar.close()
@@ -90,7 +94,7 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
                     "audio_seconds": res.audio_seconds, "stop_reason": res.stop_reason, "timings": res.timings,
                     "tokens_per_second": res.tokens_per_second,
                 }, ensure_ascii=False))
-            elif args.stream:
+            elif streaming:
                 print()
             else:
                 print(f"{path}: {res.text}")
@@ -197,6 +201,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ..export.synth import write_synthetic_checkpoint
     from . import constants as C
     from .audio import demo_clip
+    from .options import GenerationOptions
     from .pipeline import AudioLM
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "mdl-edge-demo"
@@ -239,7 +244,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with AudioLM(bundle_dir, encoder="int8", decoder="Q4_K_M") as lm:
         load_s = time.perf_counter() - t
         print(f"4. loaded the runtime in {load_s:.1f} s; captioning {clip.name}:")
-        res = lm.generate(clip, args.prompt, max_new_tokens=args.max_new_tokens)
+        res = lm.generate(clip, args.prompt, GenerationOptions(max_new_tokens=args.max_new_tokens))
     print(f"   text: {res.text!r}")
     print(f"   token ids: {list(res.token_ids[:16])}{' ...' if len(res.token_ids) > 16 else ''}")
     print(f"   {res.audio_seconds:.2f} s audio -> {res.n_audio_tokens} audio tokens; {len(res.token_ids)} new tokens "
@@ -292,15 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("--language", help="language tag, e.g. en, zh (adds <|en|> to the prompt)")
         t.add_argument("--encoder", help="encoder variant (default: the bundle's)")
         t.add_argument("--decoder", help="decoder variant (default: the bundle's)")
-        t.add_argument("--threads", type=int, help="CPU threads (default: all available)")
-        t.add_argument("--n-ctx", type=int, help="decoder context in positions (default: sized to each request)")
-        t.add_argument("--max-new-tokens", type=int, default=256)
+        t.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="new-token limit (default: %(default)s)")
         t.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
         t.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
         t.add_argument("--stream", action="store_true", help="print tokens as they are generated")
         t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
-        t.set_defaults(func=lambda a, task=task: _run_task(a, task))
+        perf = t.add_argument_group("performance")
+        perf.add_argument("--threads", type=int, help="CPU threads (default: all available)")
+        perf.add_argument("--n-ctx", type=int, help="decoder context in positions (default: sized to each request)")
+        perf.add_argument("--n-batch", type=int, default=512, help="prompt positions per llama.cpp batch (default: %(default)s)")
+        perf.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (faster long prompts; not bit-identical)")
+        perf.add_argument("--extra-bufts", action="store_true", help="let llama.cpp repack weights for this CPU (faster Q8_0 prefill; more memory)")
+        perf.add_argument("--provider", default="cpu", help="encoder execution provider: cpu or cuda (default: %(default)s)")
+        perf.add_argument("--max-batch", type=int, help="encoder chunks per ONNX run (default: 1 on cpu, 8 on cuda)")
+        t.set_defaults(func=lambda a, task=task: _run_task(a, task), parser=t)
 
     pr = sub.add_parser("parity", help="compare the PyTorch reference with every variant of a bundle")
     pr.add_argument("model", help="the checkpoint folder (official layout)")
@@ -331,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--model", required=True, help="checkpoint folder in the official Hugging Face layout")
     rc.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     rc.add_argument("--prompt", default="Caption the audio.", help="question or instruction (default: %(default)r)")
-    rc.add_argument("--max-new-tokens", type=int, default=256)
+    rc.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     rc.add_argument("--bf16-buffers", action="store_true", help="round window/filterbank to bf16 like bf16 deployments")
     rc.set_defaults(func=_cmd_reference_caption)
 
@@ -353,11 +364,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(name)s: %(message)s")
+    # Exit codes: 2 for a command line that asks for something impossible (as argparse's own
+    # usage errors), 1 for files that are missing, corrupt or do not belong together.
     try:
         return args.func(args)
-    except MdlEdgeError as e:
+    except OptionError as e:
+        parser: argparse.ArgumentParser | None = getattr(args, "parser", None)
+        flag = "--" + e.option.replace("_", "-")
+        if parser is not None and flag in parser._option_string_actions:
+            parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: error: argument {flag}: {e.detail}", file=sys.stderr)
+        else:
+            print(f"mdl-edge: error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
         print(f"mdl-edge: error: {e}", file=sys.stderr)
         return 2
+    except MdlEdgeError as e:
+        print(f"mdl-edge: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

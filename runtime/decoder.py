@@ -4,118 +4,107 @@ llama-cpp-python's high-level ``Llama`` class takes tokens only; MiDashengLM's p
 audio embeddings in place of the ``<|AUDIO|>`` placeholders. So the prompt is evaluated in
 segments, token batches for text and ``batch.embd`` batches for audio, at consecutive positions
 exactly as the reference places them. Handles are owned here and freed by ``close()``.
+
+A generation is a :class:`Stream`: text pieces as they are produced, then a result with the
+token ids and the stop reason. One lock guards the llama.cpp context; a stream holds it while
+it runs, and closing the stream early releases it at once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-import time
-from typing import Callable, Iterator, Sequence
+from typing import Generator, Generic, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, MdlEdgeError
+from .gguf_meta import KEY_ARCHITECTURE, read_gguf_metadata
+from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, resolve_threads
 
 logger = logging.getLogger("mdl_edge")
 _llama_logger = logging.getLogger("mdl_edge.llama_cpp")
 
-_GGUF_MAGIC = b"GGUF"
-_GGUF_TYPE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # scalar value types
+R = TypeVar("R")
+
+# With the automatic context size, the context starts at, and grows in steps of, this many
+# positions: a clip up to ~45 s plus 256 new tokens fits the first step, and the f16 KV cache of
+# Qwen3-0.6B costs 0.06 GB per step (0.47 GB for a fixed 4096).
+AUTO_CTX_STEP = 512
 
 
-def read_gguf_metadata(path: Path) -> dict[str, object]:
-    """Validate a GGUF file's header and return its key/value metadata (arrays as lengths, except
-    short ones). Checks the magic, the version, and that the tensor data fits in the file — before
-    llama.cpp parses it (cf. CVE-2024-21802 / CVE-2024-21836)."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from e
-    size = path.stat().st_size
-    with f:
-        def read(n: int) -> bytes:
-            b = f.read(n)
-            if len(b) != n:
-                raise CheckpointError(f"{path}: truncated GGUF (header ends early)")
-            return b
+class Stream(Generic[R]):
+    """One generation in progress: iterate it for text pieces as they are produced; when the
+    iteration ends, :meth:`result` gives the whole answer (token ids, stop reason, timings).
 
-        def string() -> str:
-            (n,) = struct.unpack("<Q", read(8))
-            if n > 1 << 26:
-                raise CheckpointError(f"{path}: corrupt GGUF (a string of {n} bytes)")
-            return read(n).decode("utf-8", errors="replace")
+    Closing it early (``close()``, leaving a ``with`` block, or breaking out of a ``for`` loop
+    over it, after which CPython finalizes it at once) stops the generation before the next
+    token and frees the decoder for the next call.
+    """
 
-        def value(t: int) -> object:
-            if t == 8:
-                return string()
-            if t == 9:
-                (et,) = struct.unpack("<I", read(4))
-                (n,) = struct.unpack("<Q", read(8))
-                if n > 1 << 24:
-                    raise CheckpointError(f"{path}: corrupt GGUF (an array of {n} items)")
-                items = [value(et) for _ in range(n)]
-                return items if n <= 16 else len(items)
-            if t not in _GGUF_TYPE_SIZES:
-                raise CheckpointError(f"{path}: corrupt GGUF (value type {t})")
-            fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}[t]
-            return struct.unpack(fmt, read(_GGUF_TYPE_SIZES[t]))[0]
+    def __init__(self, gen: Generator[str, None, R]) -> None:
+        self._gen = gen
+        self._result: R | None = None
+        self._state = "running"
 
-        if read(4) != _GGUF_MAGIC:
-            raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
-        (version,) = struct.unpack("<I", read(4))
-        if version not in (2, 3):
-            raise CheckpointError(f"{path}: unsupported GGUF version {version}")
-        n_tensors, n_kv = struct.unpack("<QQ", read(16))
-        if n_tensors > 1 << 20 or n_kv > 1 << 20:
-            raise CheckpointError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
-        meta: dict[str, object] = {}
-        for _ in range(n_kv):
-            key = string()
-            (t,) = struct.unpack("<I", read(4))
-            meta[key] = value(t)
-        max_end = 0
-        for _ in range(n_tensors):
-            string()
-            (nd,) = struct.unpack("<I", read(4))
-            if nd > 4:
-                raise CheckpointError(f"{path}: corrupt GGUF tensor info ({nd} dims)")
-            read(8 * nd)
-            read(4)
-            (offset,) = struct.unpack("<Q", read(8))
-            max_end = max(max_end, offset)
-        align = int(meta.get("general.alignment", 32))  # type: ignore[arg-type]
-        data_start = (f.tell() + align - 1) // align * align
-        if data_start + max_end > size:
-            raise CheckpointError(f"{path}: truncated GGUF (tensor data runs past the end of the file)")
-    return meta
+    def __iter__(self) -> "Stream[R]":
+        return self
+
+    def __next__(self) -> str:
+        if self._state != "running":
+            raise StopIteration
+        try:
+            return next(self._gen)
+        except StopIteration as stop:
+            self._result, self._state = stop.value, "done"
+            raise StopIteration from None
+        except BaseException:
+            self._state = "failed"
+            raise
+
+    def result(self) -> R:
+        """Run the generation to its end (if the caller has not) and return its result."""
+        for _ in self:
+            pass
+        if self._state != "done":
+            raise MdlEdgeError(f"the stream was {'closed' if self._state == 'closed' else 'stopped by an error'} before it finished; it has no result")
+        return self._result  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the generation (idempotent)."""
+        if self._state == "running":
+            self._state = "closed"
+        self._gen.close()
+
+    def __enter__(self) -> "Stream[R]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Decoding options. Greedy unless ``temperature > 0``; ``seed`` makes sampling repeatable."""
+class _ContextLock:
+    """One generation at a time on a llama.cpp context. A stream holds it across ``yield`` and
+    may be finished or closed from another thread, so it is a plain lock, not an RLock; a thread
+    that asks for it while one of its own streams holds it gets an error instead of a deadlock."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
 
-    def __post_init__(self) -> None:
-        for name, ok in (
-            ("temperature", self.temperature >= 0),
-            ("top_k", self.top_k >= 0),
-            ("top_p", 0 < self.top_p <= 1),
-            ("min_p", 0 <= self.min_p < 1),
-            ("repetition_penalty", self.repetition_penalty > 0),
-        ):
-            if not ok:
-                raise ConfigError(f"invalid sampling option {name}={getattr(self, name)!r}")
+    def __enter__(self) -> None:
+        if self._owner == threading.get_ident():
+            raise MdlEdgeError("this thread's unfinished stream holds the decoder: read it to the end or close() it first")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner = None
+        self._lock.release()
 
 
 class Utf8Pieces:
@@ -233,10 +222,15 @@ def split_prompt(ids: Sequence[int], audio: Sequence[np.ndarray], audio_token_id
     return segments
 
 
-class LlamaDecoder:
-    """A GGUF decoder in one llama.cpp context (not thread-safe: one generation at a time; the
-    lock serialises concurrent callers).
 
+
+class LlamaDecoder:
+    """A GGUF decoder in one llama.cpp context: one generation at a time (concurrent callers wait
+    for the context's lock).
+
+    ``n_ctx``: context in positions; default automatic, starting at :data:`AUTO_CTX_STEP` and
+    growing in such steps (up to the training length) when a request needs more, because the KV
+    cache costs memory in proportion to it. ``threads``: default all available cores.
     ``f32_kv=True`` and flash attention off give logits equal to transformers' to ~1e-5 with an
     f32 GGUF (parity mode); the default f16 KV cache is faster and uses half the memory.
     ``extra_bufts=True`` lets ggml repack weights for this CPU's SIMD kernels: measured on the
@@ -249,32 +243,38 @@ class LlamaDecoder:
         self,
         path: str | Path,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         threads: int | None = None,
         n_batch: int = 512,
         f32_kv: bool = False,
         flash_attn: bool = False,
         extra_bufts: bool = False,
     ) -> None:
-        from .mel import default_threads
+        from .errors import OptionError
 
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: not found")
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < MIN_CTX):
+            raise OptionError("n_ctx", f"n_ctx must be at least {MIN_CTX} positions, got {n_ctx!r}")
+        if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
+            raise OptionError("n_batch", f"must be a whole number >= 1, got {n_batch!r}")
+        n_threads = resolve_threads(threads)
         self.meta = read_gguf_metadata(self.path)
-        self.arch = str(self.meta.get("general.architecture"))
+        self.arch = str(self.meta.get(KEY_ARCHITECTURE))
         if self.arch not in ("qwen2", "qwen3"):
             raise CheckpointError(f"{self.path}: architecture {self.arch!r} is not a MiDashengLM decoder (qwen2 / qwen3)")
+        if extra_bufts and not extra_bufts_safe():
+            raise OptionError(
+                "extra_bufts",
+                "this llama.cpp build has AMX, whose buffer type crashes on quantized weights for batches of more "
+                "than one token (llama.cpp issue #20824); rebuild with -DGGML_AMX_INT8=OFF or leave it off",
+            )
         L = _init_backend()
         self._L = L
-        self.lock = threading.RLock()
+        self._lock = _ContextLock()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = 0
-        if extra_bufts and not extra_bufts_safe():
-            raise ConfigError(
-                "extra_bufts=True: this llama.cpp build has AMX, whose buffer type crashes on quantized weights for "
-                "batches of more than one token (llama.cpp issue #20824); rebuild with -DGGML_AMX_INT8=OFF or leave it off"
-            )
         if hasattr(mparams, "use_extra_bufts"):
             mparams.use_extra_bufts = extra_bufts
         self._model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
@@ -286,7 +286,7 @@ class LlamaDecoder:
             cparams = L.llama_context_default_params()
             cparams.n_batch = n_batch
             cparams.n_ubatch = n_batch
-            cparams.n_threads = cparams.n_threads_batch = threads or default_threads()
+            cparams.n_threads = cparams.n_threads_batch = n_threads
             if f32_kv:
                 cparams.type_k = cparams.type_v = L.GGML_TYPE_F32
             if hasattr(cparams, "flash_attn_type"):
@@ -299,15 +299,14 @@ class LlamaDecoder:
             self.n_embd = L.llama_model_n_embd(self._model)
             self.n_ctx_train = L.llama_model_n_ctx_train(self._model)
             self.n_batch = n_batch
-            self._new_context(n_ctx)
+            self.threads = n_threads
+            self.auto_ctx = n_ctx is None
+            self._new_context(n_ctx or AUTO_CTX_STEP)
         except BaseException:
             self.close()
             raise
-        self.last_stop_reason = ""
 
     def _new_context(self, n_ctx: int) -> None:
-        if n_ctx < MIN_CTX:
-            raise ConfigError(f"n_ctx must be at least {MIN_CTX} positions, got {n_ctx}")
         L = self._L
         if self._ctx:
             L.llama_free(self._ctx)
@@ -320,16 +319,24 @@ class LlamaDecoder:
         self._cached: list[Segment] = []  # what the KV cache holds, as segments
         self._n_past = 0
 
-    def resize(self, n_ctx: int) -> None:
-        """Recreate the context with room for ``n_ctx`` positions (the KV cache is emptied; the
-        model stays loaded). The KV cache costs memory in proportion to ``n_ctx``."""
-        with self.lock:
-            self._new_context(n_ctx)
+    def _fit(self, need: int) -> None:
+        """With the automatic context size, grow the context (whole steps, up to the training
+        length) so that ``need`` positions fit; the KV cache starts empty after a resize."""
+        if not self.auto_ctx or need <= self.n_ctx:
+            return
+        limit = max(self.n_ctx_train, AUTO_CTX_STEP)
+        if need > limit:
+            raise ConfigError(f"this request needs {need} positions but the decoder was trained on {limit}; shorten the audio or max_new_tokens")
+        size = min(-(-need // AUTO_CTX_STEP) * AUTO_CTX_STEP, limit)
+        logger.info("growing the decoder context from %d to %d positions", self.n_ctx, size)
+        self._new_context(size)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
         """Free the context and the model (idempotent)."""
-        L = self._L
+        L = self._L if hasattr(self, "_L") else None
+        if L is None:
+            return
         for b in self._batches.values():
             L.llama_batch_free(b)
         self._batches.clear()
@@ -408,6 +415,10 @@ class LlamaDecoder:
     def evaluate(self, segments: Sequence[Segment]) -> int:
         """Bring the KV cache to ``segments`` (reusing the longest cached prefix); returns the
         number of positions that had to be evaluated. Logits of the last position are ready."""
+        with self._lock:
+            return self._evaluate(segments)
+
+    def _evaluate(self, segments: Sequence[Segment]) -> int:
         total = sum(len(s) for s in segments)
         if total == 0:
             raise ConfigError("empty prompt")
@@ -435,15 +446,16 @@ class LlamaDecoder:
 
     def reset(self) -> None:
         """Empty the KV cache (the next prompt is evaluated from scratch)."""
-        with self.lock:
+        with self._lock:
             self._L.llama_memory_seq_rm(self._L.llama_get_memory(self._ctx), 0, 0, -1)
             self._cached = []
             self._n_past = 0
 
     def logits(self) -> np.ndarray:
         """Logits of the last evaluated position, ``[n_vocab]`` float32 (a copy)."""
-        ptr = self._L.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        with self._lock:
+            ptr = self._L.llama_get_logits_ith(self._ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def _sampler(self, opts: SamplingOptions) -> object:
         L = self._L
@@ -453,7 +465,7 @@ class LlamaDecoder:
             if len(L.llama_sampler_init_penalties.argtypes) == 5:  # bindings that still take n_vocab first
                 args = (self.n_vocab, *args)
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(*args))
-        if opts.temperature <= 0:
+        if opts.greedy:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
             return chain
         if opts.top_k > 0:
@@ -466,76 +478,73 @@ class LlamaDecoder:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(opts.seed & 0xFFFFFFFF))
         return chain
 
+    # -- generation -----------------------------------------------------------------------
     def generate(
         self,
         segments: Sequence[Segment],
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         stop_ids: Sequence[int] = (),
         sampling: SamplingOptions = SamplingOptions(),
-    ) -> Iterator[int]:
-        """Evaluate the prompt (prefix-cached) and yield new token ids until a stop id (not
-        yielded) or ``max_new_tokens``. Tokens are appended to the cache as they are generated."""
-        with self.lock:
-            self.evaluate(segments)
-            yield from self._continue(max_new_tokens, stop_ids, sampling)
+    ) -> "Stream[DecodeResult]":
+        """Evaluate the prompt (reusing the cached prefix), then generate until a stop id (not
+        part of the answer) or ``max_new_tokens``. The stream yields text as soon as it is
+        complete UTF-8 (a character split across tokens waits for its last byte); its result
+        holds the token ids, the stop reason and the timings. Nothing runs until it is read."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            from .errors import OptionError
 
-    def _continue(self, max_new_tokens: int, stop_ids: Sequence[int], sampling: SamplingOptions) -> Iterator[int]:
-        """Sample from the logits of the last evaluated position onwards."""
+            raise OptionError("max_new_tokens", f"must be a whole number >= 1, got {max_new_tokens!r}")
+        return Stream(self._generate(list(segments), max_new_tokens, tuple(stop_ids), sampling))
+
+    def _generate(self, segments: list[Segment], max_new_tokens: int, stop_ids: tuple[int, ...],
+                  sampling: SamplingOptions) -> Generator[str, None, "DecodeResult"]:
+        n_prompt = sum(len(s) for s in segments)
+        with self._lock:
+            self._fit(n_prompt + max_new_tokens + 1)
+            t0 = time.perf_counter()
+            evaluated = self._evaluate(segments)
+            t1 = time.perf_counter()
+            tokens: list[int] = []
+            text: list[str] = []
+            stop_reason = yield from self._sample(tokens, text, max_new_tokens, stop_ids, sampling)
+            t2 = time.perf_counter()
+        return DecodeResult("".join(text), tuple(tokens), stop_reason, n_prompt, evaluated, t1 - t0, t2 - t1)
+
+    def _sample(self, tokens: list[int], text: list[str], max_new_tokens: int, stop_ids: Sequence[int],
+                sampling: SamplingOptions) -> Generator[str, None, str]:
+        """Sample from the last evaluated position on (the caller holds the lock): appends each
+        new id to ``tokens`` and each text piece to ``text``, yields the pieces, returns the
+        stop reason. Each token is appended to the KV cache as it is generated."""
         L = self._L
         smpl = self._sampler(sampling)
         stop = set(stop_ids)
-        self.last_stop_reason = "max_new_tokens"
+        pieces = Utf8Pieces()
         try:
+            reason = "max_new_tokens"
             for _ in range(max_new_tokens):
                 tok = int(L.llama_sampler_sample(smpl, self._ctx, -1))
                 if tok in stop:
-                    self.last_stop_reason = "stop_token"
-                    return
-                yield tok
+                    reason = "stop_token"
+                    break
+                tokens.append(tok)
+                piece = pieces.push(self.piece(tok))
+                if piece:
+                    text.append(piece)
+                    yield piece
                 if self._n_past + 1 >= self.n_ctx:
                     raise ConfigError(f"generation reached the context size ({self.n_ctx}); raise n_ctx")
                 seg = Segment(tokens=(tok,))
                 self._decode(seg, self._n_past, want_logits=True)
                 self._n_past += 1
                 self._cached.append(seg)
-        finally:
-            L.llama_sampler_free(smpl)
-
-    def generate_text(
-        self,
-        segments: Sequence[Segment],
-        *,
-        max_new_tokens: int = 256,
-        stop_ids: Sequence[int] = (),
-        sampling: SamplingOptions = SamplingOptions(),
-        on_text: Callable[[str], None] | None = None,
-    ) -> "DecodeResult":
-        """Generate, calling ``on_text`` with each new piece of text as soon as it is complete
-        UTF-8 (a character split across tokens is held back until its last byte arrives)."""
-        with self.lock:
-            t0 = time.perf_counter()
-            evaluated = self.evaluate(segments)
-            t_prefill = time.perf_counter() - t0
-            pieces = Utf8Pieces()
-            tokens: list[int] = []
-            text: list[str] = []
-            t1 = time.perf_counter()
-            # the prompt was evaluated just above (timed as prefill): sample straight on from it
-            for tok in self._continue(max_new_tokens, stop_ids, sampling):
-                tokens.append(tok)
-                piece = pieces.push(self.piece(tok))
-                if piece:
-                    text.append(piece)
-                    if on_text:
-                        on_text(piece)
             tail = pieces.flush()
             if tail:
                 text.append(tail)
-                if on_text:
-                    on_text(tail)
-            t_decode = time.perf_counter() - t1
-        return DecodeResult("".join(text), tuple(tokens), self.last_stop_reason, sum(len(s) for s in segments), evaluated, t_prefill, t_decode)
+                yield tail
+            return reason
+        finally:
+            L.llama_sampler_free(smpl)
 
 
 @dataclass(frozen=True)
@@ -544,7 +553,7 @@ class DecodeResult:
 
     text: str
     token_ids: tuple[int, ...]
-    stop_reason: str
+    stop_reason: str  # "stop_token" or "max_new_tokens"
     n_prompt: int
     n_evaluated: int  # prompt positions actually evaluated (the rest came from the KV cache)
     prefill_s: float

@@ -10,14 +10,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import constants as C
-from .errors import CheckpointError, ConfigError
-from .mel import default_threads, log_mel
+from .errors import CheckpointError, ConfigError, OptionError
+from .mel import log_mel
 from .onnx_meta import ENCODER_FILE, PROJECTOR_FILE, read_metadata
+from .options import resolve_threads
 
 logger = logging.getLogger("mdl_edge")
 
@@ -78,7 +79,7 @@ def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | N
             raise ConfigError("provider 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     elif provider != "cpu":
-        raise ConfigError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+        raise OptionError("provider", f"must be 'cpu' or 'cuda', got {provider!r}")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
@@ -88,9 +89,10 @@ def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | N
 class AudioEncoder:
     """``encoder.onnx`` + ``projector.onnx`` of one checkpoint, checked to belong together.
 
-    ``threads``: ORT intra-op threads (default: the cores available); ``max_batch``: chunks per
-    ``session.run`` (default 1 on the CPU, 8 on CUDA); ``provider``: ``"cpu"`` or ``"cuda"``;
-    ``optimized_model_dir``: where ORT may save its optimized graphs.
+    ``encoder_file`` / ``projector_file``: names inside ``model_dir``; ``threads``: ORT intra-op
+    threads (default: the cores available); ``max_batch``: chunks per ``session.run`` (default 1
+    on the CPU, 8 on CUDA); ``provider``: ``"cpu"`` or ``"cuda"``; ``optimized_model_dir``: where
+    ORT may save its optimized graphs.
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class AudioEncoder:
         model_dir: str | Path,
         *,
         encoder_file: str = ENCODER_FILE,
+        projector_file: str = PROJECTOR_FILE,
         threads: int | None = None,
         max_batch: int | None = None,
         provider: str = "cpu",
@@ -109,12 +112,12 @@ class AudioEncoder:
             # 5.0 vs 5.1 s for 3 chunks at 2 threads) but holds a batch of activations (+0.06 GB
             # per extra chunk at 0.6B); a GPU needs the batch to fill its cores.
             max_batch = 8 if provider == "cuda" else 1
-        if max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-        self.threads = threads or default_threads()
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise OptionError("max_batch", f"must be a whole number >= 1, got {max_batch!r}")
+        self.threads = resolve_threads(threads)
         self.max_batch = max_batch
         opt = Path(optimized_model_dir) if optimized_model_dir else None
-        self.encoder_path, self.projector_path = d / encoder_file, d / PROJECTOR_FILE
+        self.encoder_path, self.projector_path = d / encoder_file, d / projector_file
         self.encoder = _session(self.encoder_path, threads=self.threads, provider=provider, optimized_dir=opt)
         self.projector = _session(self.projector_path, threads=self.threads, provider=provider, optimized_dir=opt)
         self.meta = read_metadata(self.encoder, self.encoder_path)
@@ -146,6 +149,27 @@ class AudioEncoder:
         self.hidden_size = int(self.projector.get_outputs()[0].shape[-1])
         self.source_hash = str(m["source_hash"])
 
+    def _chunk_features(
+        self, mels: Sequence[np.ndarray], n_samples: Sequence[int], on_chunks: Callable[[int, int], None] | None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(clip index, features [n_real, D])`` of every chunk of every clip, in order; chunks
+        go through the encoder ``max_batch`` per run and ``on_chunks(done, total)`` follows."""
+        jobs: list[tuple[int, ChunkSpec]] = []
+        for i, (mel, n) in enumerate(zip(mels, n_samples)):
+            if mel.ndim != 2 or mel.shape[0] != C.N_MELS:
+                raise ConfigError(f"mel of clip {i}: expected [{C.N_MELS}, frames], got {list(mel.shape)}")
+            if mel.shape[1] < C.n_frames(max(n, C.MIN_SAMPLES)):
+                raise ConfigError(f"mel of clip {i}: {mel.shape[1]} frames, but {n} samples make {C.n_frames(max(n, C.MIN_SAMPLES))}")
+            jobs += [(i, spec) for spec in chunk_plan(max(n, C.MIN_SAMPLES))]
+        for b in range(0, len(jobs), self.max_batch):
+            group = jobs[b : b + self.max_batch]
+            batch, n_keys = chunk_batch([(mels[i], spec) for i, spec in group])
+            (feats,) = self.encoder.run(None, {"mel": batch, "n_keys": n_keys})
+            for k, (i, spec) in enumerate(group):
+                yield i, feats[k, : spec.n_real]
+            if on_chunks:
+                on_chunks(min(b + self.max_batch, len(jobs)), len(jobs))
+
     def encode_mels(
         self, mels: Sequence[np.ndarray], n_samples: Sequence[int], *, on_chunks: Callable[[int, int], None] | None = None
     ) -> list[np.ndarray]:
@@ -154,22 +178,9 @@ class AudioEncoder:
         All chunks of all clips go through the encoder together, ``max_batch`` per run;
         ``on_chunks(done, total)`` is called after each run (for progress bars).
         """
-        jobs: list[tuple[int, ChunkSpec]] = []
-        for i, (mel, n) in enumerate(zip(mels, n_samples)):
-            if mel.ndim != 2 or mel.shape[0] != C.N_MELS:
-                raise ConfigError(f"mel of clip {i}: expected [{C.N_MELS}, frames], got {list(mel.shape)}")
-            if mel.shape[1] < C.n_frames(max(n, C.MIN_SAMPLES)):
-                raise ConfigError(f"mel of clip {i}: {mel.shape[1]} frames, but {n} samples make {C.n_frames(max(n, C.MIN_SAMPLES))}")
-            jobs += [(i, spec) for spec in chunk_plan(max(n, C.MIN_SAMPLES))]
         outs: list[list[np.ndarray]] = [[] for _ in mels]
-        for b in range(0, len(jobs), self.max_batch):
-            group = jobs[b : b + self.max_batch]
-            batch, n_keys = chunk_batch([(mels[i], spec) for i, spec in group])
-            (feats,) = self.encoder.run(None, {"mel": batch, "n_keys": n_keys})
-            for k, (i, spec) in enumerate(group):
-                outs[i].append(feats[k, : spec.n_real])
-            if on_chunks:
-                on_chunks(min(b + self.max_batch, len(jobs)), len(jobs))
+        for i, feats in self._chunk_features(mels, n_samples, on_chunks):
+            outs[i].append(feats)
         return [np.concatenate(o) for o in outs]
 
     def project(self, feats: np.ndarray) -> np.ndarray:
@@ -182,82 +193,38 @@ class AudioEncoder:
         (emb,) = self.projector.run(None, {"stacked": stacked})
         return emb
 
+    def embed_mel(
+        self, mel: np.ndarray, n_samples: int, *, timings: dict[str, float] | None = None, on_chunks: Callable[[int, int], None] | None = None
+    ) -> np.ndarray:
+        """The log-mel of a clip of ``n_samples`` -> its audio embeddings ``[((1 + L//160)//4)//5, H]``.
+
+        Each chunk's features are projected as soon as whole groups of 5 are stitched, so the
+        25 Hz features of a long clip never sit in memory at once (for Dasheng-0.6B they are
+        twice the size of the waveform). Same result as :meth:`project` of :meth:`encode_mels`.
+        """
+        t_enc = t_proj = 0.0
+        pending = np.zeros((0, self.embed_dim), np.float32)
+        out: list[np.ndarray] = []
+        t = time.perf_counter()
+        for _, feats in self._chunk_features([mel], [n_samples], on_chunks):
+            t1 = time.perf_counter()
+            t_enc += t1 - t
+            pending = np.concatenate([pending, feats])
+            whole = pending.shape[0] // C.SUBSAMPLE * C.SUBSAMPLE
+            out.append(self.project(pending[:whole]))
+            pending = pending[whole:]
+            t = time.perf_counter()
+            t_proj += t - t1
+        if timings is not None:
+            timings.update(encoder=t_enc, projector=t_proj)
+        return np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32)
+
     def embed(
         self, wave: np.ndarray, *, timings: dict[str, float] | None = None, on_chunks: Callable[[int, int], None] | None = None
     ) -> np.ndarray:
         """A 16 kHz mono clip -> its audio embeddings ``[((1 + L//160)//4)//5, H]``."""
         t0 = time.perf_counter()
         mel = log_mel(wave, n_threads=self.threads)
-        t1 = time.perf_counter()
-        (feats,) = self.encode_mels([mel], [wave.shape[0]], on_chunks=on_chunks)
-        t2 = time.perf_counter()
-        emb = self.project(feats)
         if timings is not None:
-            timings.update(mel=t1 - t0, encoder=t2 - t1, projector=time.perf_counter() - t2)
-        return emb
-
-
-class EncoderStream:
-    """Encode a clip while its audio arrives: ``feed(samples)`` as often as needed, then
-    ``finish()`` for the stitched features ``[P, D]`` (and :meth:`AudioEncoder.project` them).
-
-    A chunk is encoded as soon as 4 frames past it exist (then it cannot be the clip's last, so
-    all its 252 keys are valid), with the top_db floor known so far. The floor can only rise; at
-    the end a chunk is encoded again only if some of its values lie below the final floor (a
-    clip that gets much louder later). The result equals :meth:`AudioEncoder.encode_mels` of
-    the whole clip; normally only the last chunk is left for ``finish``.
-    """
-
-    def __init__(self, encoder: AudioEncoder) -> None:
-        from .mel import LogMelStream
-
-        self.encoder = encoder
-        self._mel = LogMelStream(n_threads=encoder.threads)
-        self._db = np.empty((C.N_MELS, 4096), np.float32)
-        self._n = 0
-        self._done: list[tuple[np.ndarray, float, float]] = []  # (features, floor used, raw min)
-        self.chunks_at_finish = 0
-        self.reencoded = 0
-
-    def _append(self, db: np.ndarray) -> None:
-        k = db.shape[1]
-        if self._n + k > self._db.shape[1]:
-            grown = np.empty((C.N_MELS, max(self._n + k, self._db.shape[1] * 2)), np.float32)
-            grown[:, : self._n] = self._db[:, : self._n]
-            self._db = grown
-        self._db[:, self._n : self._n + k] = db
-        self._n += k
-
-    def _encode(self, c: int, n_real: int, n_keys: int, floor: float) -> np.ndarray:
-        batch, keys = chunk_batch([(self._db, ChunkSpec(c * C.CHUNK_FRAMES, n_real, n_keys))], floor=floor)
-        (feats,) = self.encoder.encoder.run(None, {"mel": batch, "n_keys": keys})
-        return feats[0, :n_real]
-
-    def feed(self, samples: np.ndarray) -> None:
-        """Add 16 kHz mono samples; encodes every chunk that has become final."""
-        self._append(self._mel.feed(samples))
-        while self._n >= (len(self._done) + 1) * C.CHUNK_FRAMES + C.PATCH_FRAMES:
-            c = len(self._done)
-            floor = float(self._mel.peak) - C.TOP_DB
-            raw_min = float(self._db[:, c * C.CHUNK_FRAMES : (c + 1) * C.CHUNK_FRAMES].min())
-            self._done.append((self._encode(c, C.CHUNK_PATCHES, C.CHUNK_PATCHES, floor), floor, raw_min))
-
-    def finish(self) -> np.ndarray:
-        """Encode what is left; returns the stitched 25 Hz features of the whole clip."""
-        self._append(self._mel.finish())
-        n_samples = max(self._mel.n_samples, C.MIN_SAMPLES)
-        floor = float(np.float32(float(self._mel.peak) - C.TOP_DB))
-        out = []
-        for c, spec in enumerate(chunk_plan(n_samples)):
-            if c < len(self._done):
-                feats, used, raw_min = self._done[c]
-                if spec.n_keys != C.CHUNK_PATCHES or spec.n_real != C.CHUNK_PATCHES:
-                    raise AssertionError("an early chunk turned out not to be full")
-                if raw_min >= floor or float(np.float32(used)) == floor:
-                    out.append(feats)
-                    continue
-                self.reencoded += 1
-            else:
-                self.chunks_at_finish += 1
-            out.append(self._encode(c, spec.n_real, spec.n_keys, floor))
-        return np.concatenate(out)
+            timings["mel"] = time.perf_counter() - t0
+        return self.embed_mel(mel, wave.shape[0], timings=timings, on_chunks=on_chunks)

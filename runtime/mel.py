@@ -10,6 +10,7 @@ import numpy as np
 
 from . import constants as C
 from .errors import AudioError
+from .options import resolve_threads
 
 
 def hann_window() -> np.ndarray:
@@ -95,16 +96,6 @@ def log_mel_numpy(wave: np.ndarray, *, bf16_buffers: bool = False) -> np.ndarray
     return db.T.astype(np.float32)
 
 
-def default_threads() -> int:
-    """CPU cores available to this process (affinity-aware where the OS tells)."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def log_mel(wave: np.ndarray, *, bf16_buffers: bool = False, n_threads: int | None = None) -> np.ndarray:
     """The exact log-mel ``[64, 1 + max(L, 3200) // 160]`` of a 16 kHz mono clip (C++ extension).
 
@@ -118,7 +109,7 @@ def log_mel(wave: np.ndarray, *, bf16_buffers: bool = False, n_threads: int | No
     if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
         check_wave(wave)  # raises the descriptive AudioError
     try:
-        return _mel.log_mel(wave, bf16_buffers=bf16_buffers, n_threads=n_threads or default_threads())
+        return _mel.log_mel(wave, bf16_buffers=bf16_buffers, n_threads=resolve_threads(n_threads))
     except ValueError as e:
         raise AudioError(f"audio: {e}") from e
 
@@ -135,7 +126,7 @@ class LogMelStream:
 
     def __init__(self, *, bf16_buffers: bool = False, n_threads: int | None = None) -> None:
         self.bf16_buffers = bf16_buffers
-        self.n_threads = n_threads or default_threads()
+        self.n_threads = resolve_threads(n_threads)
         self.n_samples = 0  # samples fed so far
         self.n_frames_done = 0
         self.peak = -np.inf

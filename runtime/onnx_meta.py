@@ -1,4 +1,9 @@
-"""Metadata that travels inside our ONNX files, and reading it back (torch-free)."""
+"""The ONNX files as mdl-edge writes and reads them: file names, and the JSON metadata that
+travels inside each graph under the ``mdl_edge`` metadata prop.
+
+Writing and reading a file on disk need the ``onnx`` package (export extra); reading a loaded
+onnxruntime session's metadata (what the runtime does) does not.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,40 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .errors import CheckpointError, one_line
+
 ENCODER_FILE = "encoder.onnx"
 PROJECTOR_FILE = "projector.onnx"
 META_KEY = "mdl_edge"
 
 
-def write_metadata(path: Path, meta: dict[str, Any]) -> None:
-    """Store ``meta`` as JSON under the ``mdl_edge`` metadata prop of an ONNX file (graph only;
-    the external data file is untouched)."""
+def _parse(raw: str | None, path: Path) -> dict[str, Any]:
+    if raw is None:
+        raise CheckpointError(f"{path}: not an mdl-edge ONNX file (no '{META_KEY}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt mdl-edge metadata: {one_line(e)}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt mdl-edge metadata (a JSON {type(meta).__name__}, not an object)")
+    return meta
+
+
+def model_metadata(model: Any, path: str | Path) -> dict[str, Any]:
+    """The ``mdl_edge`` metadata of a loaded ``onnx.ModelProto`` read from ``path``."""
+    return _parse({p.key: p.value for p in model.metadata_props}.get(META_KEY), Path(path))
+
+
+def read_file_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``mdl_edge`` metadata of an ONNX file (reads the graph only, not the weights)."""
+    import onnx
+
+    return model_metadata(onnx.load(str(path), load_external_data=False), path)
+
+
+def write_metadata(path: str | Path, meta: dict[str, Any]) -> None:
+    """Store ``meta`` as the ``mdl_edge`` metadata of an ONNX file, replacing what was there
+    (the graph is rewritten; the external data file is untouched)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -27,12 +58,4 @@ def write_metadata(path: Path, meta: dict[str, Any]) -> None:
 
 def read_metadata(session: Any, path: Path) -> dict[str, Any]:
     """The ``mdl_edge`` metadata of a loaded onnxruntime session."""
-    from .errors import CheckpointError
-
-    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-    if raw is None:
-        raise CheckpointError(f"{path}: not an mdl-edge ONNX file (no '{META_KEY}' metadata)")
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt mdl-edge metadata: {e}") from e
+    return _parse(session.get_modelmeta().custom_metadata_map.get(META_KEY), path)

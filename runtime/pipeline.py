@@ -1,38 +1,35 @@
 """``AudioLM``: the whole runtime behind one class, built from a bundle folder (torch-free).
 
-audio -> mono 16 kHz -> log-mel (C++) -> encoder chunks (ONNX Runtime) -> stitch -> projector ->
-prompt with audio embeddings -> llama.cpp generation.
+audio file -> blocks of mono 16 kHz -> log-mel (C++, block by block) -> encoder chunks (ONNX
+Runtime) -> stitch -> projector -> prompt with audio embeddings -> llama.cpp generation.
+
+The waveform is never held whole: it is decoded block by block into the log-mel, and each
+chunk's features are projected as soon as they are stitched, so what a long file leaves in
+memory is its log-mel (26 kB per second) and its embeddings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import numpy as np
 
 from . import constants as C
-from .audio import AudioSource, load_audio
+from .audio import AudioSource, expected_samples, iter_audio
 from .bundle import Bundle
-from .decoder import DecodeResult, LlamaDecoder, SamplingOptions, split_prompt
-from .encoder import AudioEncoder
-from .errors import CheckpointError, ConfigError
-from .prompt import PromptFormat, user_message
+from .decoder import Stream, split_prompt
+from .mel import log_mel_blocks
+from .options import GenerationOptions, resolve_threads
+from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt, user_message
 
 logger = logging.getLogger("mdl_edge")
 
-# The automatic decoder context starts at, and grows in steps of, this many positions: a clip
-# up to ~45 s plus 256 new tokens fits the first step, and the f16 KV cache of Qwen3-0.6B
-# costs 0.06 GB per step (0.47 GB for a fixed 4096).
-AUTO_CTX_STEP = 512
-
-CAPTION_PROMPT = "Caption the audio."
-TRANSCRIBE_PROMPT = "Transcribe the speech into text"
+_DEFAULT = GenerationOptions()
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,7 @@ class Result:
     token_ids: tuple[int, ...]
     n_audio_tokens: int
     audio_seconds: float
-    stop_reason: str
+    stop_reason: str  # "stop_token" or "max_new_tokens"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     @property
@@ -56,12 +53,15 @@ class AudioLM:
     """MiDashengLM on a CPU from a bundle made by ``mdl-edge export``.
 
     Keyword options: ``threads`` (default: the cores available), ``encoder`` / ``decoder``
-    (variant names from the bundle's manifest; default: the manifest's defaults), ``n_ctx``
-    (decoder context in positions; default: automatic, starting at ``AUTO_CTX_STEP`` and growing
-    when a request needs more), ``provider`` (``"cpu"`` or ``"cuda"`` for the encoder).
+    (variant names from the bundle's manifest; default: the manifest's defaults);
+    for the encoder ``provider`` (``"cpu"`` or ``"cuda"``) and ``max_batch`` (chunks per ONNX
+    run); for the decoder ``n_ctx`` (context in positions; default: automatic, sized to each
+    request), ``n_batch`` (prompt positions per llama.cpp batch), ``f32_kv`` (f32 KV cache, for
+    parity), ``flash_attn``, ``extra_bufts`` (repacked weights; see
+    :class:`~mdl_edge.runtime.decoder.LlamaDecoder`).
 
-    One instance is safe to share between threads: generations are serialised by a lock (one
-    llama.cpp context). For parallel work create one ``AudioLM`` per thread.
+    One instance is safe to share between threads: generations take turns on the one llama.cpp
+    context. A stream holds the context until it is read to the end or closed.
     """
 
     def __init__(
@@ -71,48 +71,25 @@ class AudioLM:
         threads: int | None = None,
         encoder: str | None = None,
         decoder: str | None = None,
-        n_ctx: int | None = None,
         provider: str = "cpu",
+        max_batch: int | None = None,
+        n_ctx: int | None = None,
+        n_batch: int = 512,
+        f32_kv: bool = False,
+        flash_attn: bool = False,
+        extra_bufts: bool = False,
     ) -> None:
+        threads = resolve_threads(threads)
         self.bundle = Bundle.open(path)
-        m = self.bundle.manifest
-        self.encoder_variant, enc_path = self.bundle.variant("encoder", encoder)
-        self.decoder_variant, dec_path = self.bundle.variant("decoder", decoder)
-        self.encoder = AudioEncoder(self.bundle.dir, encoder_file=enc_path.name, threads=threads, provider=provider)
-        if self.encoder.source_hash != m["source_hash"]:
-            raise CheckpointError(f"{enc_path}: made from another checkpoint than this bundle ({self.encoder.source_hash} vs {m['source_hash']})")
-        self._auto_ctx = n_ctx is None
-        self.decoder = LlamaDecoder(dec_path, n_ctx=n_ctx or AUTO_CTX_STEP, threads=threads)
-        try:
-            gguf_hash = self.decoder.meta.get("mdl_edge.source_hash")
-            if gguf_hash != m["source_hash"]:
-                raise CheckpointError(
-                    f"{dec_path}: this decoder was made from another checkpoint (source hash {gguf_hash}) than the "
-                    f"bundle's encoder ({m['source_hash']}); re-export the bundle"
-                )
-            if self.decoder.n_embd != self.encoder.hidden_size:
-                raise CheckpointError(f"{dec_path}: decoder width {self.decoder.n_embd} != projector output {self.encoder.hidden_size}")
-            self.prompt = PromptFormat.from_dir(self.bundle.dir)
-            if self.prompt.special.audio != m["tokens"]["audio"] or self.decoder.meta.get("mdl_edge.audio_token_id") != m["tokens"]["audio"]:
-                raise CheckpointError(f"{self.bundle.dir}: the tokenizer, decoder and manifest disagree on the <|AUDIO|> token id")
-        except BaseException:
-            self.decoder.close()
-            raise
-        self._lock = threading.RLock()
-        self._cache_key: bytes | None = None
-        self._cache_emb: np.ndarray | None = None
-
-    def _fit_context(self, need: int) -> None:
-        """With the automatic context size, grow the llama.cpp context (in AUTO_CTX_STEP steps,
-        up to the model's training length) so that ``need`` positions fit."""
-        if not self._auto_ctx or need <= self.decoder.n_ctx:
-            return
-        limit = max(self.decoder.n_ctx_train, AUTO_CTX_STEP)
-        if need > limit:
-            raise ConfigError(f"this request needs {need} positions but the decoder was trained on {limit}; shorten the audio or max_new_tokens")
-        size = min(-(-need // AUTO_CTX_STEP) * AUTO_CTX_STEP, limit)
-        logger.info("growing the decoder context from %d to %d positions", self.decoder.n_ctx, size)
-        self.decoder.resize(size)
+        self.prompt = self.bundle.prompt
+        self.encoder_variant, self.encoder = self.bundle.load_encoder(encoder, threads=threads, max_batch=max_batch, provider=provider)
+        self.decoder_variant, self.decoder = self.bundle.load_decoder(
+            decoder, n_ctx=n_ctx, threads=threads, n_batch=n_batch, f32_kv=f32_kv, flash_attn=flash_attn, extra_bufts=extra_bufts
+        )
+        self.threads = threads
+        # The last clip's embeddings, for follow-up questions: (source key, embeddings, samples).
+        # Replaced as one tuple, so concurrent callers never see half an entry.
+        self._cache: tuple[bytes, np.ndarray, int] | None = None
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -127,100 +104,152 @@ class AudioLM:
 
     # -- audio -------------------------------------------------------------------------------
     def embed(
-        self, wave: np.ndarray, timings: dict[str, float] | None = None, on_chunks: Callable[[int, int], None] | None = None
-    ) -> np.ndarray:
-        """Audio embeddings of a 16 kHz clip; the last clip's are cached for follow-up questions."""
-        key = hashlib.blake2b(np.ascontiguousarray(wave).view(np.uint8), digest_size=16).digest()
-        if key == self._cache_key and self._cache_emb is not None:
-            if timings is not None:
-                timings.update(mel=0.0, encoder=0.0, projector=0.0)
-            return self._cache_emb
-        emb = self.encoder.embed(wave, timings=timings, on_chunks=on_chunks)
-        self._cache_key, self._cache_emb = key, emb
-        return emb
+        self,
+        audio: AudioSource,
+        *,
+        sample_rate: int | None = None,
+        timings: dict[str, float] | None = None,
+        on_chunks: Callable[[int, int], None] | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """Audio embeddings ``[n_audio_tokens, H]`` of a clip and its length in 16 kHz samples.
+
+        The clip is decoded block by block into the log-mel (never held whole). The last clip's
+        embeddings are kept for follow-up questions (arrays and bytes are recognised by content,
+        files by path, size and modification time). ``on_chunks(done, total)`` reports encoder
+        progress on long audio.
+        """
+        t = timings if timings is not None else {}
+        key = _source_key(audio, sample_rate)
+        cached = self._cache
+        if key is not None and cached is not None and cached[0] == key:
+            t.update(decode_audio=0.0, mel=0.0, encoder=0.0, projector=0.0)
+            return cached[1], cached[2]
+        decode_s = [0.0]
+        t0 = time.perf_counter()
+        blocks = _TimedBlocks(iter_audio(audio, sample_rate=sample_rate), decode_s)
+        mel = log_mel_blocks(blocks, expected_samples=expected_samples(audio), n_threads=self.threads)
+        n_samples = blocks.n_samples
+        t.update(decode_audio=decode_s[0], mel=time.perf_counter() - t0 - decode_s[0])
+        emb = self.encoder.embed_mel(mel, n_samples, timings=t, on_chunks=on_chunks)
+        if key is not None:
+            self._cache = (key, emb, n_samples)
+        return emb, n_samples
 
     # -- generation --------------------------------------------------------------------------
+    def stream(
+        self,
+        audio: AudioSource,
+        prompt: str,
+        options: GenerationOptions = _DEFAULT,
+        *,
+        sample_rate: int | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        on_chunks: Callable[[int, int], None] | None = None,
+    ) -> Stream[Result]:
+        """Answer ``prompt`` about ``audio`` (a path, bytes, file object, or array with
+        ``sample_rate``), as a stream of text pieces; ``stream.result()`` gives the
+        :class:`Result` once it is read to the end. ``messages`` replaces the default user turn
+        (one audio item). Closing the stream early stops generation before the next token and
+        frees the decoder. Nothing runs until the stream is read."""
+        if not isinstance(options, GenerationOptions):
+            raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
+        return Stream(self._run(audio, prompt, options, sample_rate, messages, on_chunks))
+
+    def _run(
+        self,
+        audio: AudioSource,
+        prompt: str,
+        options: GenerationOptions,
+        sample_rate: int | None,
+        messages: list[dict[str, Any]] | None,
+        on_chunks: Callable[[int, int], None] | None,
+    ) -> Generator[str, None, Result]:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        emb, n_samples = self.embed(audio, sample_rate=sample_rate, timings=timings, on_chunks=on_chunks)
+        ids = self.prompt.encode(messages or user_message(prompt, audio_first=options.audio_first), [emb.shape[0]])
+        stop_ids = () if options.ignore_eos else (*self.prompt.stop_ids, *options.stop_ids)
+        first: float | None = None
+        t_gen = time.perf_counter()
+        with self.decoder.generate(split_prompt(ids, [emb], self.prompt.special.audio), max_new_tokens=options.max_new_tokens,
+                                   stop_ids=stop_ids, sampling=options.sampling) as gen:
+            for piece in gen:
+                if first is None:
+                    first = time.perf_counter() - t_gen
+                yield piece
+            res = gen.result()
+        timings.update(prefill=res.prefill_s, decode=res.decode_s)
+        before = timings["decode_audio"] + timings["mel"] + timings["encoder"] + timings["projector"]
+        timings["time_to_first_token"] = before + (first if first is not None else res.prefill_s)
+        timings["total"] = time.perf_counter() - t0
+        return Result(res.text, res.token_ids, int(emb.shape[0]), n_samples / C.SAMPLE_RATE, res.stop_reason, timings)
+
     def generate(
         self,
         audio: AudioSource,
         prompt: str,
+        options: GenerationOptions = _DEFAULT,
         *,
         sample_rate: int | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: int = 0,
-        audio_first: bool = False,
         messages: list[dict[str, Any]] | None = None,
         on_text: Callable[[str], None] | None = None,
-        ignore_eos: bool = False,
         on_chunks: Callable[[int, int], None] | None = None,
     ) -> Result:
-        """Answer ``prompt`` about ``audio`` (a path, bytes, file object, or array with
-        ``sample_rate``). Greedy by default; ``on_text`` receives the text as it is generated;
-        ``ignore_eos`` generates exactly ``max_new_tokens`` (for benchmarks); ``on_chunks(done,
-        total)`` reports encoder progress on long audio."""
-        sampling = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        wave = load_audio(audio, sample_rate=sample_rate)
-        timings["decode_audio"] = time.perf_counter() - t0
-        with self._lock:
-            emb = self.embed(wave, timings, on_chunks)
-            msgs = messages or user_message(prompt, audio_first=audio_first)
-            ids = self.prompt.encode(msgs, [emb.shape[0]])
-            segments = split_prompt(ids, [emb], self.prompt.special.audio)
-            self._fit_context(len(ids) + max_new_tokens + 1)
-            first: list[float] = []
-            t_gen = time.perf_counter()
-
-            def seen(piece: str) -> None:
-                if not first:
-                    first.append(time.perf_counter() - t_gen)
+        """Answer ``prompt`` about ``audio`` (see :meth:`stream`); ``on_text`` receives the text
+        as it is generated."""
+        with self.stream(audio, prompt, options, sample_rate=sample_rate, messages=messages, on_chunks=on_chunks) as s:
+            for piece in s:
                 if on_text:
                     on_text(piece)
+            return s.result()
 
-            res: DecodeResult = self.decoder.generate_text(
-                segments, max_new_tokens=max_new_tokens, stop_ids=() if ignore_eos else self.prompt.stop_ids, sampling=sampling, on_text=seen
-            )
-        timings.update(prefill=res.prefill_s, decode=res.decode_s)
-        timings["time_to_first_token"] = timings["decode_audio"] + timings["mel"] + timings["encoder"] + timings["projector"] + (first[0] if first else res.prefill_s)
-        timings["total"] = time.perf_counter() - t0
-        return Result(res.text, res.token_ids, int(emb.shape[0]), wave.size / C.SAMPLE_RATE, res.stop_reason, timings)
+    def caption(self, audio: AudioSource, options: GenerationOptions = _DEFAULT, **call: Any) -> Result:
+        """Caption a clip (the paper's prompt ``"Caption the audio."``). ``call``: the keyword
+        arguments of :meth:`generate` (``sample_rate``, ``on_text``, ``on_chunks``)."""
+        return self.generate(audio, CAPTION_PROMPT, options, **call)
 
-    def stream(self, audio: AudioSource, prompt: str, **options: Any) -> Iterator[str]:
-        """Like :meth:`generate`, yielding text pieces as they come (runs in a worker thread)."""
-        import queue
+    def transcribe(self, audio: AudioSource, options: GenerationOptions = _DEFAULT, *, language: str | None = None, **call: Any) -> Result:
+        """Transcribe speech; ``language`` (a short code: ``"en"``, ``"zh"``) adds the ``<|xx|>`` tag."""
+        return self.generate(audio, transcribe_prompt(language), options, **call)
 
-        q: "queue.Queue[object]" = queue.Queue()
-        done = object()
-
-        def work() -> None:
-            try:
-                self.generate(audio, prompt, on_text=q.put, **options)
-            except BaseException as e:  # re-raised in the caller's thread
-                q.put(e)
-            finally:
-                q.put(done)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-
-    def caption(self, audio: AudioSource, **options: Any) -> Result:
-        """Caption a clip (the paper's prompt ``"Caption the audio."``)."""
-        return self.generate(audio, CAPTION_PROMPT, **options)
-
-    def transcribe(self, audio: AudioSource, language: str | None = None, **options: Any) -> Result:
-        """Transcribe speech; ``language`` (e.g. ``"en"``, ``"zh"``) adds the ``<|xx|>`` tag."""
-        return self.generate(audio, TRANSCRIBE_PROMPT + (f" <|{language}|>" if language else ""), **options)
-
-    def ask(self, audio: AudioSource, question: str, **options: Any) -> Result:
+    def ask(self, audio: AudioSource, question: str, options: GenerationOptions = _DEFAULT, **call: Any) -> Result:
         """Answer a question about a clip. Several questions about one clip reuse its encoding;
         with ``audio_first=True`` they also reuse the decoder's evaluated audio prefix."""
-        return self.generate(audio, question, **options)
+        return self.generate(audio, question_prompt(question), options, **call)
+
+
+class _TimedBlocks(Iterator[np.ndarray]):
+    """Wraps the audio block iterator: adds the time spent producing blocks (file decoding and
+    resampling) to ``acc[0]`` and counts the samples."""
+
+    def __init__(self, blocks: Iterator[np.ndarray], acc: list[float]) -> None:
+        self.blocks, self.acc, self.n_samples = blocks, acc, 0
+
+    def __next__(self) -> np.ndarray:
+        t = time.perf_counter()
+        try:
+            block = next(self.blocks)
+        finally:
+            self.acc[0] += time.perf_counter() - t
+        self.n_samples += block.size
+        return block
+
+
+def _source_key(audio: AudioSource, sample_rate: int | None) -> bytes | None:
+    """What identifies a clip for the embedding cache without decoding it; None: not cacheable."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(audio, np.ndarray):
+        h.update(f"array {audio.shape} {audio.dtype} {sample_rate}".encode())
+        h.update(np.ascontiguousarray(audio).view(np.uint8))
+    elif isinstance(audio, (bytes, bytearray)):
+        h.update(b"bytes")
+        h.update(audio)
+    elif isinstance(audio, (str, Path)):
+        try:
+            st = Path(audio).stat()
+        except OSError:
+            return None  # decoding will report it
+        h.update(f"file {Path(audio).resolve()} {st.st_size} {st.st_mtime_ns} {sample_rate}".encode())
+    else:
+        return None
+    return h.digest()

@@ -8,11 +8,12 @@ is expanded to one placeholder per audio token (spec §3.2).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OptionError, one_line
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS = "<|audio_bos|>"
@@ -37,6 +38,28 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+# Product decision 5: the prompts of the paper's evaluation (spec §5.5).
+CAPTION_PROMPT = "Caption the audio."
+TRANSCRIBE_PROMPT = "Transcribe the speech into text"
+_LANGUAGE = re.compile(r"[a-z]{2,3}")  # the model's language tags are short codes: <|en|>, <|zh|>, <|yue|>
+
+
+def transcribe_prompt(language: str | None = None) -> str:
+    """The transcription prompt, with `` <|xx|>`` when a language code (``"en"``, ``"zh"``) is given."""
+    if language is None:
+        return TRANSCRIBE_PROMPT
+    if not isinstance(language, str) or not _LANGUAGE.fullmatch(language):
+        raise OptionError("language", f"must be a short language code such as en, zh or yue, got {language!r}")
+    return f"{TRANSCRIBE_PROMPT} <|{language}|>"
+
+
+def question_prompt(question: str) -> str:
+    """A question as the prompt, refused when empty (the model would answer nothing in particular)."""
+    if not isinstance(question, str) or not question.strip():
+        raise OptionError("question", f"must be a non-empty question, got {question!r}")
+    return question
 
 
 def user_message(text: str, *, audio_first: bool = False) -> list[dict[str, Any]]:
@@ -93,7 +116,7 @@ class PromptFormat:
         try:
             self._template = _compile(chat_template)
         except Exception as e:  # jinja2.TemplateSyntaxError and friends
-            raise CheckpointError(f"{source}: the chat template does not compile: {e}") from e
+            raise CheckpointError(f"{source}: the chat template does not compile: {one_line(e)}") from e
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "PromptFormat":
@@ -111,18 +134,25 @@ class PromptFormat:
         try:
             tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as e:
-            raise CheckpointError(f"{tok_path}: not a valid tokenizers file: {e}") from e
+            raise CheckpointError(f"{tok_path}: not a valid tokenizers file: {one_line(e)}") from e
         template = _find_chat_template(d)
         stop_ids: list[int] = []
         gen_path = d / "generation_config.json"
         if gen_path.is_file():
-            gen = _read_json(gen_path)
-            eos = gen.get("eos_token_id")
+            eos = _read_json(gen_path).get("eos_token_id")
             eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_list):
-                raise ConfigError(f"{gen_path}: eos_token_id must be an int or a list of ints, got {eos!r}")
+                raise CheckpointError(f"{gen_path}: eos_token_id must be an int or a list of ints, got {eos!r}")
             stop_ids += eos_list
         return cls(tokenizer, template, stop_ids=stop_ids, source=str(d))
+
+    def check(self) -> None:
+        """Render the default conversation once, so that a template that fails, or loses the
+        audio placeholder, is refused when a model is opened rather than on every request."""
+        try:
+            self.encode(user_message("probe"), [1])
+        except ConfigError as e:
+            raise CheckpointError(f"{self.source}: the chat template does not render the default conversation: {one_line(e)}") from e
 
     def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         """The chat template applied to ``messages`` (text, with one ``<|AUDIO|>`` per audio item)."""
@@ -140,9 +170,13 @@ class PromptFormat:
                 audio_eos_token=AUDIO_EOS,
             )
         except jinja2.exceptions.SecurityError as e:
-            raise CheckpointError(f"{self.source}: the chat template tried an unsafe operation and was stopped: {e}") from e
+            raise CheckpointError(f"{self.source}: the chat template tried an unsafe operation and was stopped: {one_line(e)}") from e
         except jinja2.exceptions.TemplateError as e:
-            raise CheckpointError(f"{self.source}: the chat template failed to render: {e}") from e
+            raise CheckpointError(f"{self.source}: the chat template failed to render: {one_line(e)}") from e
+        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError) as e:
+            # the sandbox refuses some operations with plain Python errors (an over-long range()
+            # raises OverflowError); a template is data, so any of them is the template's fault
+            raise CheckpointError(f"{self.source}: the chat template failed to render: {type(e).__name__}: {one_line(e)}") from e
 
     def encode(self, messages: Sequence[dict[str, Any]], n_audio_tokens: Sequence[int], *, add_generation_prompt: bool = True) -> list[int]:
         """Render, tokenize and expand each ``<|AUDIO|>`` to ``n_audio_tokens[i]`` placeholders."""
@@ -163,12 +197,12 @@ def expand_audio_placeholders(ids: Sequence[int], n_audio_tokens: Sequence[int],
     """
     positions = [i for i, t in enumerate(ids) if t == special.audio]
     if len(positions) != len(n_audio_tokens):
-        raise ValueError(f"the prompt has {len(positions)} audio placeholder(s) but {len(n_audio_tokens)} audio clip(s) were given")
+        raise ConfigError(f"the prompt has {len(positions)} audio placeholder(s) but {len(n_audio_tokens)} audio clip(s) were given")
     out: list[int] = []
     start = 0
     for pos, n in zip(positions, n_audio_tokens):
         if n < 0:
-            raise ValueError(f"audio token count must be >= 0, got {n}")
+            raise ConfigError(f"audio token count must be >= 0, got {n}")
         out += ids[start:pos]
         wrap = not (pos > 0 and ids[pos - 1] == special.audio_bos) and not (pos + 1 < len(ids) and ids[pos + 1] == special.audio_eos)
         out += ([special.audio_bos] if wrap else []) + [special.audio] * n + ([special.audio_eos] if wrap else [])
@@ -176,11 +210,15 @@ def expand_audio_placeholders(ids: Sequence[int], n_audio_tokens: Sequence[int],
     return out + list(ids[start:])
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a model folder's file (tokenizer_config, generation_config, ...)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not readable as JSON: {e}") from e
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not readable as JSON: {one_line(e)}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got a {type(obj).__name__}")
+    return obj
 
 
 def _find_chat_template(d: Path) -> str:
@@ -194,5 +232,5 @@ def _find_chat_template(d: Path) -> str:
             if isinstance(template, str):
                 return template
             if template is not None:
-                raise ConfigError(f"{path}: chat_template must be a string, got {type(template).__name__}")
+                raise CheckpointError(f"{path}: chat_template must be a string, got {type(template).__name__}")
     return FALLBACK_CHAT_TEMPLATE

@@ -10,7 +10,9 @@ import torch
 
 from mdl_edge.export.gguf_decoder import export_decoder_gguf
 from mdl_edge.runtime import constants as C
-from mdl_edge.runtime.decoder import LlamaDecoder, SamplingOptions, Segment, Utf8Pieces, read_gguf_metadata, split_prompt
+from mdl_edge.runtime.decoder import LlamaDecoder, Segment, Utf8Pieces, split_prompt
+from mdl_edge.runtime.gguf_meta import KEY_SOURCE_HASH, read_gguf_metadata
+from mdl_edge.runtime.options import SamplingOptions
 from mdl_edge.runtime.errors import CheckpointError, ConfigError
 from mdl_edge.runtime.prompt import user_message
 
@@ -50,7 +52,7 @@ def test_f32_gguf_matches_transformers(which: str, request, ggufs) -> None:
             worst = max(worst, float(np.abs(got - ref_logits[n - 1 + k, : got.size]).max()))
             dec.evaluate(segs + [_tok(t) for t in tokens[: k + 1]])
         assert worst <= 1e-4, f"{which}: max |logit diff| {worst:.2e} over {len(tokens)} teacher-forced positions"
-        greedy = list(dec.generate(segs, max_new_tokens=32))
+        greedy = list(dec.generate(segs, max_new_tokens=32).result().token_ids)
     assert greedy == tokens, f"{which}: llama.cpp greedy {greedy[:8]}... vs reference {tokens[:8]}..."
 
 
@@ -70,17 +72,17 @@ def test_prefix_reuse_and_streaming(tiny_qwen2_model, ggufs) -> None:
     ids, audio = _prompt(m)
     segs = split_prompt(ids, [audio], m.cfg.audio_token_id)
     with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=512) as dec:
-        fresh = list(dec.generate(segs, max_new_tokens=12))
+        fresh = list(dec.generate(segs, max_new_tokens=12).result().token_ids)
         # same audio, another question after it: only the changed tail is evaluated
         ids2 = m.prompt.encode(user_message("What sound is heard?", audio_first=True), [audio.shape[0]])
         segs2 = split_prompt(ids2, [audio], m.cfg.audio_token_id)
-        first = list(dec.generate(segs2, max_new_tokens=12))
+        first = list(dec.generate(segs2, max_new_tokens=12).result().token_ids)
         evaluated = dec.evaluate(segs2)
         assert evaluated < len(ids2) - audio.shape[0]  # the audio prefix was reused
-        again = list(dec.generate(segs2, max_new_tokens=12))
+        again = list(dec.generate(segs2, max_new_tokens=12).result().token_ids)
     with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=512) as dec2:
-        assert list(dec2.generate(segs2, max_new_tokens=12)) == first == again
-        assert list(dec2.generate(segs, max_new_tokens=12)) == fresh
+        assert list(dec2.generate(segs2, max_new_tokens=12).result().token_ids) == first == again
+        assert list(dec2.generate(segs, max_new_tokens=12).result().token_ids) == fresh
 
 
 def test_utf8_pieces_join_across_tokens() -> None:
@@ -103,7 +105,7 @@ def test_quantized_variants_drift(tiny_qwen2_model, ggufs, tmp_path) -> None:
 
     def run(path: Path) -> tuple[list[int], list[np.ndarray]]:
         with LlamaDecoder(path, n_ctx=512, f32_kv=True) as dec:
-            toks = list(dec.generate(segs, max_new_tokens=16))
+            toks = list(dec.generate(segs, max_new_tokens=16).result().token_ids)
             logits = []
             for k in range(len(toks) + 1):
                 dec.evaluate(segs + [_tok(t) for t in toks[:k]])
@@ -124,7 +126,7 @@ def test_quantized_variants_drift(tiny_qwen2_model, ggufs, tmp_path) -> None:
         print(f"{variant}: KL mean {np.mean(kls):.2e}, top-1 agreement {np.mean(agree):.2f}")
         assert np.mean(kls) < {"F16": 1e-3, "Q8_0": 1e-2, "Q4_K_M": 0.2}[variant]
         assert np.mean(agree) >= {"F16": 0.95, "Q8_0": 0.8, "Q4_K_M": 0.5}[variant]
-        assert read_gguf_metadata(path)["mdl_edge.source_hash"] == read_gguf_metadata(ggufs["tiny_qwen2"])["mdl_edge.source_hash"]
+        assert read_gguf_metadata(path)[KEY_SOURCE_HASH] == read_gguf_metadata(ggufs["tiny_qwen2"])[KEY_SOURCE_HASH]
 
 
 def test_bad_ggufs(ggufs, tmp_path, tiny_qwen2_model) -> None:
@@ -164,8 +166,10 @@ def test_streamed_text_concatenates_to_the_full_text(tiny_qwen2_model, ggufs) ->
     segs = split_prompt(ids, [audio], m.cfg.audio_token_id)
     pieces: list[str] = []
     with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=512) as dec:
-        res = dec.generate_text(segs, max_new_tokens=24, on_text=pieces.append, stop_ids=m.prompt.stop_ids)
-        again = dec.generate_text(segs, max_new_tokens=24, stop_ids=m.prompt.stop_ids)
+        stream = dec.generate(segs, max_new_tokens=24, stop_ids=m.prompt.stop_ids)
+        pieces.extend(stream)
+        res = stream.result()
+        again = dec.generate(segs, max_new_tokens=24, stop_ids=m.prompt.stop_ids).result()
     assert "".join(pieces) == res.text == again.text == m.prompt.decode(res.token_ids)
     assert res.n_evaluated == len(ids) and again.n_evaluated == len(segs[-1])  # second run reused the prefix
     assert res.stop_reason in ("stop_token", "max_new_tokens")
@@ -177,9 +181,9 @@ def test_sampling_is_repeatable_with_a_seed(tiny_qwen2_model, ggufs) -> None:
     segs = split_prompt(ids, [audio], m.cfg.audio_token_id)
     opts = SamplingOptions(temperature=1.5, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.1, seed=7)
     with LlamaDecoder(ggufs["tiny_qwen2"], n_ctx=512) as dec:
-        a = list(dec.generate(segs, max_new_tokens=16, sampling=opts))
-        b = list(dec.generate(segs, max_new_tokens=16, sampling=opts))
-        greedy = list(dec.generate(segs, max_new_tokens=16))
+        a = list(dec.generate(segs, max_new_tokens=16, sampling=opts).result().token_ids)
+        b = list(dec.generate(segs, max_new_tokens=16, sampling=opts).result().token_ids)
+        greedy = list(dec.generate(segs, max_new_tokens=16).result().token_ids)
     assert a == b and a != greedy
     with pytest.raises(ConfigError, match="top_p"):
         SamplingOptions(top_p=0)
@@ -210,7 +214,7 @@ def test_repacked_weights_match_plain(tiny_qwen2_model, ggufs, tmp_path, caplog)
     for extra in (False, True):
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="mdl_edge.llama_cpp"), LlamaDecoder(path, n_ctx=512, extra_bufts=extra) as dec:
-            toks = list(dec.generate(segs, max_new_tokens=16))
+            toks = list(dec.generate(segs, max_new_tokens=16).result().token_ids)
             dec.evaluate(segs)
             runs[extra] = (toks, dec.logits())
         repacked = any("CPU_REPACK model buffer" in r.getMessage() for r in caplog.records)

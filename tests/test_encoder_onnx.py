@@ -223,30 +223,17 @@ def test_real_size_chunk(tmp_path_factory) -> None:
     assert rel_max_error(got, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("block", [1000, 16000, 160000])
-def test_streaming_equals_whole_clip(encoder, block: int) -> None:
-    from mdl_edge.runtime.encoder import EncoderStream
-
-    wave = clip(int(31 * C.SAMPLE_RATE))
-    (whole,) = encoder.encode_mels([log_mel(wave)], [wave.size])
-    stream = EncoderStream(encoder)
-    for i in range(0, wave.size, block):
-        stream.feed(wave[i : i + block])
-    got = stream.finish()
-    assert rel_max_error(got, whole) <= 1e-6
-    assert stream.chunks_at_finish == 1 and stream.reencoded == 0  # only the last chunk was left
-
-
-def test_streaming_reencodes_when_the_clip_gets_louder(encoder) -> None:
-    """top_db is per clip: a quiet first chunk is floored again once a loud part raises the peak."""
-    from mdl_edge.runtime.encoder import EncoderStream
-
-    quiet = clip(12 * C.SAMPLE_RATE) * 1e-5
-    wave = np.concatenate([quiet, np.zeros(C.SAMPLE_RATE, np.float32), clip(12 * C.SAMPLE_RATE) * 10]).astype(np.float32)
-    (whole,) = encoder.encode_mels([log_mel(wave)], [wave.size])
-    stream = EncoderStream(encoder)
-    for i in range(0, wave.size, 16000):
-        stream.feed(wave[i : i + 16000])
-    got = stream.finish()
-    assert stream.reencoded >= 1
-    assert rel_max_error(got, whole) <= 1e-6
+@pytest.mark.parametrize("n", [1000, 16000 * 3, int(10.08 * 16000) + 800, 16000 * 31])
+def test_chunkwise_projection_equals_projecting_the_stitched_sequence(encoder, n: int) -> None:
+    """embed_mel projects each chunk's features as soon as whole groups of 5 are stitched (252 is
+    not a multiple of 5: groups straddle chunks); the result is the projector on the whole
+    stitched sequence, with the trailing P mod 5 frames dropped."""
+    wave = clip(n)
+    mel = log_mel(wave)
+    (feats,) = encoder.encode_mels([mel], [wave.size])
+    timings: dict[str, float] = {}
+    got = encoder.embed_mel(mel, wave.size, timings=timings)
+    want = encoder.project(feats)
+    assert got.shape == want.shape == (C.n_audio_tokens(wave.size), encoder.hidden_size)
+    assert rel_max_error(got, want) <= 1e-6, f"max rel error {rel_max_error(got, want):.3g}"
+    assert set(timings) == {"encoder", "projector"}

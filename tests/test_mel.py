@@ -141,14 +141,17 @@ def test_bad_input_errors(wave, exc, match) -> None:
 
 
 def test_extension_errors_are_python_exceptions() -> None:
+    # thread counts are resolved in Python (options.resolve_threads); the extension takes a number
+    with pytest.raises(ValueError, match="n_threads must be >= 1, got 0"):
+        _mel.log_mel(np.zeros(3200, np.float32), n_threads=0)
     with pytest.raises(ValueError, match="empty"):
-        _mel.log_mel(np.zeros(0, np.float32))
+        _mel.log_mel(np.zeros(0, np.float32), n_threads=1)
     with pytest.raises(TypeError, match="float32 or float64"):
-        _mel.log_mel(np.zeros(10, np.int32))
+        _mel.log_mel(np.zeros(10, np.int32), n_threads=1)
     with pytest.raises(ValueError, match="1-D"):
-        _mel.log_mel(np.zeros((3, 3), np.float32))
+        _mel.log_mel(np.zeros((3, 3), np.float32), n_threads=1)
     with pytest.raises(ValueError, match="too short"):
-        _mel.raw_db_frames(np.zeros(600, np.float32), 3)
+        _mel.raw_db_frames(np.zeros(600, np.float32), 3, n_threads=1)
 
 
 def test_gil_is_released_during_compute() -> None:
@@ -180,7 +183,7 @@ special = st.sampled_from([0.0, -0.0, 1e-45, 1e-38, 3e38, -3e38, np.nan, np.inf,
 def test_never_crashes(values) -> None:
     wave = np.asarray(values, dtype=np.float32)
     try:
-        out = _mel.log_mel(wave)
+        out = _mel.log_mel(wave, n_threads=2)
     except ValueError as e:
         assert wave.size == 0 or not np.isfinite(wave).all(), e
         return

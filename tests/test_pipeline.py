@@ -12,6 +12,7 @@ import soundfile as sf
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.cli import main
 from mdl_edge.runtime.errors import CheckpointError, ConfigError
+from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.pipeline import AudioLM
 
 
@@ -26,7 +27,7 @@ def test_runtime_greedy_equals_reference(bundle, tiny_qwen2_model, seconds: floa
     wave = _clip(int(seconds * C.SAMPLE_RATE))
     ref = tiny_qwen2_model.generate(wave, "Caption the audio.", max_new_tokens=24)
     with AudioLM(bundle, encoder="fp32", decoder="f32") as lm:
-        got = lm.generate(wave, "Caption the audio.", sample_rate=C.SAMPLE_RATE, max_new_tokens=24)
+        got = lm.generate(wave, "Caption the audio.", G(max_new_tokens=24), sample_rate=C.SAMPLE_RATE)
     assert got.n_audio_tokens == ref.n_audio_tokens == C.n_audio_tokens(wave.size)
     assert got.token_ids == ref.token_ids, f"{seconds} s: runtime {got.token_ids[:10]} vs reference {ref.token_ids[:10]}"
     assert got.text == ref.text and got.stop_reason == ref.stop_reason
@@ -36,39 +37,39 @@ def test_result_fields_streaming_and_questions(bundle) -> None:
     wave = _clip(3 * C.SAMPLE_RATE)
     with AudioLM(bundle) as lm:
         assert (lm.encoder_variant, lm.decoder_variant) == ("int8", "Q8_0")  # the manifest defaults
-        res = lm.caption(wave, sample_rate=C.SAMPLE_RATE, max_new_tokens=8)
-        streamed = "".join(lm.stream(wave, "Caption the audio.", sample_rate=C.SAMPLE_RATE, max_new_tokens=8))
+        res = lm.caption(wave, G(max_new_tokens=8), sample_rate=C.SAMPLE_RATE)
+        streamed = "".join(lm.stream(wave, "Caption the audio.", G(max_new_tokens=8), sample_rate=C.SAMPLE_RATE))
         for key in ("decode_audio", "mel", "encoder", "projector", "prefill", "decode", "time_to_first_token", "total"):
             assert key in res.timings
         assert streamed == res.text and res.audio_seconds == pytest.approx(3.0)
-        a = lm.ask(wave, "What sound is heard?", sample_rate=C.SAMPLE_RATE, max_new_tokens=4, audio_first=True)
-        b = lm.ask(wave, "Is it loud?", sample_rate=C.SAMPLE_RATE, max_new_tokens=4, audio_first=True)
+        a = lm.ask(wave, "What sound is heard?", G(max_new_tokens=4, audio_first=True), sample_rate=C.SAMPLE_RATE)
+        b = lm.ask(wave, "Is it loud?", G(max_new_tokens=4, audio_first=True), sample_rate=C.SAMPLE_RATE)
         assert b.timings["encoder"] == 0.0  # the second question reused the clip's encoding
         assert lm.decoder.evaluate(lm.decoder._cached) == len(lm.decoder._cached[-1])  # and the KV prefix
         assert a.n_audio_tokens == b.n_audio_tokens == 15
-        assert lm.transcribe(wave, sample_rate=C.SAMPLE_RATE, language="en", max_new_tokens=2).n_audio_tokens == 15
+        assert lm.transcribe(wave, G(max_new_tokens=2), language="en", sample_rate=C.SAMPLE_RATE).n_audio_tokens == 15
 
 
 def test_context_grows_to_fit_and_fixed_context_is_enforced(bundle) -> None:
     """The automatic context starts small (KV memory) and grows for long audio; the tokens are
     those of a large fixed context. A fixed context too small for the request is refused."""
-    from mdl_edge.runtime.pipeline import AUTO_CTX_STEP
+    from mdl_edge.runtime.decoder import AUTO_CTX_STEP
 
     wave = _clip(210 * C.SAMPLE_RATE)  # 1050 audio tokens: more than one step
     with AudioLM(bundle, encoder="fp32", decoder="f32") as lm:
         assert lm.decoder.n_ctx == AUTO_CTX_STEP
-        short = lm.caption(wave[: 2 * C.SAMPLE_RATE], sample_rate=C.SAMPLE_RATE, max_new_tokens=6)
+        short = lm.caption(wave[: 2 * C.SAMPLE_RATE], G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE)
         assert lm.decoder.n_ctx == AUTO_CTX_STEP
-        grown = lm.caption(wave, sample_rate=C.SAMPLE_RATE, max_new_tokens=6)
+        grown = lm.caption(wave, G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE)
         assert grown.n_audio_tokens == C.n_audio_tokens(wave.size) == 1050
         # the smallest whole number of steps that holds the prompt and the new tokens
         assert lm.decoder.n_ctx % AUTO_CTX_STEP == 0 and 1050 < lm.decoder.n_ctx < 1050 + 6 + 64 + AUTO_CTX_STEP
-        again = lm.caption(wave[: 2 * C.SAMPLE_RATE], sample_rate=C.SAMPLE_RATE, max_new_tokens=6)
+        again = lm.caption(wave[: 2 * C.SAMPLE_RATE], G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE)
     assert again.token_ids == short.token_ids  # a resized context starts from an empty cache
     with AudioLM(bundle, encoder="fp32", decoder="f32", n_ctx=4096) as lm:
-        assert lm.caption(wave, sample_rate=C.SAMPLE_RATE, max_new_tokens=6).token_ids == grown.token_ids
+        assert lm.caption(wave, G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE).token_ids == grown.token_ids
     with AudioLM(bundle, decoder="f32", n_ctx=512) as lm, pytest.raises(ConfigError, match="context holds 512"):
-        lm.caption(wave, sample_rate=C.SAMPLE_RATE, max_new_tokens=6)
+        lm.caption(wave, G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE)
     with pytest.raises(ConfigError, match="n_ctx must be at least 64"):
         AudioLM(bundle, n_ctx=8)
 

@@ -91,7 +91,8 @@ def main() -> None:
     from mdl_edge.export.gguf_decoder import export_decoder_gguf
     from mdl_edge.export.reference_model import MiDashengLM
     from mdl_edge.quantize.decoder import quantize_decoder
-    from mdl_edge.runtime.decoder import LlamaDecoder, SamplingOptions, split_prompt
+    from mdl_edge.runtime.decoder import LlamaDecoder, split_prompt
+    from mdl_edge.runtime.options import SamplingOptions
     from mdl_edge.runtime.prompt import user_message
 
     work = Path(args.work)
@@ -141,8 +142,11 @@ def main() -> None:
                     prefill()
                     lib, dec._L = dec._L, TimedLib(dec._L)
                     t = time.perf_counter()
-                    # our sampling loop straight after the prefill, as generate_text runs it
-                    assert len(list(dec._continue(n, (), SamplingOptions()))) == n
+                    # our sampling loop straight after the prefill, as generate runs it
+                    toks: list[int] = []
+                    for _ in dec._sample(toks, [], n, (), SamplingOptions()):
+                        pass
+                    assert len(toks) == n
                     times.append(time.perf_counter() - t)
                     py_share.append((times[-1] - dec._L.c_s) / dec._L.c_s)
                     dec._L = lib

@@ -1,0 +1,95 @@
+"""What a caller can choose, as frozen dataclasses validated where they are built, and the one
+place that turns "threads: default" into a number (torch-free).
+
+``GenerationOptions`` travels from the command line (built once per run) or a Python caller,
+typed, through :class:`~mdl_edge.runtime.pipeline.AudioLM` to the decoder. Per-call callbacks
+(streamed text, encoder progress) are arguments of the call, not options.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from .errors import OptionError
+
+#: Product decision 4: at most this many new tokens unless the caller says otherwise.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity-aware where the OS tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """``None`` -> every available core; otherwise a count of at least 1. Every thread pool of
+    the runtime (C++ log-mel, ONNX Runtime, llama.cpp, the quantizer) is sized through here."""
+    if threads is None:
+        return available_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise OptionError("threads", f"must be a whole number >= 1 (or unset for all cores), got {threads!r}")
+    return threads
+
+
+def _number(name: str, value: object, ok: bool, want: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+        raise OptionError(name, f"invalid sampling option {name}={value!r} (must be {want})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions:
+    """How the next token is chosen. Greedy unless ``temperature > 0``; ``seed`` makes sampling
+    repeatable. The chain is llama.cpp's: repetition penalty, top-k, top-p, min-p, temperature."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _number("temperature", self.temperature, self.temperature >= 0, ">= 0; 0 is greedy")
+        _number("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "a whole number >= 0; 0 is off")
+        _number("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
+        _number("min_p", self.min_p, 0 <= self.min_p < 1, "in [0, 1)")
+        _number("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0; 1 is off")
+        _number("seed", self.seed, isinstance(self.seed, int), "a whole number")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationOptions:
+    """One request's decoding options.
+
+    ``max_new_tokens``: new-token limit (>= 1). ``sampling``: see :class:`SamplingOptions`.
+    ``stop_ids``: token ids that end the answer besides the model's own (``<|im_end|>``,
+    ``<|endoftext|>``, the checkpoint's eos ids). ``ignore_eos``: generate exactly
+    ``max_new_tokens`` (benchmarks). ``audio_first``: the default user turn is ``[audio, text]``
+    instead of ``[text, audio]`` (then several questions about one clip share the decoder's
+    evaluated audio prefix).
+    """
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    stop_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    audio_first: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise OptionError("max_new_tokens", f"must be a whole number >= 1, got {n!r}")
+        if not isinstance(self.sampling, SamplingOptions):
+            raise OptionError("sampling", f"must be a SamplingOptions, got {type(self.sampling).__name__}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_ids):
+            raise OptionError("stop_ids", f"must be token ids (whole numbers >= 0), got {self.stop_ids!r}")
+        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
