@@ -1,8 +1,8 @@
 """The GGUF decoder file as mdl-edge reads and writes it: the header reader (with GGUF's value-type
 table) and the ``mdl_edge.*`` metadata keys that ``export/gguf_decoder.py`` writes (torch-free).
 
-The header is validated before llama.cpp parses the file (magic, version, counts, and that the
-tensor data fits in the file; cf. CVE-2024-21802 / CVE-2024-21836).
+The header is validated before llama.cpp parses the file (magic, version, counts, and that every
+tensor's data fits in the file; cf. CVE-2024-21802 / CVE-2024-21836).
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ def key_embedding_length(arch: str) -> str:
 TYPE_STRING = 8
 TYPE_ARRAY = 9
 SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+# ggml tensor types (ggml.h, enum ggml_type): id -> (elements per block, bytes per block), for
+# the types mdl-edge writes or quantizes to; other types are only checked to start in the file.
+TENSOR_BLOCKS = {
+    0: (1, 4), 1: (1, 2), 30: (1, 2), 28: (1, 8), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8),  # f32 f16 bf16 f64 i8-i64
+    2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),  # Q2_K Q3_K Q4_K Q5_K Q6_K
+}
 
 # Sanity limits: a header beyond them is corrupt or hostile, not a model.
 _MAX_STRING = 1 << 26
@@ -97,12 +105,18 @@ def read_gguf_metadata(path: str | Path) -> dict[str, object]:
             meta[key] = value(unpack("<I"))
         max_end = 0
         for _ in range(n_tensors):
-            string()
+            name = string()
             nd = unpack("<I")
             if nd > _MAX_DIMS:
                 raise CheckpointError(f"{path}: corrupt GGUF tensor info ({nd} dims)")
-            read(8 * nd + 4)  # dims, then the ggml type
-            max_end = max(max_end, unpack("<Q"))
+            n_elements = 1
+            for _ in range(nd):
+                n_elements *= unpack("<Q")
+            ggml_type, offset = unpack("<I"), unpack("<Q")
+            block, block_bytes = TENSOR_BLOCKS.get(ggml_type, (1, 0))
+            if n_elements % block:
+                raise CheckpointError(f"{path}: corrupt GGUF tensor {name!r} ({n_elements} elements in blocks of {block})")
+            max_end = max(max_end, offset + n_elements // block * block_bytes)
         align = meta.get(KEY_ALIGNMENT, 32)
         if not isinstance(align, int) or isinstance(align, bool) or align < 1:
             raise CheckpointError(f"{path}: corrupt GGUF ({KEY_ALIGNMENT} = {align!r})")
