@@ -77,11 +77,12 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, encoders: 
     Manifest(
         source_hash=ckpt.source_hash(),
         source_name=ckpt.dir.name,
-        encoder=EncoderPart(cfg.encoder.embed_dim, cfg.encoder.depth, C.CHUNK_FRAMES,
-                            encoders[-1] if encoders[-1] in enc_variants else next(iter(enc_variants)),
-                            {k: Variant(f, drift_vs_fp32=_drift(out / f)) for k, f in enc_variants.items()}),
+        encoder=EncoderPart(default=encoders[-1] if encoders[-1] in enc_variants else next(iter(enc_variants)),
+                            variants={k: Variant(f, drift_vs_fp32=_drift(out / f)) for k, f in enc_variants.items()},
+                            embed_dim=cfg.encoder.embed_dim, depth=cfg.encoder.depth, chunk_frames=C.CHUNK_FRAMES),
         projector=ProjectorPart(PROJECTOR_FILE, cfg.projector_in, cfg.decoder.hidden_size),
-        decoder=DecoderPart(cfg.decoder.arch, cfg.decoder.hidden_size, cfg.decoder.vocab_size, decoders[-1], dec_variants),
+        decoder=DecoderPart(default=decoders[-1], variants=dec_variants, arch=cfg.decoder.arch, hidden_size=cfg.decoder.hidden_size,
+                            vocab_size=cfg.decoder.vocab_size),
         tokens=TokenIds(s.audio, s.audio_bos, s.audio_eos, s.im_end, s.end_of_text, tuple(fmt.stop_ids)),
         chat_template=fmt.chat_template,
     ).write(out / MANIFEST)

@@ -105,14 +105,20 @@ def _variants(f: _Fields) -> tuple[str, dict[str, Variant]]:
 
 
 @dataclass(frozen=True)
-class EncoderPart:
+class VariantsPart:
+    """A part that comes in variants: their files, and the one used when none is named."""
+
+    default: str
+    variants: dict[str, Variant]
+
+
+@dataclass(frozen=True)
+class EncoderPart(VariantsPart):
     """The ONNX audio encoder: its width and depth, and its variants (``fp32``, ``int8``, ...)."""
 
     embed_dim: int
     depth: int
     chunk_frames: int
-    default: str
-    variants: dict[str, Variant]
 
 
 @dataclass(frozen=True)
@@ -125,14 +131,12 @@ class ProjectorPart:
 
 
 @dataclass(frozen=True)
-class DecoderPart:
+class DecoderPart(VariantsPart):
     """The GGUF decoder: architecture, width, vocabulary, and its variants (``f16``, ``Q4_K_M``, ...)."""
 
     arch: str
     hidden_size: int
     vocab_size: int
-    default: str
-    variants: dict[str, Variant]
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ class Manifest:
     chat_template: str
     format_version: int = field(default=FORMAT_VERSION)
 
-    def part(self, name: str) -> EncoderPart | DecoderPart:
+    def part(self, name: str) -> VariantsPart:
         """``"encoder"`` or ``"decoder"``: the parts that come in variants."""
         return {"encoder": self.encoder, "decoder": self.decoder}[name]
 
@@ -187,22 +191,20 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{path}: bundle format version {version!r} (this mdl-edge reads {FORMAT_VERSION}); re-export the bundle")
         enc, proj, dec, tok = top.sub("encoder"), top.sub("projector"), top.sub("decoder"), top.sub("tokens")
-        enc_default, enc_variants = _variants(enc)
-        dec_default, dec_variants = _variants(dec)
         stop = tok.get("stop", lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v), "a list of token ids")
         return cls(
             source_hash=top.str("source_hash"),
             source_name=top.str("source_name", ""),
-            encoder=EncoderPart(enc.int("embed_dim"), enc.int("depth"), enc.int("chunk_frames"), enc_default, enc_variants),
+            encoder=EncoderPart(*_variants(enc), embed_dim=enc.int("embed_dim"), depth=enc.int("depth"), chunk_frames=enc.int("chunk_frames")),
             projector=ProjectorPart(proj.file("file"), proj.int("in_dim"), proj.int("hidden_size")),
-            decoder=DecoderPart(dec.str("arch"), dec.int("hidden_size"), dec.int("vocab_size"), dec_default, dec_variants),
+            decoder=DecoderPart(*_variants(dec), arch=dec.str("arch"), hidden_size=dec.int("hidden_size"), vocab_size=dec.int("vocab_size")),
             tokens=TokenIds(tok.int("audio"), tok.int("audio_bos"), tok.int("audio_eos"), tok.int("im_end"), tok.int("end_of_text"), tuple(stop)),
             chat_template=top.str("chat_template", ""),
         )
 
     # -- writing ----------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        def part(p: EncoderPart | DecoderPart, **fields: Any) -> dict[str, Any]:
+        def part(p: VariantsPart, **fields: Any) -> dict[str, Any]:
             return {**fields, "default": p.default, "variants": {k: v.to_json() for k, v in p.variants.items()}}
 
         e, d, t = self.encoder, self.decoder, self.tokens
