@@ -69,9 +69,41 @@ def reference_clips(model: MiDashengLM, clips: list[tuple[str, np.ndarray]], max
     return out
 
 
+def is_toy_model(checkpoint_dir: str | Path) -> bool:
+    """Whether a checkpoint is the toy model trained on the toy world (its tasks can be scored)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and (cfg.get("mdl_edge_synthetic") or {}).get("preset") == "toy" and "plan" in cfg["mdl_edge_synthetic"]
+
+
+def task_metrics(checkpoint_dir: str | Path, bundle_dir: str | Path, *, n_clips: int = 100, threads: int | None = None,
+                 device: str = "cpu", model: MiDashengLM | None = None) -> dict[str, dict[str, float]]:
+    """What each encoder x decoder pair costs in what users see: word accuracy, caption exact
+    match and caption element accuracy on held-out toy-world clips, beside the reference's."""
+    from ..runtime.options import GenerationOptions
+    from ..runtime.pipeline import AudioLM
+    from . import toyworld
+
+    clips = list(toyworld.clips("held-out", n_clips, seed=12345))
+    model = model or MiDashengLM.from_pretrained(checkpoint_dir, device=device)
+    out = {"reference fp32 (PyTorch)": toyworld.evaluate(lambda w, p: model.generate(w, p, max_new_tokens=48).text, clips)}
+    bundle = Bundle.open(bundle_dir)
+    options = GenerationOptions(max_new_tokens=48)
+    for ename in bundle.manifest.encoder.variants:
+        for dname in bundle.manifest.decoder.variants:
+            with AudioLM(bundle_dir, encoder=ename, decoder=dname, threads=threads) as lm:
+                out[f"{ename} + {dname}"] = toyworld.evaluate(lambda w, p: lm.generate(w, p, options, sample_rate=toyworld.SR).text, clips)
+    return out
+
+
 def parity_report(checkpoint_dir: str | Path, bundle_dir: str | Path, *, device: str = "cpu", audio: list[str] | None = None,
-                  max_new_tokens: int = 32, threads: int | None = None) -> dict[str, Any]:
-    """Compare the reference with every encoder and decoder variant of ``bundle_dir``."""
+                  max_new_tokens: int = 32, threads: int | None = None, task_clips: int | None = None) -> dict[str, Any]:
+    """Compare the reference with every encoder and decoder variant of ``bundle_dir``; on the
+    toy model (or with ``task_clips``) also score each pair's captions and transcripts."""
     bundle = Bundle.open(bundle_dir)
     model = MiDashengLM.from_pretrained(checkpoint_dir, device=device)
     clips = [(p, load_audio(p)) for p in audio] if audio else default_clips()
@@ -118,6 +150,9 @@ def parity_report(checkpoint_dir: str | Path, bundle_dir: str | Path, *, device:
                     matches.append(got == r.tokens)
                     firsts.append(next((i for i, (a, b) in enumerate(zip(got, r.tokens)) if a != b), None if len(got) == len(r.tokens) else min(len(got), len(r.tokens))))
                 report["end_to_end"][f"{ename} + {dname}"] = {"exact_match_rate": float(np.mean(matches)), "first_divergence": firsts}
+    n_tasks = task_clips if task_clips is not None else (100 if is_toy_model(checkpoint_dir) else 0)
+    if n_tasks:
+        report["tasks"] = task_metrics(checkpoint_dir, bundle_dir, n_clips=n_tasks, threads=threads, model=model)
     return report
 
 
@@ -141,4 +176,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["", "| encoder + decoder | greedy exact match | first divergence per clip |", "|---|---:|---|"]
     for k, v in report["end_to_end"].items():
         lines.append(f"| {k} | {v['exact_match_rate']:.2f} | {', '.join('-' if f is None else str(f) for f in v['first_divergence'])} |")
+    if "tasks" in report:
+        n = next(iter(report["tasks"].values()))
+        lines += ["", f"Tasks on {n['clips']} held-out toy-world clips ({n['speech_clips']} with speech):", "",
+                  "| model | word accuracy (1 - WER) | caption exact match | caption elements |", "|---|---:|---:|---:|"]
+        for k, v in report["tasks"].items():
+            lines.append(f"| {k} | {v['word_accuracy']:.3f} | {v['caption_exact']:.3f} | {v['caption_elements']:.3f} |")
     return "\n".join(lines)

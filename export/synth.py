@@ -30,6 +30,7 @@ from ..runtime.errors import ConfigError, MdlEdgeError
 from ..runtime.mel import hann_window, mel_filterbank
 from .layout import TensorSpec, official_tensors
 from .synth_tokenizer import write_tokenizer_files
+from .toyworld import corpus as toy_corpus
 
 logger = logging.getLogger("mdl_edge")
 
@@ -124,6 +125,7 @@ class Preset:
     dtype: torch.dtype
     max_shard_bytes: int
     description: str
+    corpus: tuple[str, ...] = ()  # extra lines for the tokenizer's BPE training
 
 
 PRESETS: dict[str, Preset] = {
@@ -136,6 +138,12 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "tiny-qwen2", _encoder_config(64, 2, 4), _qwen2_omni(64, 2, 4, 2, 128, 1024), 1000, 1000, torch.float32, 2**31,
             "like tiny, with the 7B's Qwen2 decoder layout (untied head, q/k/v biases, Omni text config)",
+        ),
+        Preset(
+            "toy", _encoder_config(128, 3, 4), _qwen3(256, 3, 4, 2, 64, 768, 1024), 1000, 1000, torch.float32, 2**31,
+            "the trainable toy model's shapes (128-d 3-layer encoder, 256-d 3-layer Qwen3-style decoder); "
+            "`mdl-edge train-toy` trains it to hear the toy world",
+            tuple(toy_corpus()),
         ),
         Preset(
             "0.6b", _encoder_config(1280, 32, 16), _qwen3(1024, 28, 16, 8, 128, 3072, 151936), 8000, OFFICIAL_SPECIAL_START,
@@ -261,7 +269,7 @@ def write_synthetic_checkpoint(
         }
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         write_tokenizer_files(
-            tmp, base_vocab=p.base_vocab, special_start=s0, seed=seed, model_max_length=cfg.decoder.max_position_embeddings
+            tmp, base_vocab=p.base_vocab, special_start=s0, seed=seed, model_max_length=cfg.decoder.max_position_embeddings, corpus=p.corpus
         )
         shards = _plan_shards(_written_tensors(cfg), p.dtype, max_shard_bytes or p.max_shard_bytes)
         weight_map: dict[str, str] = {}

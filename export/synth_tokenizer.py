@@ -74,8 +74,9 @@ def _filler_words(taken: set[str]):
             yield word
 
 
-def build_tokenizer(*, base_vocab: int, special_start: int, seed: int):
-    """Train the BPE (at most ``base_vocab`` entries) and place the specials from ``special_start``.
+def build_tokenizer(*, base_vocab: int, special_start: int, seed: int, corpus: tuple[str, ...] = ()):
+    """Train the BPE (at most ``base_vocab`` entries) and place the specials from ``special_start``;
+    ``corpus`` lines are added to the generated corpus (repeated, so their words become tokens).
 
     Returns a ``tokenizers.Tokenizer``. ``special_start >= base_vocab``; the gap, if any, is filled
     with filler vocabulary entries that no merge produces.
@@ -94,7 +95,7 @@ def build_tokenizer(*, base_vocab: int, special_start: int, seed: int):
     trainer = trainers.BpeTrainer(
         vocab_size=base_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, min_frequency=2
     )
-    tok.train_from_iterator(_corpus(seed, 20_000), trainer)
+    tok.train_from_iterator(_corpus(seed, 20_000) + list(corpus) * 20, trainer)
     data = json.loads(tok.to_str())
     vocab: dict[str, int] = data["model"]["vocab"]
     if len(vocab) > special_start:
@@ -112,9 +113,10 @@ def build_tokenizer(*, base_vocab: int, special_start: int, seed: int):
     return out
 
 
-def write_tokenizer_files(out_dir: Path, *, base_vocab: int, special_start: int, seed: int, model_max_length: int) -> None:
+def write_tokenizer_files(out_dir: Path, *, base_vocab: int, special_start: int, seed: int, model_max_length: int,
+                          corpus: tuple[str, ...] = ()) -> None:
     """Write tokenizer.json, tokenizer_config.json, added_tokens.json, special_tokens_map.json, chat_template.jinja."""
-    tok = build_tokenizer(base_vocab=base_vocab, special_start=special_start, seed=seed)
+    tok = build_tokenizer(base_vocab=base_vocab, special_start=special_start, seed=seed, corpus=corpus)
     tok.save(str(out_dir / "tokenizer.json"))
     ids = {t: special_start + i for i, t in enumerate(SPECIAL_TOKENS)}
     added = {

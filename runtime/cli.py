@@ -37,6 +37,28 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_toy(args: argparse.Namespace) -> int:
+    _need_export()
+    from ..export.toy_train import TrainPlan, default_cache, toy_model, train_toy
+
+    plan = TrainPlan(seed=args.seed)
+    if args.out:
+        out = train_toy(args.out, plan)
+    else:
+        out = toy_model(plan)
+        print(f"toy model (cached in {default_cache()}): {out}")
+    if args.evaluate:
+        from ..export import toyworld
+        from ..export.reference_model import MiDashengLM
+
+        model = MiDashengLM.from_pretrained(out)
+        clips = list(toyworld.clips("held-out", args.evaluate, seed=12345))
+        m = toyworld.evaluate(lambda w, p: model.generate(w, p, max_new_tokens=48).text, clips)
+        print(f"held-out ({m['clips']} clips, {m['speech_clips']} with speech), PyTorch reference: word accuracy "
+              f"{m['word_accuracy']:.3f}, caption exact {m['caption_exact']:.3f}, caption elements {m['caption_elements']:.3f}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     _need_export()
     from ..export.bundle import export_bundle
@@ -117,7 +139,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         bundle = Path(tempfile.mkdtemp(prefix="mdl-edge-parity-")) / "bundle"
         print(f"no --bundle: exporting one to {bundle} (fp32 + int8 encoders; f16, Q8_0, Q4_K_M decoders)", file=sys.stderr)
         export_bundle(args.model, bundle, encoders=["fp32", "int8"], decoders=["f16", "Q8_0", "Q4_K_M"], progress=lambda m: print(m, file=sys.stderr))
-    report = parity_report(args.model, bundle, device=args.device, audio=args.audio, max_new_tokens=args.max_new_tokens, threads=args.threads)
+    report = parity_report(args.model, bundle, device=args.device, audio=args.audio, max_new_tokens=args.max_new_tokens, threads=args.threads,
+                           task_clips=args.task_clips)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -195,6 +218,8 @@ def _cmd_reference_caption(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     _need_export()
+    if args.preset == "toy":
+        return _demo_toy(args)
     import soundfile as sf
 
     from ..export.bundle import export_bundle
@@ -209,7 +234,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     bundle_dir = work / f"bundle-{args.preset}-seed{args.seed}"
     path = "PyTorch reference" if args.reference else "runtime (int8 ONNX encoder + Q4_K_M llama.cpp decoder)"
     print(f"== mdl-edge demo: {path} on a synthetic '{args.preset}' model ==")
-    print("   (random weights: the pipeline is real, the caption text is meaningless)")
+    print("   (random weights: the pipeline is real, the caption text is meaningless; the default --preset toy hears)")
     if not (model_dir / "config.json").is_file():
         t = time.perf_counter()
         write_synthetic_checkpoint(args.preset, model_dir, seed=args.seed, overwrite=True)
@@ -220,26 +245,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     sf.write(clip, demo_clip(args.seconds, seed=args.seed), C.SAMPLE_RATE, subtype="PCM_16")
     print(f"2. generated a {args.seconds:g} s test clip (chirp, bell, noise bursts, voiced hum): {clip}")
     if args.reference:
-        from ..export.reference_model import MiDashengLM
-        from .audio import load_audio
-
-        t = time.perf_counter()
-        model = MiDashengLM.from_pretrained(model_dir, device=args.device)
-        load_s = time.perf_counter() - t
-        print(f"3. loaded the reference model on {args.device} in {load_s:.1f} s; captioning:")
-        t = time.perf_counter()
-        wave = load_audio(clip)
-        dec_s = time.perf_counter() - t
-        result = model.generate(wave, args.prompt, max_new_tokens=args.max_new_tokens)
-        _print_result(str(clip), result, load_s, dec_s, wave.size / C.SAMPLE_RATE)
+        _demo_reference(model_dir, clip, args)
         return 0
-    if not (bundle_dir / "manifest.json").is_file():
-        t = time.perf_counter()
-        print("3. exporting the bundle (ONNX encoder fp32 + int8, GGUF decoder f16 + Q4_K_M):")
-        export_bundle(model_dir, bundle_dir, encoders=["fp32", "int8"], decoders=["f16", "Q4_K_M"], progress=print)
-        print(f"   bundle {bundle_dir} in {time.perf_counter() - t:.1f} s")
-    else:
-        print(f"3. reusing bundle {bundle_dir}")
+    _demo_bundle(model_dir, bundle_dir)
     t = time.perf_counter()
     with AudioLM(bundle_dir, encoder="int8", decoder="Q4_K_M") as lm:
         load_s = time.perf_counter() - t
@@ -247,9 +255,83 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         res = lm.generate(clip, args.prompt, GenerationOptions(max_new_tokens=args.max_new_tokens))
     print(f"   text: {res.text!r}")
     print(f"   token ids: {list(res.token_ids[:16])}{' ...' if len(res.token_ids) > 16 else ''}")
+    _print_stages(res)
+    return 0
+
+
+def _demo_bundle(model_dir: Path, bundle_dir: Path) -> None:
+    from ..export.bundle import export_bundle
+
+    if (bundle_dir / "manifest.json").is_file():
+        print(f"3. reusing bundle {bundle_dir}")
+        return
+    t = time.perf_counter()
+    print("3. exporting the bundle (ONNX encoder fp32 + int8, GGUF decoder f16 + Q4_K_M):")
+    export_bundle(model_dir, bundle_dir, encoders=["fp32", "int8"], decoders=["f16", "Q4_K_M"], progress=print)
+    print(f"   bundle {bundle_dir} in {time.perf_counter() - t:.1f} s")
+
+
+def _demo_reference(model_dir: Path, clip: Path, args: argparse.Namespace, prompts: Sequence[str] | None = None) -> None:
+    from ..export.reference_model import MiDashengLM
+    from . import constants as C
+    from .audio import load_audio
+
+    t = time.perf_counter()
+    model = MiDashengLM.from_pretrained(model_dir, device=args.device)
+    load_s = time.perf_counter() - t
+    print(f"3. loaded the reference model on {args.device} in {load_s:.1f} s:")
+    t = time.perf_counter()
+    wave = load_audio(clip)
+    dec_s = time.perf_counter() - t
+    for prompt in prompts or [args.prompt]:
+        result = model.generate(wave, prompt, max_new_tokens=args.max_new_tokens)
+        _print_result(f"{clip.name} [{prompt}]", result, load_s, dec_s, wave.size / C.SAMPLE_RATE)
+
+
+def _print_stages(res) -> None:
     print(f"   {res.audio_seconds:.2f} s audio -> {res.n_audio_tokens} audio tokens; {len(res.token_ids)} new tokens "
           f"({res.stop_reason}), {res.tokens_per_second:.1f} tok/s")
     print("   timings: " + ", ".join(f"{k.replace('_', ' ')} {v * 1000:.0f} ms" for k, v in res.timings.items()))
+
+
+def _demo_toy(args: argparse.Namespace) -> int:
+    """The default demo: the toy model trained here (cached) hears a clip it never trained on."""
+    import soundfile as sf
+
+    from ..export import toyworld
+    from ..export.toy_train import TrainPlan, toy_model
+    from . import constants as C
+    from .options import GenerationOptions
+    from .pipeline import AudioLM
+    from .prompt import CAPTION_PROMPT, TRANSCRIBE_PROMPT
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "mdl-edge-demo"
+    path = "PyTorch reference" if args.reference else "runtime (int8 ONNX encoder + Q4_K_M llama.cpp decoder)"
+    print(f"== mdl-edge demo: {path} on the toy MiDashengLM trained here ==")
+    t = time.perf_counter()
+    plan = TrainPlan(seed=args.seed)
+    model_dir = toy_model(plan, progress=lambda m: print(f"   {m}", flush=True))
+    print(f"1. toy model (trained on generated speech and sounds; official layout): {model_dir} ({time.perf_counter() - t:.1f} s)")
+    clip_info = next(c for c in toyworld.clips("held-out", 50, seed=args.seed + 1) if c.transcript and len(c.events) >= 2)
+    work.mkdir(parents=True, exist_ok=True)
+    clip = work / "demo-held-out.wav"
+    sf.write(clip, clip_info.wave, C.SAMPLE_RATE, subtype="PCM_16")
+    print(f"2. generated a {clip_info.wave.size / C.SAMPLE_RATE:.2f} s held-out clip (a voice, speed and word order never trained on): {clip}")
+    print(f"   what it holds:  caption {clip_info.caption!r}, transcript {clip_info.transcript!r}")
+    if args.reference:
+        _demo_reference(model_dir, clip, args, prompts=[CAPTION_PROMPT, TRANSCRIBE_PROMPT])
+        return 0
+    bundle_dir = work / f"bundle-toy-{model_dir.name}"
+    _demo_bundle(model_dir, bundle_dir)
+    t = time.perf_counter()
+    with AudioLM(bundle_dir, encoder="int8", decoder="Q4_K_M") as lm:
+        print(f"4. loaded the runtime in {time.perf_counter() - t:.1f} s")
+        options = GenerationOptions(max_new_tokens=args.max_new_tokens)
+        for task, prompt, want in (("caption", CAPTION_PROMPT, clip_info.caption), ("transcript", TRANSCRIBE_PROMPT, clip_info.transcript)):
+            res = lm.generate(clip, prompt, options)
+            mark = "matches" if res.text.strip() == want else "differs from"
+            print(f"   {task}: {res.text!r}  ({mark} the generator's {want!r})")
+            _print_stages(res)
     return 0
 
 
@@ -278,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
     s.set_defaults(func=_cmd_synth)
+
+    tt = sub.add_parser("train-toy", help="train the toy model on generated speech and sounds (minutes; cached)")
+    tt.add_argument("--out", help="write the checkpoint here (default: the cache, reused when present)")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--evaluate", type=int, default=0, metavar="N", help="then score the reference on N held-out clips")
+    tt.set_defaults(func=_cmd_train_toy)
 
     e = sub.add_parser("export", help="turn a checkpoint into a runtime bundle (ONNX encoder + GGUF decoder)")
     e.add_argument("model", help="checkpoint folder in the official Hugging Face layout")
@@ -320,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--audio", nargs="+", help="clips to compare on (default: generated 3, 12 and 25 s clips)")
     pr.add_argument("--max-new-tokens", type=int, default=32)
     pr.add_argument("--threads", type=int)
+    pr.add_argument("--task-clips", type=int, help="score captions and transcripts on this many held-out toy-world clips "
+                    "(default: 100 for the toy model trained by train-toy, else 0)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_parity)
 
@@ -346,13 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--bf16-buffers", action="store_true", help="round window/filterbank to bf16 like bf16 deployments")
     rc.set_defaults(func=_cmd_reference_caption)
 
-    d = sub.add_parser("demo", help="synthesize a model and caption a generated clip end to end")
-    d.add_argument("--preset", default="tiny")
+    d = sub.add_parser("demo", help="caption and transcribe a generated clip end to end with the built-in toy model")
+    d.add_argument("--preset", default="toy", help="toy (trained here, cached; default) or a random-weight preset: tiny, tiny-qwen2, 0.6b, 7b")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--seconds", type=float, default=10.0)
     d.add_argument("--device", default="cpu", help="with --reference: cpu or cuda")
     d.add_argument("--reference", action="store_true", help="run the PyTorch reference instead of the runtime")
-    d.add_argument("--prompt", default="Caption the audio.")
+    d.add_argument("--prompt", default="Caption the audio.", help="the prompt of random-weight presets (toy: caption and transcribe)")
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.add_argument("--workdir", default=os.environ.get("MDL_EDGE_WORKDIR"), help="where the model and clip go (default: a temp folder)")
     d.set_defaults(func=_cmd_demo)

@@ -80,3 +80,25 @@ def cuda_available() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def toy_dir() -> Path:
+    """The toy model trained on the toy world (export/toy_train.py): trained on first use on a
+    machine (minutes), then taken from the cache (~/.cache/mdl-edge or $MDL_EDGE_CACHE)."""
+    from mdl_edge.export import toyworld
+
+    if not toyworld.espeak_available():
+        pytest.skip("needs espeak-ng (apt-get install espeak-ng)")
+    from mdl_edge.export.toy_train import toy_model
+
+    return toy_model(progress=lambda m: print(f"[toy model] {m}", flush=True))
+
+
+@pytest.fixture(scope="session")
+def toy_bundle(toy_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained toy model exported: fp32 + int8 encoders, f32 + Q4_K_M decoders."""
+    from mdl_edge.export.bundle import export_bundle
+
+    return export_bundle(toy_dir, tmp_path_factory.mktemp("toy-bundle") / "b", encoders=["fp32", "int8"],
+                         decoders=["f32", "Q4_K_M"], progress=lambda *_: None)

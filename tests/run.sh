@@ -3,13 +3,17 @@
 # the suite (arguments go to pytest). Safe to run again: pip skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# ffmpeg reads the containers libsndfile cannot (M4A/AAC/Opus/video); its tests skip without it.
-if ! command -v ffmpeg >/dev/null 2>&1; then
+# Debian packages the tests use: ffmpeg reads the containers libsndfile cannot (M4A/AAC/Opus/
+# video); espeak-ng speaks the toy world the trained test model hears. Their tests skip without them.
+missing=""
+command -v ffmpeg >/dev/null 2>&1 || missing="$missing ffmpeg"
+command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
+if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null) \
-      || echo "tests/run.sh: could not install ffmpeg; its tests will be skipped" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+      || echo "tests/run.sh: could not install$missing; their tests will be skipped" >&2
   else
-    echo "tests/run.sh: ffmpeg not found (apt-get install ffmpeg); its tests will be skipped" >&2
+    echo "tests/run.sh: not found:$missing (apt-get install$missing); their tests will be skipped" >&2
   fi
 fi
 python3 -m pip install --quiet --disable-pip-version-check -e ".[export,dev]"

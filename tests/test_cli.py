@@ -12,7 +12,7 @@ from mdl_edge.runtime.cli import main
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
-    assert main(["demo", "--workdir", str(tmp_path), "--seconds", "3", "--max-new-tokens", "4"]) == 0
+    assert main(["demo", "--preset", "tiny", "--workdir", str(tmp_path), "--seconds", "3", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "synthesized checkpoint" in out and "random weights" in out
     assert "3.00 s audio -> 15 audio tokens; 4 new tokens" in out
@@ -55,3 +55,15 @@ def test_console_script_is_installed() -> None:
 def test_runtime_does_not_import_torch() -> None:
     code = "import sys, mdl_edge.runtime.cli, mdl_edge.runtime.prompt, mdl_edge.runtime.audio, mdl_edge.runtime.mel; print('torch' in sys.modules, 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+
+
+def test_default_demo_hears_a_held_out_clip(toy_dir, tmp_path, capsys) -> None:
+    """The README's main job: the toy model trained here (cached by the fixture) captions and
+    transcribes a clip it never trained on, with the runtime's smallest variants."""
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"toy model (trained on generated speech and sounds; official layout): {toy_dir}" in out
+    assert "held-out clip" in out and "caption: '" in out and "transcript: '" in out
+    assert out.count("matches the generator's") + out.count("differs from the generator's") == 2
+    for stage in ("decode audio", "mel", "encoder", "projector", "prefill", "decode", "time to first token"):
+        assert f"{stage} " in out
