@@ -56,9 +56,12 @@ class TrainPlan:
     threads: int = 2
 
     def key(self) -> str:
-        """Hash of the plan and of the code that generates the data and trains."""
+        """Hash of the plan and of the code that shapes the model, its tokenizer and its data,
+        and trains it: a change to any of them retrains."""
+        from . import synth, synth_tokenizer
+
         h = hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode())
-        for module in (toyworld.__file__, __file__):
+        for module in (toyworld.__file__, __file__, synth.__file__, synth_tokenizer.__file__):
             h.update(Path(module).read_bytes())
         return h.hexdigest()[:16]
 

@@ -222,7 +222,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return _demo_toy(args)
     import soundfile as sf
 
-    from ..export.bundle import export_bundle
     from ..export.synth import write_synthetic_checkpoint
     from . import constants as C
     from .audio import demo_clip

@@ -18,11 +18,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Generic, Iterator, Sequence, TypeVar
+from typing import Generator, Generic, Sequence, TypeVar
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, MdlEdgeError
+from .errors import CheckpointError, ConfigError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, read_gguf_metadata
 from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, resolve_threads
 
@@ -250,8 +250,6 @@ class LlamaDecoder:
         flash_attn: bool = False,
         extra_bufts: bool = False,
     ) -> None:
-        from .errors import OptionError
-
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: not found")
@@ -492,8 +490,6 @@ class LlamaDecoder:
         complete UTF-8 (a character split across tokens waits for its last byte); its result
         holds the token ids, the stop reason and the timings. Nothing runs until it is read."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            from .errors import OptionError
-
             raise OptionError("max_new_tokens", f"must be a whole number >= 1, got {max_new_tokens!r}")
         return Stream(self._generate(list(segments), max_new_tokens, tuple(stop_ids), sampling))
 
