@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, read_gguf_metadata
-from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, resolve_threads
+from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, resolve_threads, whole_number
 
 logger = logging.getLogger("mdl_edge")
 _llama_logger = logging.getLogger("mdl_edge.llama_cpp")
@@ -255,8 +255,7 @@ class LlamaDecoder:
             raise CheckpointError(f"{self.path}: not found")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < MIN_CTX):
             raise OptionError("n_ctx", f"n_ctx must be at least {MIN_CTX} positions, got {n_ctx!r}")
-        if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
-            raise OptionError("n_batch", f"must be a whole number >= 1, got {n_batch!r}")
+        whole_number("n_batch", n_batch)
         n_threads = resolve_threads(threads)
         self.meta = read_gguf_metadata(self.path)
         self.arch = str(self.meta.get(KEY_ARCHITECTURE))
@@ -489,8 +488,7 @@ class LlamaDecoder:
         part of the answer) or ``max_new_tokens``. The stream yields text as soon as it is
         complete UTF-8 (a character split across tokens waits for its last byte); its result
         holds the token ids, the stop reason and the timings. Nothing runs until it is read."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise OptionError("max_new_tokens", f"must be a whole number >= 1, got {max_new_tokens!r}")
+        whole_number("max_new_tokens", max_new_tokens)
         return Stream(self._generate(list(segments), max_new_tokens, tuple(stop_ids), sampling))
 
     def _generate(self, segments: list[Segment], max_new_tokens: int, stop_ids: tuple[int, ...],

@@ -18,7 +18,7 @@ from . import constants as C
 from .errors import CheckpointError, ConfigError, OptionError
 from .mel import log_mel
 from .onnx_meta import ENCODER_FILE, PROJECTOR_FILE, read_metadata
-from .options import resolve_threads
+from .options import resolve_threads, whole_number
 
 logger = logging.getLogger("mdl_edge")
 
@@ -112,8 +112,7 @@ class AudioEncoder:
             # 5.0 vs 5.1 s for 3 chunks at 2 threads) but holds a batch of activations (+0.06 GB
             # per extra chunk at 0.6B); a GPU needs the batch to fill its cores.
             max_batch = 8 if provider == "cuda" else 1
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise OptionError("max_batch", f"must be a whole number >= 1, got {max_batch!r}")
+        whole_number("max_batch", max_batch)
         self.threads = resolve_threads(threads)
         self.max_batch = max_batch
         opt = Path(optimized_model_dir) if optimized_model_dir else None

@@ -26,14 +26,20 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def whole_number(option: str, value: object, minimum: int = 1, *, hint: str = "") -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; else an :class:`OptionError`
+    naming ``option`` (every count option of the runtime is checked here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(option, f"must be a whole number >= {minimum}{hint}, got {value!r}")
+    return value
+
+
 def resolve_threads(threads: int | None) -> int:
     """``None`` -> every available core; otherwise a count of at least 1. Every thread pool of
     the runtime (C++ log-mel, ONNX Runtime, llama.cpp, the quantizer) is sized through here."""
     if threads is None:
         return available_cores()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise OptionError("threads", f"must be a whole number >= 1 (or unset for all cores), got {threads!r}")
-    return threads
+    return whole_number("threads", threads, hint=" (or unset for all cores)")
 
 
 def _number(name: str, value: object, ok: bool, want: str) -> None:
@@ -85,9 +91,7 @@ class GenerationOptions:
     audio_first: bool = False
 
     def __post_init__(self) -> None:
-        n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise OptionError("max_new_tokens", f"must be a whole number >= 1, got {n!r}")
+        whole_number("max_new_tokens", self.max_new_tokens)
         if not isinstance(self.sampling, SamplingOptions):
             raise OptionError("sampling", f"must be a SamplingOptions, got {type(self.sampling).__name__}")
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_ids):
