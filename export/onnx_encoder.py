@@ -1,7 +1,10 @@
-"""Export the Dasheng encoder (fixed 1008-frame chunks) and the projector to ONNX.
+"""Export the Dasheng encoder (1008-frame chunks) and the projector to ONNX.
 
-The chunk graph takes ``mel [B, 64, 1008]`` and ``n_keys [B]`` (how many leading patches of the
-chunk may be attended to) and returns ``[B, 252, D]``. BatchNorm is folded into a per-bin scale
+The chunk graph takes ``mel [B, 64, T]`` and ``n_keys [B]`` (how many leading patches of the
+chunk may be attended to) and returns ``[B, T // 4, D]``. ``T`` is a dynamic axis named
+``frames`` (a multiple of 4, at most 1008): a clip's last, partial chunk runs at its own length
+as in the reference, instead of costing a whole chunk; a backend that needs static shapes pins
+``frames`` to 1008 (ONNX Runtime: a free-dimension override) and pads. BatchNorm is folded into a per-bin scale
 and shift, the patch embedding is a MatMul over 4-frame patches (quantizable like every other
 layer), and ``freq_pos_embed`` is folded into the time table. The runtime derives ``n_keys``
 from the clip length (the ``floor(L/640)`` rule, see :func:`runtime.encoder.chunk_plan`).
@@ -20,7 +23,7 @@ from torch import nn
 from ..runtime import constants as C
 from ..runtime import quiet_third_party
 from ..runtime.errors import MdlEdgeError
-from ..runtime.onnx_meta import ENCODER_FILE, PROJECTOR_FILE, write_metadata
+from ..runtime.onnx_meta import ENCODER_FILE, FRAMES_AXIS, PROJECTOR_FILE, write_metadata
 from .checkpoint import Checkpoint
 from .reference_encoder import DashengEncoder
 from .reference_model import load_audio_tower
@@ -31,7 +34,7 @@ OPSET = 18
 
 
 class ChunkEncoder(nn.Module):
-    """One 1008-frame chunk through the encoder, with exporter-friendly folded parameters."""
+    """One chunk of at most 1008 frames through the encoder, with exporter-friendly folded parameters."""
 
     def __init__(self, enc: DashengEncoder) -> None:
         super().__init__()
@@ -52,16 +55,20 @@ class ChunkEncoder(nn.Module):
 
     def forward(self, mel: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
         b = mel.shape[0]
-        x = mel * self.bn_scale + self.bn_shift  # [B, 64, 1008]
-        x = x.reshape(b, C.N_MELS, C.CHUNK_PATCHES, C.PATCH_FRAMES).permute(0, 2, 1, 3).reshape(b, C.CHUNK_PATCHES, -1)
-        x = self.patch(x) + self.pos
-        key_valid = torch.arange(C.CHUNK_PATCHES, device=mel.device)[None, :] < n_keys[:, None]
+        p = mel.shape[2] // C.PATCH_FRAMES
+        x = mel * self.bn_scale + self.bn_shift  # [B, 64, T]
+        x = x.reshape(b, C.N_MELS, p, C.PATCH_FRAMES).permute(0, 2, 1, 3).reshape(b, p, -1)
+        x = self.patch(x) + self.pos[:p]  # positions restart at 0 in every chunk
+        key_valid = torch.arange(p, device=mel.device)[None, :] < n_keys[:, None]
         for blk in self.blocks:
             x = blk(x, key_valid)
         return self.norm(x)
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic: tuple) -> None:
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic: tuple,
+            axis_names: dict[str, dict[int, str]] | None = None) -> None:
+    """``axis_names``: ``{value: {axis: name}}`` for graph inputs and outputs whose dynamic axis
+    should carry a plain name (the exporter writes expressions such as ``4*patches``)."""
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp, quiet_third_party():
@@ -72,6 +79,9 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
         )
         del program
         model = onnx.load(str(raw), load_external_data=True)
+    for value in [*model.graph.input, *model.graph.output]:
+        for axis, name in (axis_names or {}).get(value.name, {}).items():
+            value.type.tensor_type.shape.dim[axis].dim_param = name
     # One data file beside the graph, named after it (real-size encoders exceed protobuf's 2 GB).
     data = path.name + ".data"
     if (path.parent / data).exists():
@@ -100,7 +110,9 @@ def export_audio_onnx(checkpoint_dir: str | Path, out_dir: str | Path) -> tuple[
         mel = torch.zeros(2, C.N_MELS, C.CHUNK_FRAMES)
         n_keys = torch.tensor([C.CHUNK_PATCHES, 7])
         batch = torch.export.Dim("batch", min=1, max=1024)
-        _export(chunk, (mel, n_keys), enc_path, ["mel", "n_keys"], ["features"], ({0: batch}, {0: batch}))
+        frames = C.PATCH_FRAMES * torch.export.Dim(FRAMES_AXIS, min=1, max=C.CHUNK_PATCHES)
+        _export(chunk, (mel, n_keys), enc_path, ["mel", "n_keys"], ["features"], ({0: batch, 2: frames}, {0: batch}),
+                {"mel": {2: FRAMES_AXIS}, "features": {1: "patches"}})
         rows = torch.export.Dim("rows", min=1, max=1 << 20)
         stacked = torch.zeros(3, cfg.projector_in)
         _export(projector.net, (stacked,), proj_path, ["stacked"], ["embeddings"], ({0: rows},))

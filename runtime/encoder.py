@@ -1,5 +1,5 @@
-"""The audio tower on ONNX Runtime: log-mel -> 1008-frame encoder chunks -> stitched 25 Hz
-features -> 5 Hz embeddings from the projector. Identical (to float round-off) to the PyTorch
+"""The audio tower on ONNX Runtime: log-mel -> encoder chunks (1008-frame boundaries; a partial
+last chunk runs at its own length) -> stitched 25 Hz features -> 5 Hz embeddings from the projector. Identical (to float round-off) to the PyTorch
 reference's chunk-by-chunk result for every clip length; torch-free.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from . import constants as C
 from .errors import CheckpointError, ConfigError, OptionError
 from .mel import log_mel
-from .onnx_meta import ENCODER_FILE, PROJECTOR_FILE, read_metadata
+from .onnx_meta import ENCODER_FILE, FRAMES_AXIS, PROJECTOR_FILE, read_metadata
 from .options import resolve_threads, whole_number
 
 logger = logging.getLogger("mdl_edge")
@@ -48,25 +48,35 @@ def chunk_plan(n_samples: int) -> list[ChunkSpec]:
     return plan
 
 
-def chunk_batch(chunks: Sequence[tuple[np.ndarray, ChunkSpec]], *, floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder inputs for ``(mel, spec)`` pairs: ``mel [B, 64, 1008]`` (each chunk's real frames,
-    zero-padded; raised to ``floor`` dB if given) and ``n_keys [B]``."""
-    batch = np.zeros((len(chunks), C.N_MELS, C.CHUNK_FRAMES), np.float32)
+def chunk_batch(chunks: Sequence[tuple[np.ndarray, ChunkSpec]], *, frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder inputs for ``(mel, spec)`` pairs: ``mel [B, 64, frames]`` (each chunk's real
+    frames, zero-padded; ``frames`` defaults to the longest chunk's) and ``n_keys [B]``."""
+    width = frames or max(spec.n_real for _, spec in chunks) * C.PATCH_FRAMES
+    batch = np.zeros((len(chunks), C.N_MELS, width), np.float32)
     for k, (mel, spec) in enumerate(chunks):
         piece = mel[:, spec.first_frame : spec.first_frame + spec.n_real * C.PATCH_FRAMES]
-        if floor is None:
-            batch[k, :, : piece.shape[1]] = piece
-        else:
-            np.maximum(piece, np.float32(floor), out=batch[k, :, : piece.shape[1]])
+        batch[k, :, : piece.shape[1]] = piece
     return batch, np.array([spec.n_keys for _, spec in chunks], np.int64)
 
 
-def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | None) -> Any:
+def schedule(jobs: Sequence[tuple[int, ChunkSpec]], max_batch: int) -> list[list[tuple[int, ChunkSpec]]]:
+    """Encoder runs for ``(clip, chunk)`` jobs: chunks of one length share a run (at most
+    ``max_batch``), so no chunk is padded to another's length; full chunks come first, then each
+    partial length in order of first appearance (a clip's own chunks keep their order)."""
+    by_width: dict[int, list[tuple[int, ChunkSpec]]] = {}
+    for job in sorted(jobs, key=lambda j: j[1].n_real != C.CHUNK_PATCHES):  # stable: full chunks first
+        by_width.setdefault(job[1].n_real, []).append(job)
+    return [group[b : b + max_batch] for group in by_width.values() for b in range(0, len(group), max_batch)]
+
+
+def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | None, static_frames: bool = False) -> Any:
     import onnxruntime as ort
 
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
     opts = ort.SessionOptions()
+    if static_frames:
+        opts.add_free_dimension_override_by_name(FRAMES_AXIS, C.CHUNK_FRAMES)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -92,7 +102,10 @@ class AudioEncoder:
     ``encoder_file`` / ``projector_file``: names inside ``model_dir``; ``threads``: ORT intra-op
     threads (default: the cores available); ``max_batch``: chunks per ``session.run`` (default 1
     on the CPU, 8 on CUDA); ``provider``: ``"cpu"`` or ``"cuda"``; ``optimized_model_dir``: where
-    ORT may save its optimized graphs.
+    ORT may save its optimized graphs; ``static_frames``: pin the graph's time axis to 1008 frames
+    and pad every partial chunk to it (for backends that need static shapes; the results at real
+    positions are the same, the padded frames cost compute). Graphs exported with a fixed
+    1008-frame axis always run that way.
     """
 
     def __init__(
@@ -105,6 +118,7 @@ class AudioEncoder:
         max_batch: int | None = None,
         provider: str = "cpu",
         optimized_model_dir: str | Path | None = None,
+        static_frames: bool = False,
     ) -> None:
         d = Path(model_dir)
         if max_batch is None:
@@ -117,7 +131,7 @@ class AudioEncoder:
         self.max_batch = max_batch
         opt = Path(optimized_model_dir) if optimized_model_dir else None
         self.encoder_path, self.projector_path = d / encoder_file, d / projector_file
-        self.encoder = _session(self.encoder_path, threads=self.threads, provider=provider, optimized_dir=opt)
+        self.encoder = _session(self.encoder_path, threads=self.threads, provider=provider, optimized_dir=opt, static_frames=static_frames)
         self.projector = _session(self.projector_path, threads=self.threads, provider=provider, optimized_dir=opt)
         self.meta = read_metadata(self.encoder, self.encoder_path)
         self.projector_meta = read_metadata(self.projector, self.projector_path)
@@ -137,8 +151,10 @@ class AudioEncoder:
             )
         mel_in = self.encoder.get_inputs()[0]
         out = self.encoder.get_outputs()[0]
-        if list(mel_in.shape[1:]) != [C.N_MELS, C.CHUNK_FRAMES] or out.shape[-1] != m.get("embed_dim"):
+        if mel_in.shape[1] != C.N_MELS or mel_in.shape[2] not in (C.CHUNK_FRAMES, FRAMES_AXIS) or out.shape[-1] != m.get("embed_dim"):
             raise CheckpointError(f"{self.encoder_path}: graph shapes {mel_in.shape} -> {out.shape} do not match its metadata")
+        # None: each chunk at its own length; else every chunk is padded to this many frames
+        self.chunk_frames: int | None = C.CHUNK_FRAMES if mel_in.shape[2] == C.CHUNK_FRAMES else None
         stacked = self.projector.get_inputs()[0].shape[-1]
         if stacked != m["embed_dim"] * C.SUBSAMPLE:
             raise CheckpointError(
@@ -150,9 +166,10 @@ class AudioEncoder:
 
     def _chunk_features(
         self, mels: Sequence[np.ndarray], n_samples: Sequence[int], on_chunks: Callable[[int, int], None] | None
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """``(clip index, features [n_real, D])`` of every chunk of every clip, in order; chunks
-        go through the encoder ``max_batch`` per run and ``on_chunks(done, total)`` follows."""
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(clip index, chunk index, features [n_real, D])`` of every chunk of every clip; chunks
+        go through the encoder as :func:`schedule` groups them (each clip's in order) and
+        ``on_chunks(done, total)`` follows."""
         jobs: list[tuple[int, ChunkSpec]] = []
         for i, (mel, n) in enumerate(zip(mels, n_samples)):
             if mel.ndim != 2 or mel.shape[0] != C.N_MELS:
@@ -160,14 +177,15 @@ class AudioEncoder:
             if mel.shape[1] < C.n_frames(max(n, C.MIN_SAMPLES)):
                 raise ConfigError(f"mel of clip {i}: {mel.shape[1]} frames, but {n} samples make {C.n_frames(max(n, C.MIN_SAMPLES))}")
             jobs += [(i, spec) for spec in chunk_plan(max(n, C.MIN_SAMPLES))]
-        for b in range(0, len(jobs), self.max_batch):
-            group = jobs[b : b + self.max_batch]
-            batch, n_keys = chunk_batch([(mels[i], spec) for i, spec in group])
+        done = 0
+        for group in schedule(jobs, self.max_batch):
+            batch, n_keys = chunk_batch([(mels[i], spec) for i, spec in group], frames=self.chunk_frames)
             (feats,) = self.encoder.run(None, {"mel": batch, "n_keys": n_keys})
             for k, (i, spec) in enumerate(group):
-                yield i, feats[k, : spec.n_real]
+                yield i, spec.first_frame // C.CHUNK_FRAMES, feats[k, : spec.n_real]
+            done += len(group)
             if on_chunks:
-                on_chunks(min(b + self.max_batch, len(jobs)), len(jobs))
+                on_chunks(done, len(jobs))
 
     def encode_mels(
         self, mels: Sequence[np.ndarray], n_samples: Sequence[int], *, on_chunks: Callable[[int, int], None] | None = None
@@ -177,10 +195,10 @@ class AudioEncoder:
         All chunks of all clips go through the encoder together, ``max_batch`` per run;
         ``on_chunks(done, total)`` is called after each run (for progress bars).
         """
-        outs: list[list[np.ndarray]] = [[] for _ in mels]
-        for i, feats in self._chunk_features(mels, n_samples, on_chunks):
-            outs[i].append(feats)
-        return [np.concatenate(o) for o in outs]
+        outs: list[dict[int, np.ndarray]] = [{} for _ in mels]
+        for i, c, feats in self._chunk_features(mels, n_samples, on_chunks):
+            outs[i][c] = feats
+        return [np.concatenate([o[c] for c in sorted(o)]) for o in outs]
 
     def project(self, feats: np.ndarray) -> np.ndarray:
         """Stitched 25 Hz features ``[P, D]`` -> audio embeddings ``[P // 5, H]``: the trailing
@@ -205,7 +223,7 @@ class AudioEncoder:
         pending = np.zeros((0, self.embed_dim), np.float32)
         out: list[np.ndarray] = []
         t = time.perf_counter()
-        for _, feats in self._chunk_features([mel], [n_samples], on_chunks):
+        for _, _, feats in self._chunk_features([mel], [n_samples], on_chunks):  # in chunk order
             t1 = time.perf_counter()
             t_enc += t1 - t
             pending = np.concatenate([pending, feats])

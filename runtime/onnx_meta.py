@@ -16,6 +16,9 @@ from .errors import CheckpointError, one_line
 ENCODER_FILE = "encoder.onnx"
 PROJECTOR_FILE = "projector.onnx"
 META_KEY = "mdl_edge"
+# The name of the encoder graph's dynamic time axis (mel frames, a multiple of 4 up to 1008): a
+# partial chunk runs at its own length; a static-shape backend pins it to 1008.
+FRAMES_AXIS = "frames"
 
 
 def _parse(raw: str | None, path: Path) -> dict[str, Any]:

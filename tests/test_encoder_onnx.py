@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from mdl_edge.runtime import constants as C
-from mdl_edge.runtime.encoder import AudioEncoder, chunk_plan
+from mdl_edge.runtime.encoder import AudioEncoder, chunk_plan, schedule
 from mdl_edge.runtime.errors import CheckpointError, ConfigError
 from mdl_edge.runtime.mel import log_mel
 
 from conftest import rel_max_error
 
-SECONDS = [0.2, 1.0, 10.07, 10.08, 10.09, 20.16, 25.0, 61.0]
+SECONDS = [0.2, 1.0, 3.0, 10.07, 10.08, 10.09, 12.0, 20.16, 25.0, 61.0]
 CORNERS = [16480, 16639, 161760, 323040, 161119, 161120]  # floor(L/640) corner cases and a lone masked patch
 LENGTHS = [int(round(s * C.SAMPLE_RATE)) for s in SECONDS] + CORNERS
 
@@ -75,6 +75,60 @@ def test_chunk_plan_corners() -> None:
     L = (2 * C.CHUNK_FRAMES - 1) * C.HOP_LENGTH  # 2016 frames = 504 patches; (L // 160) % 4 == 3
     plan = chunk_plan(L)
     assert [s.first_frame for s in plan] == [0, 1008] and plan[-1].n_keys == plan[-1].n_real - 1
+
+
+class RunSpy:
+    """Records the ``mel`` shape of every encoder run of an :class:`AudioEncoder`."""
+
+    def __init__(self, enc: AudioEncoder) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        run = enc.encoder.run
+
+        def spy(names, feeds):  # noqa: ANN001, ANN202
+            self.shapes.append(feeds["mel"].shape)
+            return run(names, feeds)
+
+        enc.encoder = type("Spied", (), {"run": staticmethod(spy), "get_inputs": enc.encoder.get_inputs})()
+
+
+def test_partial_chunk_runs_at_its_own_length(onnx_dir) -> None:
+    """A 3 s clip costs 300 frames of encoder input, not 1008; a 12 s clip a full chunk and 192."""
+    enc = AudioEncoder(onnx_dir)
+    spy = RunSpy(enc)
+    for seconds in (3.0, 12.0):
+        enc.embed(clip(int(seconds * C.SAMPLE_RATE)))
+    assert spy.shapes == [(1, 64, 300), (1, 64, 1008), (1, 64, 192)]
+    assert all(s[2] < C.CHUNK_FRAMES for s in (spy.shapes[0], spy.shapes[2]))
+
+
+def test_static_frames_pad_to_1008_with_the_same_result(onnx_dir, encoder) -> None:
+    """The graph's time axis pinned to 1008 (as a static-shape backend needs): every chunk is
+    padded, the features at real positions are the dynamic graph's."""
+    static = AudioEncoder(onnx_dir, static_frames=True)
+    spy = RunSpy(static)
+    for n in (int(3 * C.SAMPLE_RATE), 161119, int(12 * C.SAMPLE_RATE)):
+        mel = log_mel(clip(n))
+        (want,) = encoder.encode_mels([mel], [n])
+        (got,) = static.encode_mels([mel], [n])
+        assert got.shape == want.shape
+        err = rel_max_error(got, want)
+        assert err <= 1e-5, f"{n} samples: static vs dynamic relative max error {err:.2e}"
+    assert {s[2] for s in spy.shapes} == {C.CHUNK_FRAMES}
+
+
+def test_schedule_never_pads_a_chunk_to_another_length() -> None:
+    lengths = [int(s * C.SAMPLE_RATE) for s in (3.0, 12.0, 3.0, 25.0, 10.08, 0.5)]
+    jobs = [(i, spec) for i, n in enumerate(lengths) for spec in chunk_plan(max(n, C.MIN_SAMPLES))]
+    runs = schedule(jobs, 4)
+    assert sorted((i, s.first_frame) for r in runs for i, s in r) == sorted((i, s.first_frame) for i, s in jobs)  # every chunk once
+    for r in runs:
+        assert len(r) <= 4 and len({spec.n_real for _, spec in r}) == 1, [spec.n_real for _, spec in r]
+    assert all(spec.n_real == C.CHUNK_PATCHES for _, spec in runs[0])  # full chunks together first
+    # four full chunks (12 s, 2 x 25 s, 10.08 s) in one run; the two 3 s clips share one
+    assert [[spec.n_real for _, spec in r] for r in runs] == [[252] * 4, [75, 75], [48], [121], [12]]
+    for i in range(len(lengths)):  # each clip's chunks keep their order
+        order = [spec.first_frame for r in runs for j, spec in r if j == i]
+        assert order == sorted(order)
 
 
 def test_batched_chunks_equal_one_at_a_time(onnx_dir) -> None:

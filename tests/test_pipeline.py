@@ -21,7 +21,7 @@ def _clip(n: int) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 220 * t * (1 + t)) + np.random.default_rng(n).standard_normal(n) * 0.05).astype(np.float32)
 
 
-@pytest.mark.parametrize("seconds", [0.5, 3.0, 10.09, 20.3])
+@pytest.mark.parametrize("seconds", [0.2, 1.0, 3.0, 10.07, 10.09, 12.0, 25.0])
 def test_runtime_greedy_equals_reference(bundle, tiny_qwen2_model, seconds: float) -> None:
     """fp32 ONNX encoder + f32 GGUF decoder: the same tokens as the PyTorch reference."""
     wave = _clip(int(seconds * C.SAMPLE_RATE))
