@@ -1,9 +1,12 @@
 """The Qwen decoder on llama.cpp (llama-cpp-python's low-level API), fed audio embeddings.
 
 llama-cpp-python's high-level ``Llama`` class takes tokens only; MiDashengLM's prompt holds
-audio embeddings in place of the ``<|AUDIO|>`` placeholders. So the prompt is evaluated in
-segments, token batches for text and ``batch.embd`` batches for audio, at consecutive positions
-exactly as the reference places them. Handles are owned here and freed by ``close()``.
+audio embeddings in place of the ``<|AUDIO|>`` placeholders, and a llama.cpp batch holds either
+tokens or embeddings. So the prompt's text tokens are turned into their ``token_embd`` rows
+(dequantized as llama.cpp's lookup does) and the whole prompt, or the part of it not already in
+the KV cache, is one ``batch.embd`` batch at consecutive positions exactly as the reference places
+them: one pass over the weights instead of one per segment. Handles are owned here and freed by
+``close()``.
 
 A generation is a :class:`Stream`: text pieces as they are produced, then a result with the
 token ids and the stop reason. One lock guards the llama.cpp context; a stream holds it while
@@ -23,7 +26,7 @@ from typing import Generator, Generic, Sequence, TypeVar
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, MdlEdgeError, OptionError
-from .gguf_meta import KEY_ARCHITECTURE, read_gguf_metadata
+from .gguf_meta import KEY_ARCHITECTURE, TokenEmbeddings, read_gguf_header
 from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, resolve_threads, whole_number
 
 logger = logging.getLogger("mdl_edge")
@@ -236,7 +239,9 @@ class LlamaDecoder:
     ``extra_bufts=True`` lets ggml repack weights for this CPU's SIMD kernels: measured on the
     2-core AVX2 machine, Q8_0 prefill 1.4x faster, Q4_K_M unchanged, ~0.2 GB more memory (the
     mapped file pages stay resident beside the repacked copy). Off by default; refused on builds
-    with AMX (see :func:`extra_bufts_safe`).
+    with AMX (see :func:`extra_bufts_safe`). ``one_batch=False`` evaluates a prompt's text and
+    audio segments in separate calls (the way before text rows were fed as embeddings; kept to
+    check that one batch gives the same logits).
     """
 
     def __init__(
@@ -249,6 +254,7 @@ class LlamaDecoder:
         f32_kv: bool = False,
         flash_attn: bool = False,
         extra_bufts: bool = False,
+        one_batch: bool = True,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -257,7 +263,10 @@ class LlamaDecoder:
             raise OptionError("n_ctx", f"n_ctx must be at least {MIN_CTX} positions, got {n_ctx!r}")
         whole_number("n_batch", n_batch)
         n_threads = resolve_threads(threads)
-        self.meta = read_gguf_metadata(self.path)
+        header = read_gguf_header(self.path)
+        self.meta = header.meta
+        self.one_batch = one_batch
+        self._token_embd = TokenEmbeddings(self.path, header) if one_batch else None
         self.arch = str(self.meta.get(KEY_ARCHITECTURE))
         if self.arch not in ("qwen2", "qwen3"):
             raise CheckpointError(f"{self.path}: architecture {self.arch!r} is not a MiDashengLM decoder (qwen2 / qwen3)")
@@ -435,11 +444,24 @@ class LlamaDecoder:
         L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), 0, pos, -1)
         self._cached = list(segments[:keep])
         self._n_past = pos
-        for i, seg in enumerate(segments[keep:]):
-            self._decode(seg, self._n_past, want_logits=keep + i == len(segments) - 1)
+        rest = list(segments[keep:])
+        if self._token_embd is not None and len(rest) > 1 and any(s.embeddings is not None for s in rest):
+            batch = [Segment(embeddings=self._embeddings(rest))]  # text and audio in one batch
+        else:
+            batch = rest
+        for i, seg in enumerate(batch):
+            self._decode(seg, self._n_past, want_logits=i == len(batch) - 1)
             self._n_past += len(seg)
-            self._cached.append(seg)
+        self._cached.extend(rest)
         return total - sum(len(s) for s in segments[:keep])
+
+    def _embeddings(self, segments: Sequence[Segment]) -> np.ndarray:
+        """Segments as one ``[n, n_embd]`` float32 array: text tokens as their ``token_embd`` rows."""
+        assert self._token_embd is not None
+        for s in segments:
+            if s.embeddings is not None and s.embeddings.shape[1] != self.n_embd:
+                raise ConfigError(f"audio embeddings are {s.embeddings.shape[1]}-d but {self.path.name} takes {self.n_embd}-d input")
+        return np.concatenate([self._token_embd.rows(s.tokens) if s.embeddings is None else s.embeddings for s in segments])
 
     def reset(self) -> None:
         """Empty the KV cache (the next prompt is evaluated from scratch)."""

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import constants as C
+from .cpu import cpu_info
 from .errors import CheckpointError, ConfigError, OptionError
 from .mel import log_mel
 from .onnx_meta import ENCODER_FILE, FRAMES_AXIS, PROJECTOR_FILE, read_metadata
@@ -69,12 +70,19 @@ def schedule(jobs: Sequence[tuple[int, ChunkSpec]], max_batch: int) -> list[list
     return [group[b : b + max_batch] for group in by_width.values() for b in range(0, len(group), max_batch)]
 
 
-def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | None, static_frames: bool = False) -> Any:
+# ONNX Runtime's switch from u8 x s8 to u8 x u8 int8 kernels on x86-64 without VNNI (see cpu.py).
+PRECISE_INT8_KEY = "session.x64quantprecision"
+
+
+def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | None, static_frames: bool = False,
+             precise_int8: bool = False) -> Any:
     import onnxruntime as ort
 
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
     opts = ort.SessionOptions()
+    if precise_int8:
+        opts.add_session_config_entry(PRECISE_INT8_KEY, "1")
     if static_frames:
         opts.add_free_dimension_override_by_name(FRAMES_AXIS, C.CHUNK_FRAMES)
     opts.intra_op_num_threads = threads
@@ -105,7 +113,9 @@ class AudioEncoder:
     ORT may save its optimized graphs; ``static_frames``: pin the graph's time axis to 1008 frames
     and pad every partial chunk to it (for backends that need static shapes; the results at real
     positions are the same, the padded frames cost compute). Graphs exported with a fixed
-    1008-frame axis always run that way.
+    1008-frame axis always run that way. ``precise_int8``: ONNX Runtime's exact u8 x u8 int8
+    kernels instead of the u8 x s8 ones, whose 16-bit sums can saturate on x86-64 CPUs without
+    VNNI; default: on exactly there (:attr:`cpu.CpuInfo.int8_saturates`).
     """
 
     def __init__(
@@ -119,8 +129,14 @@ class AudioEncoder:
         provider: str = "cpu",
         optimized_model_dir: str | Path | None = None,
         static_frames: bool = False,
+        precise_int8: bool | None = None,
     ) -> None:
         d = Path(model_dir)
+        if precise_int8 is None:
+            precise_int8 = cpu_info().int8_saturates
+        self.precise_int8 = bool(precise_int8)
+        if self.precise_int8:
+            logger.info("int8 encoder kernels: exact u8 x u8 (%s=1; this CPU has no VNNI)", PRECISE_INT8_KEY)
         if max_batch is None:
             # On a CPU a batch of chunks runs no faster than one chunk at a time (compute-bound:
             # 5.0 vs 5.1 s for 3 chunks at 2 threads) but holds a batch of activations (+0.06 GB
@@ -131,7 +147,8 @@ class AudioEncoder:
         self.max_batch = max_batch
         opt = Path(optimized_model_dir) if optimized_model_dir else None
         self.encoder_path, self.projector_path = d / encoder_file, d / projector_file
-        self.encoder = _session(self.encoder_path, threads=self.threads, provider=provider, optimized_dir=opt, static_frames=static_frames)
+        self.encoder = _session(self.encoder_path, threads=self.threads, provider=provider, optimized_dir=opt, static_frames=static_frames,
+                                precise_int8=self.precise_int8)
         self.projector = _session(self.projector_path, threads=self.threads, provider=provider, optimized_dir=opt)
         self.meta = read_metadata(self.encoder, self.encoder_path)
         self.projector_meta = read_metadata(self.projector, self.projector_path)

@@ -8,7 +8,10 @@ tensor's data fits in the file; cf. CVE-2024-21802 / CVE-2024-21836).
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import CheckpointError
 
@@ -53,9 +56,31 @@ _MAX_DIMS = 4
 _SHORT_ARRAY = 16  # arrays up to this many items are returned whole, longer ones as their length
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's data lies: ``shape`` in ggml order (``ne0`` first, the row length),
+    ggml type id, absolute byte offset in the file."""
+
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    meta: dict[str, object]
+    tensors: dict[str, TensorInfo]
+
+
 def read_gguf_metadata(path: str | Path) -> dict[str, object]:
     """Validate a GGUF file's header and return its key/value metadata (arrays of more than 16
     items as their length). Raises :class:`CheckpointError` naming the file for anything wrong."""
+    return read_gguf_header(path).meta
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """Validate a GGUF file's header: its metadata (as :func:`read_gguf_metadata`) and where each
+    tensor lies."""
     path = Path(path)
     try:
         f = open(path, "rb")
@@ -104,15 +129,16 @@ def read_gguf_metadata(path: str | Path) -> dict[str, object]:
             key = string()
             meta[key] = value(unpack("<I"))
         max_end = 0
+        infos: dict[str, tuple[tuple[int, ...], int, int]] = {}
         for _ in range(n_tensors):
             name = string()
             nd = unpack("<I")
             if nd > _MAX_DIMS:
                 raise CheckpointError(f"{path}: corrupt GGUF tensor info ({nd} dims)")
-            n_elements = 1
-            for _ in range(nd):
-                n_elements *= unpack("<Q")
+            shape = tuple(unpack("<Q") for _ in range(nd))
+            n_elements = int(np.prod(shape, dtype=np.uint64)) if shape else 1
             ggml_type, offset = unpack("<I"), unpack("<Q")
+            infos[name] = (shape, ggml_type, offset)
             block, block_bytes = TENSOR_BLOCKS.get(ggml_type, (1, 0))
             if n_elements % block:
                 raise CheckpointError(f"{path}: corrupt GGUF tensor {name!r} ({n_elements} elements in blocks of {block})")
@@ -123,4 +149,39 @@ def read_gguf_metadata(path: str | Path) -> dict[str, object]:
         data_start = (f.tell() + align - 1) // align * align
         if data_start + max_end > size:
             raise CheckpointError(f"{path}: truncated GGUF (tensor data runs past the end of the file)")
-    return meta
+    return GGUFHeader(meta, {n: TensorInfo(sh, t, data_start + off) for n, (sh, t, off) in infos.items()})
+
+
+TOKEN_EMBD = "token_embd.weight"
+
+
+class TokenEmbeddings:
+    """Rows of a GGUF decoder's ``token_embd`` as llama.cpp's input lookup gives them: the
+    stored row, dequantized to float32 (by gguf-py, llama.cpp's own Python library, whose
+    dequantization mirrors ggml's). Lets text tokens travel in the same batch as audio
+    embeddings. Reads only the rows asked for (the file is memory-mapped)."""
+
+    def __init__(self, path: str | Path, header: GGUFHeader | None = None) -> None:
+        self.path = Path(path)
+        header = header or read_gguf_header(self.path)
+        info = header.tensors.get(TOKEN_EMBD)
+        if info is None or len(info.shape) != 2:
+            raise CheckpointError(f"{self.path}: no 2-D {TOKEN_EMBD} tensor")
+        if info.ggml_type not in TENSOR_BLOCKS:
+            raise CheckpointError(f"{self.path}: {TOKEN_EMBD} has ggml type {info.ggml_type}, which mdl-edge cannot read")
+        self.n_embd, self.n_vocab = info.shape
+        block, block_bytes = TENSOR_BLOCKS[info.ggml_type]
+        self.ggml_type = info.ggml_type
+        self._row_bytes = self.n_embd // block * block_bytes
+        self._table = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(self.n_vocab, self._row_bytes))
+
+    def rows(self, ids: "np.ndarray | list[int] | tuple[int, ...]") -> np.ndarray:
+        """``[len(ids), n_embd]`` float32."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
+            raise CheckpointError(f"{self.path}: token id out of range 0..{self.n_vocab - 1}")
+        raw = np.ascontiguousarray(self._table[ids])
+        return np.ascontiguousarray(dequantize(raw, GGMLQuantizationType(self.ggml_type)), dtype=np.float32).reshape(ids.size, self.n_embd)

@@ -225,3 +225,52 @@ def test_repacked_weights_match_plain(tiny_qwen2_model, ggufs, tmp_path, caplog)
     print(f"repacked vs plain Q4_0: KL {kl:.2e}, max |logit diff| {np.abs(l0 - l1).max():.3g}")
     assert kl < 1e-3, f"KL {kl:.3g}"
     assert t0 == t1, f"plain {t0} vs repacked {t1}"
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_qwen2"])
+def test_prompt_in_one_batch_gives_the_segmentwise_logits(which: str, request, ggufs) -> None:
+    """Text rows fed as embeddings: the whole prompt in one llama_decode gives the logits of the
+    three calls (text, audio, text) at every generated position (f32 decoder, parity mode)."""
+    model = request.getfixturevalue(f"{which}_model")
+    ids, audio = _prompt(model, seconds=3.0)
+    segs = split_prompt(ids, [audio], model.cfg.audio_token_id)
+    assert [s.embeddings is None for s in segs] == [True, False, True]
+    runs = {}
+    for one_batch in (False, True):
+        with LlamaDecoder(ggufs[which], n_ctx=512, f32_kv=True, flash_attn=False, one_batch=one_batch) as dec:
+            calls = []
+            decode = dec._decode
+            dec._decode = lambda seg, pos, want_logits: (calls.append(len(seg)), decode(seg, pos, want_logits))
+            res = dec.generate(segs, max_new_tokens=12, stop_ids=[]).result()
+            dec._decode = decode
+            logits = []
+            for k in range(len(res.token_ids) + 1):
+                dec.evaluate(segs + [_tok(t) for t in res.token_ids[:k]])
+                logits.append(dec.logits())
+            runs[one_batch] = (res.token_ids, np.stack(logits), calls[: len(calls) - len(res.token_ids)])
+    (t3, l3, c3), (t1, l1, c1) = runs[False], runs[True]
+    assert c3 == [len(s) for s in segs] and c1 == [len(ids)], f"prompt calls: segmentwise {c3}, one batch {c1}"
+    worst = float(np.abs(l1 - l3).max() / np.abs(l3).max())
+    assert worst <= 1e-5, f"{which}: one batch vs three calls, relative max logit difference {worst:.2e}"
+    assert t1 == t3
+
+
+def test_token_rows_are_llama_cpps_lookup(tiny_qwen2_dir, ggufs, tmp_path) -> None:
+    """A token's ``token_embd`` row, dequantized by mdl-edge, gives bit-identical logits to
+    llama.cpp's own lookup of the token, for every stored type of the table."""
+    from mdl_edge.quantize.decoder import quantize_decoder
+    from mdl_edge.runtime.gguf_meta import TOKEN_EMBD, read_gguf_header
+
+    toks = (11, 12, 13, 300, 14, 15, 16)
+    paths = [ggufs["tiny_qwen2"]] + [quantize_decoder(ggufs["tiny_qwen2"], tmp_path / f"{v}.gguf", v) for v in ("F16", "Q8_0", "Q4_0")]
+    types = set()
+    for path in paths:
+        types.add(read_gguf_header(path).tensors[TOKEN_EMBD].ggml_type)
+        with LlamaDecoder(path, n_ctx=256, f32_kv=True) as dec:
+            dec.evaluate([Segment(tokens=toks)])
+            want = dec.logits()
+            dec.reset()
+            dec.evaluate([Segment(embeddings=dec._token_embd.rows(toks))])
+            got = dec.logits()
+        assert np.array_equal(got, want), f"{path.name}: max |diff| {np.abs(got - want).max():.2e}"
+    assert len(types) >= 3, types

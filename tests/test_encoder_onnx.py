@@ -291,3 +291,26 @@ def test_chunkwise_projection_equals_projecting_the_stitched_sequence(encoder, n
     assert got.shape == want.shape == (C.n_audio_tokens(wave.size), encoder.hidden_size)
     assert rel_max_error(got, want) <= 1e-6, f"max rel error {rel_max_error(got, want):.3g}"
     assert set(timings) == {"encoder", "projector"}
+
+
+def test_cpu_features_decide_the_int8_kernels(onnx_dir, monkeypatch) -> None:
+    """x86-64 without VNNI gets ORT's exact u8 x u8 int8 kernels; the setting reaches the session."""
+    from mdl_edge.runtime import cpu, encoder as E
+
+    epyc = cpu.parse_cpuinfo("processor\t: 0\nmodel name\t: AMD EPYC 7763 64-Core Processor\nflags\t\t: fpu sse4_2 avx avx2 fma f16c\n", "x86_64")
+    xeon = cpu.parse_cpuinfo("model name\t: Intel(R) Xeon(R) Platinum\nflags\t: avx2 avx512f avx512_vnni amx_int8 amx_tile\n", "x86_64")
+    arm = cpu.parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nCPU part\t: 0xd0c\n", "aarch64")
+    assert epyc.model == "AMD EPYC 7763 64-Core Processor" and epyc.features == ("sse4_2", "avx", "avx2", "fma", "f16c")
+    assert (epyc.int8_saturates, xeon.int8_saturates, arm.int8_saturates) == (True, False, False)
+    assert "avx512_vnni" in xeon.describe() and arm.features == ("asimd", "asimddp", "i8mm")
+    def entry(enc: AudioEncoder) -> str | None:
+        try:
+            return enc.encoder.get_session_options().get_session_config_entry(E.PRECISE_INT8_KEY)
+        except RuntimeError:  # ORT: no such entry
+            return None
+
+    for info, want in ((epyc, "1"), (xeon, None)):
+        monkeypatch.setattr(E, "cpu_info", lambda info=info: info)
+        enc = AudioEncoder(onnx_dir, encoder_file="encoder.int8.onnx")
+        assert enc.precise_int8 == info.int8_saturates and entry(enc) == want
+    assert entry(AudioEncoder(onnx_dir, encoder_file="encoder.int8.onnx", precise_int8=True)) == "1"
