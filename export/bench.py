@@ -3,8 +3,9 @@
 Every configuration runs in a fresh subprocess (so peak RSS is its own), loads its model once,
 then captions each clip (decode + mel + encoder + projector + prefill + a fixed number of
 greedy tokens, stop tokens ignored so every configuration does the same work). Reported per clip:
-time to first token, total, real-time factor (total / audio duration), decode tokens/s; per
-configuration: load time and peak RSS.
+time to first token, total, real-time factor (total / audio duration), each stage's time and its
+rate as a fraction of this machine's measured peak (``export/machine.py``), decode tokens/s; per
+configuration: load time and peak RSS. The table header names the CPU and its SIMD features.
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ from typing import Any
 
 REFERENCE = "reference fp32 (PyTorch)"
 DEFAULT_VARIANTS = (("fp32", "f16"), ("int8", "Q4_K_M"))
-GOALS = {"speedup_30s": 5.0, "rtf_30s": 0.15, "peak_rss_gb": 1.5}
+DEFAULT_CLIPS = "1,2,3,5,10,30,60,300"
+# What the runtime did before it ran partial chunks at their own length, fed the prompt in one
+# batch and turned flash attention on: kept as a configuration so that each gain is a ratio
+# measured in the same run.
+LEGACY = {"static_frames": True, "one_batch": False, "flash_attn": False}
+GOALS = {"speedup_30s": 5.0, "rtf_30s": 0.15, "peak_rss_gb": 1.5, "ttft_short": 0.5, "total_short": 2.5}
+SHORT = (2.0, 3.0, 5.0)  # clips of the time-to-first-token goal
 
 
-def _worker(config: str, variants: list[str] | None, model: str, bundle: str, clips: list[str], tokens: int, threads: int | None) -> dict[str, Any]:
+def _worker(job: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     rows = []
-    if variants is None:
+    clips, tokens, threads = job["clips"], job["tokens"], job["threads"]
+    if job["variants"] is None:
         import torch
 
         from ..runtime.audio import load_audio
@@ -34,7 +42,7 @@ def _worker(config: str, variants: list[str] | None, model: str, bundle: str, cl
 
         if threads:
             torch.set_num_threads(threads)
-        ref = MiDashengLM.from_pretrained(model)
+        ref = MiDashengLM.from_pretrained(job["model"])
         load = time.perf_counter() - t
         with torch.inference_mode():  # warm-up: first-call allocations are not the steady state
             ref.generate_from_embeds(ref.embed_prompt([0, 1, 2], []), max_new_tokens=2, stop_ids=[])
@@ -44,13 +52,15 @@ def _worker(config: str, variants: list[str] | None, model: str, bundle: str, cl
             wave = load_audio(c)
             with torch.inference_mode():
                 (emb,) = ref.encode_audio([wave])
+                t_enc = time.perf_counter() - t0
                 ids = ref.prompt.encode(user_message("Caption the audio."), [emb.shape[0]])
                 embeds = ref.embed_prompt(ids, [emb])
             t_embed = time.perf_counter() - t0
             toks, _, tm = ref.generate_from_embeds(embeds, max_new_tokens=tokens, stop_ids=[])
             total = time.perf_counter() - t0
             # the reference's first token comes out of the prefill
-            rows.append({"clip": c, "seconds": wave.size / 16000, "ttft": t_embed + tm["prefill"], "total": total,
+            rows.append({"clip": c, "seconds": wave.size / 16000, "n_samples": int(wave.size), "ttft": t_embed + tm["prefill"], "total": total,
+                         "encoder": t_enc, "prefill": tm["prefill"], "positions": len(ids),
                          "decode_tok_s": max(len(toks) - 1, 1) / tm["decode"] if tm["decode"] else 0.0, "peak_rss_gb": _peak_rss() / 1e9})
     else:
         import numpy as np
@@ -59,18 +69,20 @@ def _worker(config: str, variants: list[str] | None, model: str, bundle: str, cl
         from ..runtime.pipeline import AudioLM
         from ..runtime.prompt import CAPTION_PROMPT
 
-        enc, dec = variants
-        lm = AudioLM(bundle, encoder=enc, decoder=dec, threads=threads)
+        enc, dec = job["variants"]
+        lm = AudioLM(job["bundle"], encoder=enc, decoder=dec, threads=threads, **job["options"])
         load = time.perf_counter() - t
         lm.generate(np.zeros(16000, np.float32), "Hi", GenerationOptions(max_new_tokens=2, ignore_eos=True), sample_rate=16000)  # warm-up
         options = GenerationOptions(max_new_tokens=tokens, ignore_eos=True)
         for c in clips:
             _reset_peak_rss()
             r = lm.generate(c, CAPTION_PROMPT, options)
-            rows.append({"clip": c, "seconds": r.audio_seconds, "ttft": r.timings["time_to_first_token"], "total": r.timings["total"],
+            rows.append({"clip": c, "seconds": r.audio_seconds, "n_samples": int(round(r.audio_seconds * 16000)),
+                         "ttft": r.timings["time_to_first_token"], "total": r.timings["total"],
+                         "encoder": r.timings["encoder"] + r.timings["projector"], "prefill": r.timings["prefill"], "positions": r.n_evaluated,
                          "decode_tok_s": r.tokens_per_second, "peak_rss_gb": _peak_rss() / 1e9})
         lm.close()
-    return {"config": config, "load_s": load, "clips": rows}
+    return {"config": job["config"], "variants": job["variants"], "load_s": load, "clips": rows}
 
 
 def _reset_peak_rss() -> None:
@@ -97,8 +109,9 @@ def _peak_rss() -> int:
 
 
 def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, tokens: int = 32, threads: int | None = None,
-              variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS) -> list[dict[str, Any]]:
-    """Run the reference and each (encoder, decoder) variant pair in its own process."""
+              variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, reference: bool = True, legacy: bool = True) -> list[dict[str, Any]]:
+    """Run the reference (unless ``reference=False``), each (encoder, decoder) variant pair, and
+    (``legacy``) the last pair as the runtime ran before (:data:`LEGACY`), each in its own process."""
     from ..runtime.bundle import Bundle
     from ..runtime.errors import MdlEdgeError
 
@@ -106,11 +119,15 @@ def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, token
     for enc, dec in variants:  # fail before any long run
         b.variant("encoder", enc)
         b.variant("decoder", dec)
-    configs = [(REFERENCE, None)] + [(f"runtime {e} + {d}", [e, d]) for e, d in variants]
+    configs: list[tuple[str, list[str] | None, dict[str, Any]]] = [(REFERENCE, None, {})] if reference else []
+    configs += [(f"runtime {e} + {d}", [e, d], {}) for e, d in variants]
+    if legacy and variants:
+        e, d = variants[-1]
+        configs.append((f"runtime {e} + {d}, as before #12 (padded chunks, 3-call prompt, no flash attention)", [e, d], LEGACY))
     results = []
-    for config, pair in configs:
-        job = {"config": config, "variants": pair, "model": str(model), "bundle": str(bundle), "clips": [str(c) for c in clips],
-               "tokens": tokens, "threads": threads}
+    for config, pair, options in configs:
+        job = {"config": config, "variants": pair, "options": options, "model": str(model), "bundle": str(bundle),
+               "clips": [str(c) for c in clips], "tokens": tokens, "threads": threads}
         proc = subprocess.run([sys.executable, "-m", "mdl_edge.export.bench", json.dumps(job)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise MdlEdgeError(f"benchmark worker for {config!r} failed:\n{proc.stderr[-3000:]}")
@@ -118,27 +135,92 @@ def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, token
     return results
 
 
-def format_bench(results: list[dict[str, Any]]) -> str:
-    """Markdown table, speedups against the reference on the same clip, and the goals."""
-    ref = {r["clip"]: r for r in results[0]["clips"]}
-    lines = ["| configuration | clip | time to first token (s) | total (s) | vs reference | real-time factor | decode tok/s | load (s) | peak RSS (GB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _fractions(res: dict[str, Any], r: dict[str, Any], bundle: Path | None, peaks: Any) -> tuple[str, str, str]:
+    """Each stage's achieved rate as a fraction of the machine's rate that bounds it: the encoder
+    and the prompt against the GEMM rate of their precision, decoding against read bandwidth."""
+    from ..runtime import constants as C
+    from ..runtime.bundle import Bundle
+    from ..runtime.encoder import chunk_plan
+    from .machine import decoder_cost, encoder_flops
+
+    if peaks is None or bundle is None:
+        return "", "", ""
+    m = Bundle.open(bundle).manifest
+    enc_variant, dec_variant = res["variants"] or ("fp32", "f32")
+    d = m.encoder.embed_dim
+    patches = [spec.n_real for spec in chunk_plan(max(r["n_samples"], C.MIN_SAMPLES))]
+    if res["variants"] and res.get("legacy"):
+        patches = [C.CHUNK_PATCHES] * len(patches)
+    enc_peak = peaks.int8_gops if enc_variant.startswith("int8") else peaks.fp32_gflops
+    enc = encoder_flops(d, m.encoder.depth, 4 * d, patches) / r["encoder"] / 1e9 / enc_peak if r["encoder"] else 0.0
+    if not res["variants"]:
+        return f"{enc:.0%}", "", ""
+    cost = decoder_cost(str(Bundle.open(bundle).variant("decoder", dec_variant)[1]))
+    quantized = dec_variant[0] in "Qq"
+    dec_peak = peaks.int8_gops if quantized else peaks.fp32_gflops
+    pre = cost.flops_per_position * r["positions"] / r["prefill"] / 1e9 / dec_peak if r["prefill"] else 0.0
+    bw = cost.bytes_per_token * r["decode_tok_s"] / 1e9 / peaks.read_gbs
+    return f"{enc:.0%}", f"{pre:.0%}", f"{bw:.0%}"
+
+
+def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = None, peaks: Any = None) -> str:
+    """Markdown table: per configuration and clip, times, ratios to the reference on the same
+    clip, and each stage as a fraction of the machine's measured rate (``peaks``); then the goals."""
+    has_ref = results[0]["config"] == REFERENCE
+    ref = {r["clip"]: r for r in results[0]["clips"]} if has_ref else {}
+    lines = [peaks.header(), ""] if peaks is not None else []
+    lines += ["| configuration | clip | time to first token (s) | total (s) | TTFT vs reference | total vs reference | real-time factor | "
+              "encoder s (% of GEMM peak) | prompt s / positions (% of GEMM peak) | decode tok/s (% of read bandwidth) | load (s) | peak RSS (GB) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for res in results:
+        res["legacy"] = "as before" in res["config"]
         for r in res["clips"]:
-            lines.append(f"| {res['config']} | {r['seconds']:.0f} s | {r['ttft']:.2f} | {r['total']:.2f} | {ref[r['clip']]['total'] / r['total']:.1f}x | "
-                         f"{r['total'] / r['seconds']:.3f} | {r['decode_tok_s']:.1f} | {res['load_s']:.1f} | {r['peak_rss_gb']:.2f} |")
-    fast = results[-1]
-    c30 = [r for r in fast["clips"] if abs(r["seconds"] - 30) < 1]
-    if c30:
-        r = c30[0]
-        speed, rtf = ref[r["clip"]]["total"] / r["total"], r["total"] / r["seconds"]
-        lines.append("")
-        lines.append(f"goals ({fast['config']}, 30 s clip): speedup {speed:.1f}x (goal >= {GOALS['speedup_30s']:g}x: {'met' if speed >= GOALS['speedup_30s'] else 'NOT met'}), "
-                     f"real-time factor {rtf:.3f} (goal <= {GOALS['rtf_30s']}: {'met' if rtf <= GOALS['rtf_30s'] else 'NOT met'}), "
-                     f"peak RSS {r['peak_rss_gb']:.2f} GB (goal <= {GOALS['peak_rss_gb']}: {'met' if r['peak_rss_gb'] <= GOALS['peak_rss_gb'] else 'NOT met'})")
+            base = ref.get(r["clip"])
+            f_enc, f_pre, f_bw = _fractions(res, r, Path(bundle) if bundle else None, peaks)
+            ttft_ratio = f"{r['ttft'] / base['ttft']:.2f}x" if base else "-"
+            total_ratio = f"{base['total'] / r['total']:.1f}x faster" if base else "-"
+            lines.append(
+                f"| {res['config']} | {r['seconds']:g} s | {r['ttft']:.2f} | {r['total']:.2f} | {ttft_ratio} | {total_ratio} | {r['total'] / r['seconds']:.3f} | "
+                f"{r['encoder']:.2f}{f' ({f_enc})' if f_enc else ''} | {r['prefill']:.2f} / {r['positions']}{f' ({f_pre})' if f_pre else ''} | "
+                f"{r['decode_tok_s']:.1f}{f' ({f_bw})' if f_bw else ''} | {res['load_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+    lines += ["", *goal_lines(results)]
     return "\n".join(lines)
+
+
+def goal_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The goals, met or not, for the last non-legacy runtime configuration."""
+    out: list[str] = []
+    runtime = [r for r in results if r["variants"] and "as before" not in r["config"]]
+    if not runtime:
+        return out
+    fast = runtime[-1]
+    by_len = {round(r["seconds"]): r for r in fast["clips"]}
+    ref = {round(r["seconds"]): r for r in results[0]["clips"]} if results[0]["config"] == REFERENCE else {}
+    legacy = [r for r in results if "as before" in r["config"]]
+    old = {round(r["seconds"]): r for r in legacy[0]["clips"]} if legacy else {}
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    for s in SHORT:
+        if s in by_len and s in ref:
+            r, b = by_len[s], ref[s]
+            tt, tot = r["ttft"] / b["ttft"], b["total"] / r["total"]
+            out.append(f"goal ({fast['config']}, {s:g} s clip): time to first token {tt:.2f}x the reference's (<= {GOALS['ttft_short']}: "
+                       f"{verdict(tt <= GOALS['ttft_short'])}), total {tot:.1f}x faster (>= {GOALS['total_short']}: {verdict(tot >= GOALS['total_short'])})")
+    if 30 in by_len and 30 in ref:
+        r = by_len[30]
+        speed, rtf = ref[30]["total"] / r["total"], r["total"] / r["seconds"]
+        out.append(f"goal ({fast['config']}, 30 s clip): speedup {speed:.1f}x (>= {GOALS['speedup_30s']:g}x: {verdict(speed >= GOALS['speedup_30s'])}), "
+                   f"real-time factor {rtf:.3f} (<= {GOALS['rtf_30s']}: {verdict(rtf <= GOALS['rtf_30s'])}), "
+                   f"peak RSS {r['peak_rss_gb']:.2f} GB (<= {GOALS['peak_rss_gb']}: {verdict(r['peak_rss_gb'] <= GOALS['peak_rss_gb'])})")
+    for s, r in sorted(by_len.items()):
+        if s in old:
+            out.append(f"{fast['config']} vs as before #12, {s:g} s clip: time to first token {r['ttft'] / old[s]['ttft']:.2f}x, "
+                       f"prompt {r['prefill'] / old[s]['prefill']:.2f}x, encoder {r['encoder'] / old[s]['encoder']:.2f}x")
+    return out
 
 
 if __name__ == "__main__":
     a = json.loads(sys.argv[1])
-    print(json.dumps(_worker(a["config"], a["variants"], a["model"], a["bundle"], a["clips"], a["tokens"], a["threads"])))
+    print(json.dumps(_worker(a)))

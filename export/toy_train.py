@@ -53,8 +53,6 @@ class TrainPlan:
     lr: float = 1e-3
     warmup: int = 60
     frame_weight: float = 1.0
-    warp: float = 0.12  # mel-axis stretch of up to +-12 % per clip and step (a new voice each time)
-    freq_mask: int = 8  # and one band of up to this many mel bins masked
     threads: int = 2
 
     def key(self) -> str:
@@ -126,29 +124,11 @@ def _patch_embed(model: MiDashengLM, mel: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
 
-def _augment(mel: torch.Tensor, plan: TrainPlan, rng: np.random.Generator) -> torch.Tensor:
-    """A clip's log-mel as another voice might give it: the mel axis stretched by a random factor
-    (a vocal tract length perturbation; formants move, time and labels stay) and one random band
-    masked. Measured here: training voices are learnt well, unseen ones were the gap."""
-    n_mels = mel.shape[0]
-    src = torch.arange(n_mels, dtype=torch.float32) * float(rng.uniform(1 - plan.warp, 1 + plan.warp))
-    src = src.clamp(0, n_mels - 1)
-    lo = src.floor().long()
-    hi = (lo + 1).clamp(max=n_mels - 1)
-    frac = (src - lo)[:, None]
-    out = mel[lo] * (1 - frac) + mel[hi] * frac
-    width = int(rng.integers(0, plan.freq_mask + 1))
-    if width:
-        start = int(rng.integers(0, n_mels - width))
-        out[start : start + width] = out.mean()
-    return out
-
-
-def _encode(model: MiDashengLM, batch: list[dict], augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(model: MiDashengLM, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded log-mels of a batch of clips -> 25 Hz features ``[B, P, D]`` and clip lengths."""
     mel = torch.zeros(len(batch), C.N_MELS, max(e["mel"].shape[1] for e in batch))
     for i, e in enumerate(batch):
-        mel[i, :, : e["mel"].shape[1]] = augment(e["mel"]) if augment else e["mel"]
+        mel[i, :, : e["mel"].shape[1]] = e["mel"]
     lengths = torch.tensor([e["n"] for e in batch])
     x = _patch_embed(model, mel)
     chunks = [x[:, s : s + C.CHUNK_PATCHES] for s in range(0, x.shape[1], C.CHUNK_PATCHES)]
@@ -238,16 +218,13 @@ def train_toy(out: str | Path, plan: TrainPlan = TrainPlan(), *, progress: Calla
         def batch_of(n: int) -> list[dict]:
             return [train[int(i)] for i in rng.integers(0, len(train), n)]
 
-        def augment(mel: torch.Tensor) -> torch.Tensor:
-            return _augment(mel, plan, rng)
-
         def encoder_loss(step: int) -> torch.Tensor:
             batch = batch_of(plan.encoder_batch)
-            return _frame_loss(frame_head, _encode(model, batch, augment)[0], batch)
+            return _frame_loss(frame_head, _encode(model, batch)[0], batch)
 
         def joint_loss(step: int) -> torch.Tensor:
             batch = batch_of(plan.batch)
-            feats, lengths = _encode(model, batch, augment)
+            feats, lengths = _encode(model, batch)
             return _lm_loss(model, feats, lengths, batch, pad) + plan.frame_weight * _frame_loss(frame_head, feats, batch)
 
         _optimise(list(model.audio_encoder.parameters()) + list(frame_head.parameters()), plan.encoder_steps, plan.encoder_lr, plan.warmup,

@@ -69,16 +69,15 @@ class Bundle:
         return name, self.file(section.variants[name].file)
 
     # -- loading checked pieces --------------------------------------------------------------
-    def load_encoder(self, name: str | None = None, *, threads: int | None = None, max_batch: int | None = None,
-                     provider: str = "cpu") -> tuple[str, "AudioEncoder"]:
-        """An encoder variant with the bundle's projector, checked against the manifest."""
+    def load_encoder(self, name: str | None = None, **options: object) -> tuple[str, "AudioEncoder"]:
+        """An encoder variant with the bundle's projector, checked against the manifest;
+        ``options`` go to :class:`~mdl_edge.runtime.encoder.AudioEncoder`."""
         from .encoder import AudioEncoder
 
         name, path = self.variant("encoder", name)
         m = self.manifest
         self.file(m.projector.file)
-        enc = AudioEncoder(self.dir, encoder_file=m.encoder.variants[name].file, projector_file=m.projector.file,
-                           threads=threads, max_batch=max_batch, provider=provider)
+        enc = AudioEncoder(self.dir, encoder_file=m.encoder.variants[name].file, projector_file=m.projector.file, **options)  # type: ignore[arg-type]
         if enc.source_hash != m.source_hash:
             raise CheckpointError(f"{path}: made from another checkpoint than this bundle (source hash {enc.source_hash} vs {m.source_hash})")
         if enc.embed_dim != m.encoder.embed_dim or enc.hidden_size != m.projector.hidden_size or m.projector.hidden_size != m.decoder.hidden_size:

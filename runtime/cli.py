@@ -151,7 +151,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import soundfile as sf
 
-    from ..export.bench import format_bench, run_bench
+    from ..export.bench import DEFAULT_CLIPS, format_bench, run_bench
     from ..export.bundle import export_bundle
     from ..export.synth import write_synthetic_checkpoint
     from . import constants as C
@@ -168,7 +168,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"exporting {bundle} (fp32 + int8 encoders; f16 + Q4_K_M decoders)", file=sys.stderr)
         export_bundle(model, bundle, encoders=["fp32", "int8"], decoders=["f16", "Q4_K_M"], progress=lambda m: print(m, file=sys.stderr))
     clips = []
-    for s in (float(x) for x in args.clips.split(",")):
+    for s in (float(x) for x in (args.clips or ("1,3,5,10,30" if args.preset == "7b" else DEFAULT_CLIPS)).split(",")):
         path = work / f"clip-{s:g}s.wav"
         if not path.exists():
             sf.write(path, demo_clip(s), C.SAMPLE_RATE, subtype="PCM_16")
@@ -176,8 +176,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     pairs = tuple(tuple(v.split("+")) for v in args.variants.split(","))
     if any(len(p) != 2 for p in pairs):
         raise MdlEdgeError(f"--variants wants ENCODER+DECODER pairs, got {args.variants!r}")
-    results = run_bench(model, bundle, clips, tokens=args.tokens, threads=args.threads, variants=pairs)  # type: ignore[arg-type]
-    print(format_bench(results))
+    from ..export.machine import measure
+    from .options import resolve_threads
+
+    reference = not args.no_reference and args.preset != "7b"
+    if not reference:
+        print("runtime only: " + ("--no-reference" if args.no_reference else "the 7B PyTorch reference needs more memory than this benchmark assumes"),
+              file=sys.stderr)
+    peaks = measure(resolve_threads(args.threads))
+    results = run_bench(model, bundle, clips, tokens=args.tokens, threads=args.threads, variants=pairs,  # type: ignore[arg-type]
+                        reference=reference, legacy=not args.no_legacy)
+    print(format_bench(results, bundle=bundle, peaks=peaks))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -394,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
         perf.add_argument("--threads", type=int, help="CPU threads (default: all available)")
         perf.add_argument("--n-ctx", type=int, help="decoder context in positions (default: sized to each request)")
         perf.add_argument("--n-batch", type=int, default=512, help="prompt positions per llama.cpp batch (default: %(default)s)")
-        perf.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention (faster long prompts; not bit-identical)")
+        perf.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=None,
+                          help="llama.cpp flash attention (default: on; faster prompts, logits differ by round-off)")
         perf.add_argument("--extra-bufts", action="store_true", help="let llama.cpp repack weights for this CPU (faster Q8_0 prefill; more memory)")
         perf.add_argument("--provider", default="cpu", help="encoder execution provider: cpu or cuda (default: %(default)s)")
         perf.add_argument("--max-batch", type=int, help="encoder chunks per ONNX run (default: 1 on cpu, 8 on cuda)")
@@ -417,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bundle", help="bundle with fp32/int8 encoders and f16/Q4_K_M decoders (default: export into --work)")
     b.add_argument("--preset", default="0.6b")
     b.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mdl-edge-bench"))
-    b.add_argument("--clips", default="10,30,60,300", help="clip lengths in seconds (default: %(default)s)")
+    b.add_argument("--clips", default=None, help="clip lengths in seconds (default: 1,2,3,5,10,30,60,300; 7b: 1,3,5,10,30)")
+    b.add_argument("--no-reference", action="store_true", help="time the runtime only (always so for --preset 7b)")
+    b.add_argument("--no-legacy", action="store_true", help="leave out the configuration that runs as before issue #12")
     b.add_argument("--tokens", type=int, default=32, help="new tokens per caption (stop tokens ignored)")
     b.add_argument("--variants", default="fp32+f16,int8+Q4_K_M", help="runtime ENCODER+DECODER pairs to time (default: %(default)s)")
     b.add_argument("--threads", type=int)

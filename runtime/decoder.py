@@ -236,6 +236,9 @@ class LlamaDecoder:
     cache costs memory in proportion to it. ``threads``: default all available cores.
     ``f32_kv=True`` and flash attention off give logits equal to transformers' to ~1e-5 with an
     f32 GGUF (parity mode); the default f16 KV cache is faster and uses half the memory.
+    ``flash_attn`` defaults to on, except in parity mode (``f32_kv=True``): measured on 2-core
+    Xeons it raises prefill speed (Qwen3-0.6B Q4_K_M: 245 -> 322 positions/s) and changes logits
+    by float round-off (``mdl-edge parity`` shows it).
     ``extra_bufts=True`` lets ggml repack weights for this CPU's SIMD kernels: measured on the
     2-core AVX2 machine, Q8_0 prefill 1.4x faster, Q4_K_M unchanged, ~0.2 GB more memory (the
     mapped file pages stay resident beside the repacked copy). Off by default; refused on builds
@@ -252,11 +255,13 @@ class LlamaDecoder:
         threads: int | None = None,
         n_batch: int = 512,
         f32_kv: bool = False,
-        flash_attn: bool = False,
+        flash_attn: bool | None = None,
         extra_bufts: bool = False,
         one_batch: bool = True,
     ) -> None:
         self.path = Path(path)
+        if flash_attn is None:
+            flash_attn = not f32_kv
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: not found")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < MIN_CTX):
@@ -266,6 +271,7 @@ class LlamaDecoder:
         header = read_gguf_header(self.path)
         self.meta = header.meta
         self.one_batch = one_batch
+        self.flash_attn = bool(flash_attn)
         self._token_embd = TokenEmbeddings(self.path, header) if one_batch else None
         self.arch = str(self.meta.get(KEY_ARCHITECTURE))
         if self.arch not in ("qwen2", "qwen3"):

@@ -42,6 +42,8 @@ class Result:
     audio_seconds: float
     stop_reason: str  # "stop_token" or "max_new_tokens"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    n_prompt: int = 0  # prompt positions (text and audio)
+    n_evaluated: int = 0  # of them evaluated for this answer (the rest was in the KV cache)
 
     @property
     def tokens_per_second(self) -> float:
@@ -54,11 +56,12 @@ class AudioLM:
 
     Keyword options: ``threads`` (default: the cores available), ``encoder`` / ``decoder``
     (variant names from the bundle's manifest; default: the manifest's defaults);
-    for the encoder ``provider`` (``"cpu"`` or ``"cuda"``) and ``max_batch`` (chunks per ONNX
-    run); for the decoder ``n_ctx`` (context in positions; default: automatic, sized to each
+    for the encoder ``provider`` (``"cpu"`` or ``"cuda"``), ``max_batch`` (chunks per ONNX
+    run), ``static_frames`` and ``precise_int8`` (see :class:`~mdl_edge.runtime.encoder.AudioEncoder`);
+    for the decoder ``n_ctx`` (context in positions; default: automatic, sized to each
     request), ``n_batch`` (prompt positions per llama.cpp batch), ``f32_kv`` (f32 KV cache, for
-    parity), ``flash_attn``, ``extra_bufts`` (repacked weights; see
-    :class:`~mdl_edge.runtime.decoder.LlamaDecoder`).
+    parity), ``flash_attn`` (default on, off in parity mode: ``f32_kv=True``), ``extra_bufts``
+    (repacked weights), ``one_batch`` (see :class:`~mdl_edge.runtime.decoder.LlamaDecoder`).
 
     One instance is safe to share between threads: generations take turns on the one llama.cpp
     context. A stream holds the context until it is read to the end or closed.
@@ -76,15 +79,21 @@ class AudioLM:
         n_ctx: int | None = None,
         n_batch: int = 512,
         f32_kv: bool = False,
-        flash_attn: bool = False,
+        flash_attn: bool | None = None,
         extra_bufts: bool = False,
+        one_batch: bool = True,
+        static_frames: bool = False,
+        precise_int8: bool | None = None,
     ) -> None:
         threads = resolve_threads(threads)
         self.bundle = Bundle.open(path)
         self.prompt = self.bundle.prompt
-        self.encoder_variant, self.encoder = self.bundle.load_encoder(encoder, threads=threads, max_batch=max_batch, provider=provider)
+        self.encoder_variant, self.encoder = self.bundle.load_encoder(
+            encoder, threads=threads, max_batch=max_batch, provider=provider, static_frames=static_frames, precise_int8=precise_int8
+        )
         self.decoder_variant, self.decoder = self.bundle.load_decoder(
-            decoder, n_ctx=n_ctx, threads=threads, n_batch=n_batch, f32_kv=f32_kv, flash_attn=flash_attn, extra_bufts=extra_bufts
+            decoder, n_ctx=n_ctx, threads=threads, n_batch=n_batch, f32_kv=f32_kv, flash_attn=flash_attn, extra_bufts=extra_bufts,
+            one_batch=one_batch,
         )
         self.threads = threads
         # The last clip's embeddings, for follow-up questions: (source key, embeddings, samples).
@@ -182,7 +191,7 @@ class AudioLM:
         before = timings["decode_audio"] + timings["mel"] + timings["encoder"] + timings["projector"]
         timings["time_to_first_token"] = before + (first if first is not None else res.prefill_s)
         timings["total"] = time.perf_counter() - t0
-        return Result(res.text, res.token_ids, int(emb.shape[0]), n_samples / C.SAMPLE_RATE, res.stop_reason, timings)
+        return Result(res.text, res.token_ids, int(emb.shape[0]), n_samples / C.SAMPLE_RATE, res.stop_reason, timings, res.n_prompt, res.n_evaluated)
 
     def generate(
         self,

@@ -1,0 +1,135 @@
+"""This machine's own limits, measured in the same run as a benchmark: fp32 and int8 matrix-product
+rates (ONNX Runtime's MLAS kernels, the ones the encoder runs on, weights prepacked as the
+encoder's are) and memory read bandwidth. The machines we run on change from day to day; a stage's
+time is only comparable across them as a fraction of the rate that bounds it.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..runtime.cpu import CpuInfo, cpu_info
+
+GEMM_N = 2048  # square side: large enough that the kernels, not the edges, set the rate
+READ_BYTES = 1 << 30  # well beyond any last-level cache
+
+
+@dataclass(frozen=True)
+class MachinePeaks:
+    """Measured rates: fp32 GFLOP/s, int8 GOP/s (multiply-adds count 2), read GB/s."""
+
+    cpu: CpuInfo
+    threads: int
+    fp32_gflops: float
+    int8_gops: float
+    read_gbs: float
+
+    def header(self) -> str:
+        return (f"CPU: {self.cpu.describe()}\n"
+                f"measured here, {self.threads} threads: fp32 GEMM {self.fp32_gflops:.0f} GFLOP/s, int8 GEMM {self.int8_gops:.0f} GOP/s "
+                f"(ONNX Runtime MatMul / MatMulInteger, {GEMM_N}^3), memory read {self.read_gbs:.1f} GB/s")
+
+
+def best_of(fn: Callable[[], object], repeats: int, *, warmup: bool = True) -> float:
+    """Best wall time of ``repeats`` calls (after one untimed call when ``warmup``)."""
+    if warmup:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _gemm_session(int8: bool, threads: int):  # noqa: ANN202 (an onnxruntime session)
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    n = GEMM_N
+    if int8:
+        w = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "w")
+        node = helper.make_node("MatMulInteger", ["x", "w"], ["y"])
+        x_type, y_type = TensorProto.UINT8, TensorProto.INT32
+    else:
+        w = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "w")
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        x_type = y_type = TensorProto.FLOAT
+    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("x", x_type, [n, n])],
+                              [helper.make_tensor_value_info("y", y_type, [n, n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def gemm_rate(int8: bool, threads: int, repeats: int = 3) -> float:
+    """Giga-operations per second of an ``N x N x N`` product (2 per multiply-add)."""
+    sess = _gemm_session(int8, threads)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (GEMM_N, GEMM_N), dtype=np.uint8) if int8 else rng.standard_normal((GEMM_N, GEMM_N), dtype=np.float32)
+    s = best_of(lambda: sess.run(None, {"x": x}), repeats)
+    return 2 * GEMM_N**3 / s / 1e9
+
+
+def read_bandwidth(threads: int, repeats: int = 3) -> float:
+    """GB/s of summing a 1 GiB array, split between ``threads`` threads (numpy releases the GIL)."""
+    data = np.ones(READ_BYTES // 4, np.float32)
+    parts = np.array_split(data, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        s = best_of(lambda: list(pool.map(np.add.reduce, parts)), repeats)
+    return READ_BYTES / s / 1e9
+
+
+def measure(threads: int) -> MachinePeaks:
+    """All three rates at ``threads`` threads (a few seconds)."""
+    return MachinePeaks(cpu_info(), threads, gemm_rate(False, threads), gemm_rate(True, threads), read_bandwidth(threads))
+
+
+def encoder_flops(embed_dim: int, depth: int, mlp_dim: int, patches: list[int]) -> float:
+    """Operations (2 per multiply-add) of the encoder over chunks of ``patches`` patches each:
+    patch embedding, QKV, attention scores and values, output projection, MLP."""
+    d = embed_dim
+    total = 0.0
+    for n in patches:
+        block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * mlp_dim
+        total += depth * block + 2 * n * 256 * d
+    return total
+
+
+@dataclass(frozen=True)
+class DecoderCost:
+    """A GGUF decoder's work: operations per prompt position (the weight matrices of the layers,
+    2 per multiply-add; the output matrix runs for the last position only) and bytes of weights
+    read per generated token (every layer's, and the output matrix)."""
+
+    flops_per_position: float
+    bytes_per_token: float
+
+
+def decoder_cost(path: str) -> DecoderCost:
+    from ..runtime.gguf_meta import TENSOR_BLOCKS, TOKEN_EMBD, read_gguf_header
+
+    tensors = read_gguf_header(path).tensors
+    flops = 0.0
+    read = 0.0
+    for name, info in tensors.items():
+        n = float(np.prod(info.shape, dtype=np.float64))
+        block, block_bytes = TENSOR_BLOCKS.get(info.ggml_type, (1, 4))
+        size = n / block * block_bytes
+        if name == TOKEN_EMBD:
+            if "output.weight" not in tensors:  # tied: the table is also the output matrix
+                read += size
+            continue
+        if name != "output.weight" and len(info.shape) == 2:
+            flops += 2 * n
+        read += size
+    return DecoderCost(flops, read)
