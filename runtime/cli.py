@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, MdlEdgeError, OptionError
-from .options import DEFAULT_MAX_NEW_TOKENS
+from .options import DEFAULT_MAX_NEW_TOKENS, default_parallel
 
 EXPORT_HINT = "this command needs the export extra (PyTorch, transformers): pip install 'mdl-edge[export]'"
 
@@ -77,8 +77,8 @@ def _variants(text: str) -> list[str]:
 def _run_task(args: argparse.Namespace, task: str) -> int:
     import json
 
-    from .options import GenerationOptions, SamplingOptions
-    from .pipeline import AudioLM
+    from .options import GenerationOptions, SamplingOptions, whole_number
+    from .pipeline import AudioLM, Request, Result
     from .progress import Progress
     from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt
 
@@ -87,39 +87,65 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
     prompt = {"caption": lambda: CAPTION_PROMPT, "transcribe": lambda: transcribe_prompt(args.language),
               "ask": lambda: question_prompt(args.question)}[task]()
     streaming = args.stream and not args.json
+    whole_number("parallel", args.parallel)
+    # streamed text of several files at once would interleave: one at a time then
+    parallel = 1 if streaming else min(args.parallel, len(args.audio))
     failed: list[str] = []
     # progress on stderr: files done, and encoder chunks of long clips; never when streaming text
     bar = Progress(len(args.audio), "files", enabled=not args.no_progress and not streaming)
+
+    def report(path: str, res: Result | MdlEdgeError) -> None:
+        if isinstance(res, MdlEdgeError):
+            failed.append(path)
+            if args.json:
+                print(json.dumps({"file": path, "error": str(res)}, ensure_ascii=False), flush=True)
+            elif streaming:
+                print()
+            print(f"mdl-edge: error: {res}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps({
+                "file": path, "text": res.text, "token_ids": list(res.token_ids), "n_audio_tokens": res.n_audio_tokens,
+                "audio_seconds": res.audio_seconds, "stop_reason": res.stop_reason, "timings": res.timings,
+                "tokens_per_second": res.tokens_per_second,
+            }, ensure_ascii=False), flush=True)
+        elif streaming:
+            print()
+        else:
+            print(f"{path}: {res.text}", flush=True)
+
     with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder, provider=args.provider,
                  max_batch=args.max_batch, n_ctx=args.n_ctx, n_batch=args.n_batch, flash_attn=args.flash_attn,
                  extra_bufts=args.extra_bufts) as lm:
-        for n_done, path in enumerate(args.audio):
-            bar.update(n_done, Path(path).name)
-            try:
+        if parallel == 1:
+            for n_done, path in enumerate(args.audio):
+                bar.update(n_done, Path(path).name)
                 if streaming:
                     print(f"{path}: ", end="", flush=True)
-                res = lm.generate(path, prompt, options, on_text=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
-                                  on_chunks=lambda k, total, name=Path(path).name: bar.update(n_done, f"{name}: chunk {k}/{total}"))
-            except MdlEdgeError as e:
+                try:
+                    res: Result | MdlEdgeError = lm.generate(
+                        path, prompt, options, on_text=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
+                        on_chunks=lambda k, total, name=Path(path).name: bar.update(n_done, f"{name}: chunk {k}/{total}"))
+                except MdlEdgeError as e:
+                    res = e
                 bar.close()
-                failed.append(path)
+                report(path, res)
+        else:
+            # JSON lines as each file finishes (each names its file); text in input order
+            pending: dict[int, Result | MdlEdgeError] = {}
+            next_out = 0
+            requests = (Request(audio=p, prompt=prompt, options=options, tag=i) for i, p in enumerate(args.audio))
+            for n_done, (req, res) in enumerate(lm.run(requests, parallel=parallel), start=1):
+                bar.update(n_done, Path(args.audio[req.tag]).name)
                 if args.json:
-                    print(json.dumps({"file": path, "error": str(e)}, ensure_ascii=False))
-                elif streaming:
-                    print()
-                print(f"mdl-edge: error: {e}", file=sys.stderr)
-                continue
+                    bar.close()
+                    report(args.audio[req.tag], res)
+                    continue
+                pending[req.tag] = res
+                while next_out in pending:
+                    bar.close()
+                    report(args.audio[next_out], pending.pop(next_out))
+                    next_out += 1
             bar.close()
-            if args.json:
-                print(json.dumps({
-                    "file": path, "text": res.text, "token_ids": list(res.token_ids), "n_audio_tokens": res.n_audio_tokens,
-                    "audio_seconds": res.audio_seconds, "stop_reason": res.stop_reason, "timings": res.timings,
-                    "tokens_per_second": res.tokens_per_second,
-                }, ensure_ascii=False))
-            elif streaming:
-                print()
-            else:
-                print(f"{path}: {res.text}")
     if failed:
         print(f"mdl-edge: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -400,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--stream", action="store_true", help="print tokens as they are generated")
         t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
         perf = t.add_argument_group("performance")
+        perf.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
+                          help="files decoded together in one llama.cpp context (default here: %(default)s; 4, or 2 under 8 GB of "
+                               "memory; 1 with --stream)")
         perf.add_argument("--threads", type=int, help="CPU threads (default: all available)")
         perf.add_argument("--n-ctx", type=int, help="decoder context in positions (default: sized to each request)")
         perf.add_argument("--n-batch", type=int, default=512, help="prompt positions per llama.cpp batch (default: %(default)s)")

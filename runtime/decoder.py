@@ -272,7 +272,7 @@ class LlamaDecoder:
         self.meta = header.meta
         self.one_batch = one_batch
         self.flash_attn = bool(flash_attn)
-        self._token_embd = TokenEmbeddings(self.path, header) if one_batch else None
+        self._token_embd = TokenEmbeddings(self.path, header)
         self.arch = str(self.meta.get(KEY_ARCHITECTURE))
         if self.arch not in ("qwen2", "qwen3"):
             raise CheckpointError(f"{self.path}: architecture {self.arch!r} is not a MiDashengLM decoder (qwen2 / qwen3)")
@@ -318,16 +318,22 @@ class LlamaDecoder:
             self.close()
             raise
 
-    def _new_context(self, n_ctx: int) -> None:
+    def _new_context(self, n_ctx: int, n_seq: int = 1) -> None:
+        """(Re)create the context: ``n_ctx`` KV cells shared by up to ``n_seq`` sequences (one
+        unified cache, so a long request and short ones can share it)."""
         L = self._L
         if self._ctx:
             L.llama_free(self._ctx)
             self._ctx = None
         self._cparams.n_ctx = n_ctx
+        self._cparams.n_seq_max = n_seq
+        if hasattr(self._cparams, "kv_unified"):
+            self._cparams.kv_unified = True
         self._ctx = L.llama_init_from_model(self._model, self._cparams)
         if not self._ctx:
             raise CheckpointError(f"{self.path}: llama.cpp could not create a context of {n_ctx} tokens")
         self.n_ctx = L.llama_n_ctx(self._ctx)
+        self.n_seq = n_seq
         self._cached: list[Segment] = []  # what the KV cache holds, as segments
         self._n_past = 0
 
@@ -341,7 +347,7 @@ class LlamaDecoder:
             raise ConfigError(f"this request needs {need} positions but the decoder was trained on {limit}; shorten the audio or max_new_tokens")
         size = min(-(-need // AUTO_CTX_STEP) * AUTO_CTX_STEP, limit)
         logger.info("growing the decoder context from %d to %d positions", self.n_ctx, size)
-        self._new_context(size)
+        self._new_context(size, self.n_seq)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -451,7 +457,7 @@ class LlamaDecoder:
         self._cached = list(segments[:keep])
         self._n_past = pos
         rest = list(segments[keep:])
-        if self._token_embd is not None and len(rest) > 1 and any(s.embeddings is not None for s in rest):
+        if self.one_batch and len(rest) > 1 and any(s.embeddings is not None for s in rest):
             batch = [Segment(embeddings=self._embeddings(rest))]  # text and audio in one batch
         else:
             batch = rest
@@ -463,7 +469,6 @@ class LlamaDecoder:
 
     def _embeddings(self, segments: Sequence[Segment]) -> np.ndarray:
         """Segments as one ``[n, n_embd]`` float32 array: text tokens as their ``token_embd`` rows."""
-        assert self._token_embd is not None
         for s in segments:
             if s.embeddings is not None and s.embeddings.shape[1] != self.n_embd:
                 raise ConfigError(f"audio embeddings are {s.embeddings.shape[1]}-d but {self.path.name} takes {self.n_embd}-d input")

@@ -15,16 +15,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import numpy as np
 
 from . import constants as C
 from .audio import AudioSource, expected_samples, iter_audio
 from .bundle import Bundle
+from .batching import DecodeRequest, Failed, generate_many
 from .decoder import Stream, split_prompt
+from .errors import MdlEdgeError
 from .mel import log_mel_blocks
-from .options import GenerationOptions, resolve_threads
+from .options import GenerationOptions, resolve_threads, whole_number
 from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt, user_message
 
 logger = logging.getLogger("mdl_edge")
@@ -225,6 +227,76 @@ class AudioLM:
         """Answer a question about a clip. Several questions about one clip reuse its encoding;
         with ``audio_first=True`` they also reuse the decoder's evaluated audio prefix."""
         return self.generate(audio, question_prompt(question), options, **call)
+
+
+    # -- many requests -----------------------------------------------------------------------
+    def run(self, requests: Iterable[Request], *, parallel: int = 4) -> Iterator[tuple[Request, Result | MdlEdgeError]]:
+        """Answer many requests, up to ``parallel`` decoded together in the one llama.cpp context
+        (continuous batching, see :mod:`~mdl_edge.runtime.batching`); yields ``(request, result)``
+        as each finishes, or ``(request, error)`` for one that failed (a file that cannot be
+        read, a clip too long for the context): the others go on. ``requests`` is read lazily:
+        a clip is decoded and encoded when a decoder slot is about to free, so a folder of
+        thousands of files never sits in memory. A request's ``on_text`` receives its text as it
+        is generated. Closing the iterator early stops every request."""
+        whole_number("parallel", parallel)
+        state: dict[int, tuple[Request, dict[str, float], float, int, int]] = {}
+
+        def prepared() -> Iterator[DecodeRequest | Failed]:
+            for req in requests:
+                if not isinstance(req, Request):
+                    raise TypeError(f"requests must be Request objects, got {type(req).__name__}")
+                timings: dict[str, float] = {}
+                t0 = time.perf_counter()
+                try:
+                    emb, n_samples = self.embed(req.audio, sample_rate=req.sample_rate, timings=timings)
+                    ids = self.prompt.encode(user_message(req.prompt, audio_first=req.options.audio_first), [emb.shape[0]])
+                    segments = tuple(split_prompt(ids, [emb], self.prompt.special.audio))
+                except MdlEdgeError as e:
+                    state[id(req)] = (req, timings, t0, 0, 0)
+                    yield Failed(req, e)
+                    continue
+                state[id(req)] = (req, timings, t0, int(emb.shape[0]), n_samples)
+                stop_ids = () if req.options.ignore_eos else (*self.prompt.stop_ids, *req.options.stop_ids)
+                yield DecodeRequest(segments, req, req.options.max_new_tokens, tuple(stop_ids), req.options.sampling)
+
+        with generate_many(self.decoder, prepared(), slots=parallel) as events:
+            first: dict[int, float] = {}
+            for ev in events:
+                req, timings, t0, n_tokens, n_samples = state[id(ev.key)]
+                if ev.text:
+                    first.setdefault(id(req), time.perf_counter() - t0)
+                    if req.on_text:
+                        req.on_text(ev.text)
+                if not ev.done:
+                    continue
+                del state[id(req)]
+                if ev.error is not None:
+                    yield req, ev.error if isinstance(ev.error, MdlEdgeError) else MdlEdgeError(str(ev.error))
+                    continue
+                res = ev.result
+                assert res is not None
+                timings.update(prefill=res.prefill_s, decode=res.decode_s, total=time.perf_counter() - t0)
+                timings["time_to_first_token"] = first.pop(id(req), timings["total"])
+                yield req, Result(res.text, res.token_ids, n_tokens, n_samples / C.SAMPLE_RATE, res.stop_reason, timings,
+                                  res.n_prompt, res.n_evaluated)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """One question about one clip for :meth:`AudioLM.run`: the audio (a path, bytes, a file
+    object, or an array with ``sample_rate``), the prompt (default: caption), the options,
+    ``tag`` (anything the caller wants back, e.g. a file name) and ``on_text``."""
+
+    audio: AudioSource
+    prompt: str = CAPTION_PROMPT
+    options: GenerationOptions = _DEFAULT
+    sample_rate: int | None = None
+    tag: Any = None
+    on_text: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, GenerationOptions):
+            raise TypeError(f"options must be a GenerationOptions, got {type(self.options).__name__}")
 
 
 class _TimedBlocks(Iterator[np.ndarray]):

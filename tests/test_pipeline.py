@@ -102,14 +102,27 @@ def test_cli_json_and_failures(bundle, tmp_path, capsys) -> None:
     sf.write(good, _clip(2 * C.SAMPLE_RATE), C.SAMPLE_RATE)
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF garbage")
-    code = main(["caption", str(good), str(bad), str(good), "--model", str(bundle), "--json", "--max-new-tokens", "4"])
+    code = main(["caption", str(good), str(bad), str(good), "--model", str(bundle), "--json", "--max-new-tokens", "4", "--parallel", "2"])
     out = capsys.readouterr()
-    lines = [json.loads(line) for line in out.out.splitlines()]
+    lines = [json.loads(line) for line in out.out.splitlines()]  # as each finishes: the bad file first
     assert code == 1 and len(lines) == 3
-    assert lines[0]["file"] == str(good) and lines[0]["n_audio_tokens"] == 10 and "timings" in lines[0]
-    assert "error" in lines[1] and "bad.wav" in lines[1]["error"]
-    assert lines[2]["text"] == lines[0]["text"]
+    assert lines[0]["file"] == str(bad) and "error" in lines[0] and "bad.wav" in lines[0]["error"]
+    assert lines[1]["file"] == lines[2]["file"] == str(good) and lines[1]["n_audio_tokens"] == 10 and "timings" in lines[1]
+    assert lines[2]["text"] == lines[1]["text"]
     assert "1 of 3 file(s) failed" in out.err
+    # text output keeps the input order, whatever finishes first; same answers as one at a time
+    short = tmp_path / "short.wav"
+    sf.write(short, _clip(C.SAMPLE_RATE // 2), C.SAMPLE_RATE)
+    files = [str(good), str(short), str(bad), str(good)]
+    for parallel in ("1", "3"):
+        assert main(["caption", *files, "--model", str(bundle), "--max-new-tokens", "6", "--parallel", parallel]) == 1
+        text = capsys.readouterr().out.splitlines()
+        assert [t.split(": ")[0] for t in text] == [str(good), str(short), str(good)], text
+        if parallel == "1":
+            one_at_a_time = text
+    assert text == one_at_a_time
+    assert main(["caption", str(good), "--model", str(bundle), "--parallel", "0"]) == 2
+    assert "argument --parallel: must be a whole number >= 1" in capsys.readouterr().err
     assert main(["ask", str(good), "-q", "Is it music?", "--model", str(bundle), "--stream", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith(f"{good}: ")
     long = tmp_path / "long.wav"

@@ -1,0 +1,340 @@
+"""Continuous batching: several generations in one llama.cpp context, decoded together.
+
+Decoding one sequence reads every weight of the decoder for each token; decoding several in one
+``llama_decode`` reads them once per step for all of them. Each step here is one batch of
+embedding rows: one row per running sequence (its last token's ``token_embd`` row, which gives
+llama.cpp's own token lookup bit for bit), then, in the room left up to ``n_batch``, the next
+piece of a newly admitted request's prompt (its text rows and audio embeddings), so a long
+prefill never stalls the running sequences for more than one step. Every sequence has its own
+sampler chain, stop ids and new-token limit; a finished or cancelled one frees its KV cells at
+once and the next waiting request takes its slot. Requests whose prompts start with the same text
+share those KV cells (``llama_memory_seq_cp``) instead of evaluating it again.
+
+The KV cache is one unified pool of cells: a request is admitted when its prompt plus its
+new-token limit fits beside the running ones; with the automatic context size the pool grows
+(between requests, when nothing runs) up to ``slots`` times the longest request, and a request
+longer than the model's training length is refused alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, Utf8Pieces
+from .errors import ConfigError, MdlEdgeError
+from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, whole_number
+
+logger = logging.getLogger("mdl_edge")
+
+# A shared prompt start shorter than this is evaluated again rather than copied.
+MIN_SHARED_PREFIX = 4
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """One generation for :func:`generate_many`; ``key`` is the caller's handle for it."""
+
+    segments: tuple[Segment, ...]
+    key: Any = None
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    stop_ids: tuple[int, ...] = ()
+    sampling: SamplingOptions = SamplingOptions()
+
+    def __post_init__(self) -> None:
+        whole_number("max_new_tokens", self.max_new_tokens)
+        if not self.segments or sum(len(s) for s in self.segments) == 0:
+            raise ConfigError("empty prompt")
+
+    @property
+    def n_prompt(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request that failed before it reached the decoder (e.g. its audio could not be read):
+    passed through :func:`generate_many` as its error event, in turn."""
+
+    key: Any
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class DecodeEvent:
+    """What happened to one request: a new text piece, or its end (``result``, or ``error``)."""
+
+    key: Any
+    text: str = ""
+    result: DecodeResult | None = None
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: DecodeRequest
+    seq_id: int
+    rows: np.ndarray  # the prompt as embedding rows [n_prompt, n_embd]
+    sampler: Any
+    n_done: int = 0  # prompt positions in the KV cache
+    n_shared: int = 0  # of them copied from another sequence
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    pieces: Utf8Pieces = field(default_factory=Utf8Pieces)
+    t_start: float = 0.0
+    t_prefilled: float = 0.0
+    share_from: "_Seq | None" = None  # waits for this sequence to evaluate the shared prompt start
+
+    @property
+    def n_past(self) -> int:
+        return self.n_done + len(self.tokens)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_done < self.rows.shape[0]
+
+    @property
+    def need(self) -> int:
+        return self.req.n_prompt + self.req.max_new_tokens + 1
+
+
+class BatchRun:
+    """The events of :func:`generate_many` as they happen; :meth:`cancel` stops one request
+    (it ends with an error event, its slot goes to the next request)."""
+
+    def __init__(self, dec: LlamaDecoder, requests: Iterable[DecodeRequest | Failed], slots: int) -> None:
+        whole_number("slots", slots)
+        self._dec = dec
+        self._requests = iter(requests)
+        self._slots = slots
+        self._cancel: set[int] = set()
+        self._gen = self._run()
+
+    def __iter__(self) -> "BatchRun":
+        return self
+
+    def __next__(self) -> DecodeEvent:
+        return next(self._gen)
+
+    def cancel(self, key: Any) -> None:
+        """Stop the request with this key before its next token (no-op once it has ended)."""
+        self._cancel.add(id(key))
+
+    def close(self) -> None:
+        """Stop every request and free the context for other calls."""
+        self._gen.close()
+
+    def __enter__(self) -> "BatchRun":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _run(self) -> Iterator[DecodeEvent]:
+        dec = self._dec
+        with dec._lock:
+            self._prepare()
+            try:
+                yield from self._loop()
+            finally:
+                L = dec._L
+                for seq in self._running:
+                    L.llama_sampler_free(seq.sampler)
+                L.llama_memory_clear(L.llama_get_memory(dec._ctx), True)
+                dec._cached, dec._n_past = [], 0
+
+    def _prepare(self) -> None:
+        dec = self._dec
+        if dec.n_seq < self._slots or (dec.auto_ctx and dec.n_ctx < self._slots * AUTO_CTX_STEP):
+            size = max(dec.n_ctx, self._slots * AUTO_CTX_STEP) if dec.auto_ctx else dec.n_ctx
+            dec._new_context(size, self._slots)
+        else:
+            L = dec._L
+            L.llama_memory_clear(L.llama_get_memory(dec._ctx), True)
+        dec._cached, dec._n_past = [], 0
+        self._running: list[_Seq] = []
+        self._free = list(range(self._slots))
+
+    def _loop(self) -> Iterator[DecodeEvent]:
+        dec = self._dec
+        waiting: deque[DecodeRequest] = deque()
+        exhausted = False
+        while True:
+            while not exhausted and len(waiting) < len(self._free) + 1:
+                item = next(self._requests, None)
+                if item is None:
+                    exhausted = True
+                elif isinstance(item, Failed):
+                    yield DecodeEvent(item.key, error=item.error)
+                else:
+                    waiting.append(item)
+            yield from self._admit(waiting)
+            yield from self._drop_cancelled()
+            if not self._running:
+                if exhausted and not waiting:
+                    return
+                continue
+            plan = self._plan()
+            self._decode(plan)
+            yield from self._sample(plan)
+
+    def _admit(self, waiting: deque[DecodeRequest]) -> Iterator[DecodeEvent]:
+        dec = self._dec
+        limit = max(dec.n_ctx_train, AUTO_CTX_STEP)
+        while self._free and waiting:
+            req = waiting[0]
+            need = req.n_prompt + req.max_new_tokens + 1
+            if need > (limit if dec.auto_ctx else dec.n_ctx):
+                waiting.popleft()
+                yield DecodeEvent(req.key, error=ConfigError(
+                    f"this request needs {need} positions but the decoder holds {limit if dec.auto_ctx else dec.n_ctx} per sequence; "
+                    "shorten the audio or max_new_tokens"))
+                continue
+            used = sum(s.need for s in self._running)
+            if used + need > dec.n_ctx:
+                if self._running or not dec.auto_ctx:
+                    return  # wait for cells to free
+                size = -(-need // AUTO_CTX_STEP) * AUTO_CTX_STEP * self._slots
+                logger.info("growing the decoder context from %d to %d cells", dec.n_ctx, size)
+                dec._new_context(size, self._slots)
+            waiting.popleft()
+            try:
+                rows = dec._embeddings(req.segments) if any(s.embeddings is not None for s in req.segments) \
+                    else dec._token_embd.rows([t for s in req.segments for t in s.tokens])
+            except MdlEdgeError as e:
+                yield DecodeEvent(req.key, error=e)
+                continue
+            seq = _Seq(req, self._free.pop(0), rows, dec._sampler(req.sampling), t_start=time.perf_counter())
+            self._share_prefix(seq)
+            self._running.append(seq)
+
+    def _share_prefix(self, seq: _Seq) -> None:
+        """Find a running sequence whose prompt starts with the same text: its KV cells for that
+        text are copied (now, or as soon as it has evaluated them) instead of evaluated again."""
+        first = seq.req.segments[0]
+        if first.embeddings is not None or len(first) < MIN_SHARED_PREFIX:
+            return
+        for other in self._running:
+            head = other.req.segments[0]
+            if head.embeddings is None and head.tokens == first.tokens and other.share_from is None:
+                seq.share_from = other
+                self._resolve_share(seq)
+                return
+
+    def _resolve_share(self, seq: _Seq) -> None:
+        src = seq.share_from
+        if src is None:
+            return
+        n = len(seq.req.segments[0])
+        if src not in self._running:  # it ended before evaluating the shared text: evaluate it here
+            seq.share_from = None
+        elif src.n_done >= n:
+            L = self._dec._L
+            L.llama_memory_seq_cp(L.llama_get_memory(self._dec._ctx), src.seq_id, seq.seq_id, 0, n)
+            seq.n_done = seq.n_shared = n
+            seq.share_from = None
+
+    def _drop_cancelled(self) -> Iterator[DecodeEvent]:
+        for seq in [s for s in self._running if id(s.req.key) in self._cancel]:
+            self._cancel.discard(id(seq.req.key))
+            self._finish(seq)
+            yield DecodeEvent(seq.req.key, error=MdlEdgeError("cancelled"))
+
+    def _plan(self) -> list[tuple[_Seq, int, int, bool]]:
+        """This step's rows: ``(sequence, first row, count, wants logits)`` per sequence; one
+        row for each sequence that is generating, then prompt pieces in the room left."""
+        n_batch = self._dec.n_batch
+        for s in self._running:
+            self._resolve_share(s)
+        plan = [(s, -1, 1, True) for s in self._running if not s.prefilling]
+        room = n_batch - len(plan)
+        for s in self._running:
+            if s.prefilling and s.share_from is None and room > 0:
+                k = min(room, s.rows.shape[0] - s.n_done)
+                plan.append((s, s.n_done, k, s.n_done + k == s.rows.shape[0]))
+                room -= k
+        return plan
+
+    def _decode(self, plan: list[tuple[_Seq, int, int, bool]]) -> None:
+        dec = self._dec
+        L = dec._L
+        b = dec._batch(True)
+        last = [s.tokens[-1] for s, start, _, _ in plan if start < 0]
+        token_rows = dec._token_embd.rows(last) if last else None
+        n = sum(k for _, _, k, _ in plan)
+        buf = np.empty((n, dec.n_embd), np.float32)
+        i = j = 0
+        for s, start, k, logits in plan:
+            if start < 0:
+                buf[i] = token_rows[j]  # type: ignore[index]
+                pos0 = s.n_past - 1
+                j += 1
+            else:
+                buf[i : i + k] = s.rows[start : start + k]
+                pos0 = start
+            for r in range(k):
+                b.pos[i + r] = pos0 + r
+                b.n_seq_id[i + r] = 1
+                b.seq_id[i + r][0] = s.seq_id
+                b.logits[i + r] = logits and r == k - 1
+            i += k
+        b.n_tokens = n
+        ctypes.memmove(b.embd, buf.ctypes.data, buf.nbytes)
+        rc = L.llama_decode(dec._ctx, b)
+        if rc != 0:
+            raise MdlEdgeError(f"llama_decode failed (code {rc}) on a batch of {n} rows from {len(plan)} sequences")
+
+    def _sample(self, plan: list[tuple[_Seq, int, int, bool]]) -> Iterator[DecodeEvent]:
+        dec = self._dec
+        L = dec._L
+        row = 0
+        for s, start, k, logits in plan:
+            row += k
+            if start >= 0:
+                s.n_done += k
+                if not logits:
+                    continue
+                s.t_prefilled = time.perf_counter()
+            tok = int(L.llama_sampler_sample(s.sampler, dec._ctx, row - 1))
+            stop = tok in s.req.stop_ids
+            if not stop:
+                s.tokens.append(tok)
+                piece = s.pieces.push(dec.piece(tok))
+                if piece:
+                    s.text.append(piece)
+                    yield DecodeEvent(s.req.key, text=piece)
+            if stop or len(s.tokens) >= s.req.max_new_tokens:
+                tail = s.pieces.flush()
+                if tail:
+                    s.text.append(tail)
+                    yield DecodeEvent(s.req.key, text=tail)
+                self._finish(s)
+                now = time.perf_counter()
+                yield DecodeEvent(s.req.key, result=DecodeResult(
+                    "".join(s.text), tuple(s.tokens), "stop_token" if stop else "max_new_tokens", s.req.n_prompt,
+                    s.req.n_prompt - s.n_shared, s.t_prefilled - s.t_start, now - s.t_prefilled))
+
+    def _finish(self, seq: _Seq) -> None:
+        L = self._dec._L
+        L.llama_memory_seq_rm(L.llama_get_memory(self._dec._ctx), seq.seq_id, -1, -1)
+        L.llama_sampler_free(seq.sampler)
+        self._running.remove(seq)
+        self._free.append(seq.seq_id)
+        self._free.sort()
+
+
+def generate_many(dec: LlamaDecoder, requests: Iterable[DecodeRequest | Failed], *, slots: int = 4) -> BatchRun:
+    """Decode ``requests`` (read lazily, one more than there are free slots) up to ``slots`` at a
+    time in ``dec``'s context; iterate the result for :class:`DecodeEvent` s as they happen."""
+    return BatchRun(dec, requests, slots)
