@@ -221,6 +221,101 @@ def goal_lines(results: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+# -- many sequences at once (issue #13) ------------------------------------------------------------
+PARALLEL = (1, 2, 4, 8)
+PARALLEL_GOALS = {"decode_4": 2.0, "decode_8": 2.5, "files_4": 1.6, "rss_4_gb": 0.3}
+
+
+def _parallel_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """One decoder variant at one parallelism: every (clip, new tokens) workload, each over
+    ``files`` copies of the clip (stop tokens ignored, so all do the same work)."""
+    from ..runtime.options import GenerationOptions
+    from ..runtime.pipeline import AudioLM, Request
+    from ..runtime.prompt import CAPTION_PROMPT
+
+    rows = []
+    with AudioLM(job["bundle"], encoder="int8", decoder=job["decoder"], threads=job["threads"]) as lm:
+        warm = [Request(audio=job["clips"][0], options=GenerationOptions(max_new_tokens=2, ignore_eos=True))]
+        list(lm.run(warm, parallel=job["parallel"]))
+        for clip, files in zip(job["clips"], job["files"]):
+            for tokens in job["tokens"]:
+                _reset_peak_rss()
+                options = GenerationOptions(max_new_tokens=tokens, ignore_eos=True)
+                stats: dict[str, float] = {}
+                t = time.perf_counter()
+                results = list(lm.run([Request(audio=clip, options=options, tag=i) for i in range(files)], parallel=job["parallel"], stats=stats))
+                wall = time.perf_counter() - t
+                bad = [r for _, r in results if not hasattr(r, "token_ids")]
+                if bad:
+                    raise RuntimeError(f"benchmark request failed: {bad[0]}")
+                rows.append({"clip": clip, "seconds": results[0][1].audio_seconds, "tokens": tokens, "files": files, "wall": wall,
+                             "files_per_s": files / wall, "decode_tok_s": stats["decode_rows"] / stats["decode_seconds"] if stats["decode_seconds"] else 0.0,
+                             "steps": stats["steps"], "peak_rss_gb": _peak_rss() / 1e9})
+    return {"decoder": job["decoder"], "parallel": job["parallel"], "rows": rows}
+
+
+def run_parallel_bench(bundle: str | Path, clips: list[Path], *, decoders: tuple[str, ...] = ("Q4_K_M", "f16"), parallel: tuple[int, ...] = PARALLEL,
+                       tokens: tuple[int, ...] = (32, 128), threads: int | None = None) -> list[dict[str, Any]]:
+    """Each decoder at each parallelism in its own process (its own peak RSS); every clip is
+    captioned ``max(4, 2 x parallel)`` times per workload (16 for the goal's 5 s clips)."""
+    from ..runtime.errors import MdlEdgeError
+
+    out = []
+    for dec in decoders:
+        for p in parallel:
+            job = {"mode": "parallel", "bundle": str(bundle), "decoder": dec, "parallel": p, "threads": threads, "tokens": list(tokens),
+                   "clips": [str(c) for c in clips], "files": [16 if abs(_clip_seconds(c) - 5) < 0.5 else max(4, 2 * p) for c in clips]}
+            proc = subprocess.run([sys.executable, "-m", "mdl_edge.export.bench", json.dumps(job)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise MdlEdgeError(f"parallel benchmark worker ({dec}, {p} sequences) failed:\n{proc.stderr[-3000:]}")
+            out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def _clip_seconds(path: str | Path) -> float:
+    import soundfile as sf
+
+    return float(sf.info(str(path)).duration)
+
+
+def format_parallel(results: list[dict[str, Any]], *, bundle: str | Path, peaks: Any = None) -> str:
+    """Markdown table: per decoder, clip, new tokens and parallelism, the aggregate decode rate
+    (and its ratio to one sequence, and the fraction of read bandwidth its steps use), files/s
+    end to end (and ratio), peak RSS; then the goals."""
+    from ..runtime.bundle import Bundle
+    from .machine import decoder_cost
+
+    b = Bundle.open(bundle)
+    lines = [peaks.header(), ""] if peaks is not None else []
+    lines += ["| decoder | clip | new tokens | sequences | files | decode tok/s (all sequences) | vs 1 sequence | steps' share of read bandwidth | "
+              "files/s | vs 1 sequence | peak RSS (GB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base: dict[tuple[str, float, int], dict[str, Any]] = {}
+    goals: list[str] = []
+    for res in sorted(results, key=lambda r: (r["decoder"], r["parallel"])):
+        cost = decoder_cost(str(b.variant("decoder", res["decoder"])[1]))
+        for r in res["rows"]:
+            key = (res["decoder"], round(r["seconds"]), r["tokens"])
+            if res["parallel"] == 1:
+                base[key] = r
+            one = base.get(key)
+            share = f"{cost.bytes_per_token * r['decode_tok_s'] / res['parallel'] / 1e9 / peaks.read_gbs:.0%}" if peaks else "-"
+            dec_x = f"{r['decode_tok_s'] / one['decode_tok_s']:.2f}x" if one and one["decode_tok_s"] else "-"
+            files_x = f"{r['files_per_s'] / one['files_per_s']:.2f}x" if one else "-"
+            lines.append(f"| {res['decoder']} | {r['seconds']:g} s | {r['tokens']} | {res['parallel']} | {r['files']} | {r['decode_tok_s']:.1f} | {dec_x} | "
+                         f"{share} | {r['files_per_s']:.2f} | {files_x} | {r['peak_rss_gb']:.2f} |")
+            if res["decoder"] == "Q4_K_M" and one and res["parallel"] in (4, 8):
+                x = r["decode_tok_s"] / one["decode_tok_s"]
+                want = PARALLEL_GOALS["decode_4" if res["parallel"] == 4 else "decode_8"]
+                goals.append(f"goal (Q4_K_M, {r['seconds']:g} s, {r['tokens']} tokens): decode at {res['parallel']} sequences {x:.2f}x one "
+                             f"(>= {want}: {'met' if x >= want else 'NOT met'})")
+                if res["parallel"] == 4 and round(r["seconds"]) == 5 and r["tokens"] == 32:
+                    fx, drss = r["files_per_s"] / one["files_per_s"], r["peak_rss_gb"] - one["peak_rss_gb"]
+                    goals.append(f"goal (Q4_K_M, 16 clips of 5 s, 32 tokens): --parallel 4 gives {fx:.2f}x the files/s of 1 (>= {PARALLEL_GOALS['files_4']}: "
+                                 f"{'met' if fx >= PARALLEL_GOALS['files_4'] else 'NOT met'}); peak RSS +{drss:.2f} GB (<= {PARALLEL_GOALS['rss_4_gb']}: "
+                                 f"{'met' if drss <= PARALLEL_GOALS['rss_4_gb'] else 'NOT met'})")
+    return "\n".join(lines + [""] + goals)
+
+
 if __name__ == "__main__":
     a = json.loads(sys.argv[1])
-    print(json.dumps(_worker(a)))
+    print(json.dumps(_parallel_worker(a) if a.get("mode") == "parallel" else _worker(a)))

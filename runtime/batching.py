@@ -66,6 +66,11 @@ class Failed:
     error: BaseException
 
 
+#: Yielded by a request iterable that has nothing ready yet (requests prepared by another thread):
+#: running sequences go on decoding meanwhile.
+NOT_READY = object()
+
+
 @dataclass(frozen=True)
 class DecodeEvent:
     """What happened to one request: a new text piece, or its end (``result``, or ``error``)."""
@@ -112,13 +117,15 @@ class BatchRun:
     """The events of :func:`generate_many` as they happen; :meth:`cancel` stops one request
     (it ends with an error event, its slot goes to the next request)."""
 
-    def __init__(self, dec: LlamaDecoder, requests: Iterable[DecodeRequest | Failed], slots: int) -> None:
+    def __init__(self, dec: LlamaDecoder, requests: Iterable[Any], slots: int) -> None:
         whole_number("slots", slots)
         self._dec = dec
         self._requests = iter(requests)
         self._slots = slots
         self._cancel: set[int] = set()
         self._gen = self._run()
+        #: steps with decode rows only (no prompt pieces): how many, their rows, their seconds
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_seconds": 0.0, "steps": 0}
 
     def __iter__(self) -> "BatchRun":
         return self
@@ -175,6 +182,10 @@ class BatchRun:
                 item = next(self._requests, None)
                 if item is None:
                     exhausted = True
+                elif item is NOT_READY:
+                    if self._running or waiting:
+                        break
+                    time.sleep(0.002)  # nothing to decode: wait for the producer
                 elif isinstance(item, Failed):
                     yield DecodeEvent(item.key, error=item.error)
                 else:
@@ -186,8 +197,15 @@ class BatchRun:
                     return
                 continue
             plan = self._plan()
+            t = time.perf_counter()
             self._decode(plan)
-            yield from self._sample(plan)
+            events = list(self._sample(plan))
+            self.stats["steps"] += 1
+            if all(start < 0 for _, start, _, _ in plan):
+                self.stats["decode_steps"] += 1
+                self.stats["decode_rows"] += len(plan)
+                self.stats["decode_seconds"] += time.perf_counter() - t
+            yield from events
 
     def _admit(self, waiting: deque[DecodeRequest]) -> Iterator[DecodeEvent]:
         dec = self._dec
@@ -334,7 +352,8 @@ class BatchRun:
         self._free.sort()
 
 
-def generate_many(dec: LlamaDecoder, requests: Iterable[DecodeRequest | Failed], *, slots: int = 4) -> BatchRun:
-    """Decode ``requests`` (read lazily, one more than there are free slots) up to ``slots`` at a
-    time in ``dec``'s context; iterate the result for :class:`DecodeEvent` s as they happen."""
+def generate_many(dec: LlamaDecoder, requests: Iterable[Any], *, slots: int = 4) -> BatchRun:
+    """Decode ``requests`` (:class:`DecodeRequest` or :class:`Failed` items, read lazily, one more
+    than there are free slots; an item may be :data:`NOT_READY`) up to ``slots`` at a time in
+    ``dec``'s context; iterate the result for :class:`DecodeEvent` s as they happen."""
     return BatchRun(dec, requests, slots)

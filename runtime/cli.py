@@ -194,17 +194,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"exporting {bundle} (fp32 + int8 encoders; f16 + Q4_K_M decoders)", file=sys.stderr)
         export_bundle(model, bundle, encoders=["fp32", "int8"], decoders=["f16", "Q4_K_M"], progress=lambda m: print(m, file=sys.stderr))
     clips = []
-    for s in (float(x) for x in (args.clips or ("1,3,5,10,30" if args.preset == "7b" else DEFAULT_CLIPS)).split(",")):
+    default_clips = "5,30" if args.parallel else "1,3,5,10,30" if args.preset == "7b" else DEFAULT_CLIPS
+    for s in (float(x) for x in (args.clips or default_clips).split(",")):
         path = work / f"clip-{s:g}s.wav"
         if not path.exists():
             sf.write(path, demo_clip(s), C.SAMPLE_RATE, subtype="PCM_16")
         clips.append(path)
+    args.variants_given = args.variants is not None
+    args.variants = args.variants or "fp32+f16,int8+Q4_K_M"
     pairs = tuple(tuple(v.split("+")) for v in args.variants.split(","))
     if any(len(p) != 2 for p in pairs):
         raise MdlEdgeError(f"--variants wants ENCODER+DECODER pairs, got {args.variants!r}")
     from ..export.machine import measure
     from .options import resolve_threads
 
+    if args.parallel:
+        from ..export.bench import format_parallel, run_parallel_bench
+
+        peaks = measure(resolve_threads(args.threads))
+        decoders = tuple(v.split("+")[1] for v in args.variants.split(",")) if args.variants_given else ("Q4_K_M", "f16")
+        seqs = tuple(int(x) for x in args.parallel.split(","))
+        results = run_parallel_bench(bundle, clips, decoders=decoders, parallel=seqs, tokens=tuple(int(x) for x in args.parallel_tokens.split(",")),
+                                     threads=args.threads)
+        print(format_parallel(results, bundle=bundle, peaks=peaks))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
     reference = not args.no_reference and args.preset != "7b"
     if not reference:
         print("runtime only: " + ("--no-reference" if args.no_reference else "the 7B PyTorch reference needs more memory than this benchmark assumes"),
@@ -459,8 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clips", default=None, help="clip lengths in seconds (default: 1,2,3,5,10,30,60,300; 7b: 1,3,5,10,30)")
     b.add_argument("--no-reference", action="store_true", help="time the runtime only (always so for --preset 7b)")
     b.add_argument("--no-legacy", action="store_true", help="leave out the configuration that runs as before issue #12")
+    b.add_argument("--parallel", nargs="?", const="1,2,4,8", metavar="N,N,...",
+                   help="instead: aggregate decode rate and files/s at these numbers of sequences decoded together (default 1,2,4,8; "
+                        "clips default 5,30; decoders Q4_K_M and f16, or those of --variants)")
+    b.add_argument("--parallel-tokens", default="32,128", help="new tokens per file in the --parallel table (default: %(default)s)")
     b.add_argument("--tokens", type=int, default=32, help="new tokens per caption (stop tokens ignored)")
-    b.add_argument("--variants", default="fp32+f16,int8+Q4_K_M", help="runtime ENCODER+DECODER pairs to time (default: %(default)s)")
+    b.add_argument("--variants", default=None, help="runtime ENCODER+DECODER pairs to time (default: fp32+f16,int8+Q4_K_M)")
     b.add_argument("--threads", type=int)
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(func=_cmd_bench)

@@ -22,7 +22,7 @@ import numpy as np
 from . import constants as C
 from .audio import AudioSource, expected_samples, iter_audio
 from .bundle import Bundle
-from .batching import DecodeRequest, Failed, generate_many
+from .batching import NOT_READY, DecodeRequest, Failed, generate_many
 from .decoder import Stream, split_prompt
 from .errors import MdlEdgeError
 from .mel import log_mel_blocks
@@ -230,14 +230,18 @@ class AudioLM:
 
 
     # -- many requests -----------------------------------------------------------------------
-    def run(self, requests: Iterable[Request], *, parallel: int = 4) -> Iterator[tuple[Request, Result | MdlEdgeError]]:
+    def run(self, requests: Iterable[Request], *, parallel: int = 4, overlap: bool = False,
+            stats: dict[str, float] | None = None) -> Iterator[tuple[Request, Result | MdlEdgeError]]:
         """Answer many requests, up to ``parallel`` decoded together in the one llama.cpp context
         (continuous batching, see :mod:`~mdl_edge.runtime.batching`); yields ``(request, result)``
         as each finishes, or ``(request, error)`` for one that failed (a file that cannot be
         read, a clip too long for the context): the others go on. ``requests`` is read lazily:
         a clip is decoded and encoded when a decoder slot is about to free, so a folder of
         thousands of files never sits in memory. A request's ``on_text`` receives its text as it
-        is generated. Closing the iterator early stops every request."""
+        is generated. Closing the iterator early stops every request. ``overlap=True`` encodes
+        the next clips in a background thread while the decoder steps (see the README for what
+        it measured). ``stats`` (a dict) receives the decoder's step counts and the time of its
+        decode-only steps (for benchmarks)."""
         whole_number("parallel", parallel)
         state: dict[int, tuple[Request, dict[str, float], float, int, int]] = {}
 
@@ -259,7 +263,8 @@ class AudioLM:
                 stop_ids = () if req.options.ignore_eos else (*self.prompt.stop_ids, *req.options.stop_ids)
                 yield DecodeRequest(segments, req, req.options.max_new_tokens, tuple(stop_ids), req.options.sampling)
 
-        with generate_many(self.decoder, prepared(), slots=parallel) as events:
+        source: Iterator[Any] = _ahead(prepared(), parallel) if overlap else prepared()
+        with generate_many(self.decoder, source, slots=parallel) as events:
             first: dict[int, float] = {}
             for ev in events:
                 req, timings, t0, n_tokens, n_samples = state[id(ev.key)]
@@ -279,6 +284,8 @@ class AudioLM:
                 timings["time_to_first_token"] = first.pop(id(req), timings["total"])
                 yield req, Result(res.text, res.token_ids, n_tokens, n_samples / C.SAMPLE_RATE, res.stop_reason, timings,
                                   res.n_prompt, res.n_evaluated)
+            if stats is not None:
+                stats.update(events.stats)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,6 +304,54 @@ class Request:
     def __post_init__(self) -> None:
         if not isinstance(self.options, GenerationOptions):
             raise TypeError(f"options must be a GenerationOptions, got {type(self.options).__name__}")
+
+
+def _ahead(items: Iterator[Any], n: int) -> Iterator[Any]:
+    """Produce ``items`` in a background thread, at most ``n`` ahead of the consumer; while none is
+    ready, yield :data:`~mdl_edge.runtime.batching.NOT_READY` instead of blocking. An exception in
+    the producer is raised here. Stops the producer when closed."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=n)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    worker = threading.Thread(target=produce, name="mdl-edge-encoder", daemon=True)
+    worker.start()
+    try:
+        while True:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                yield NOT_READY
+                continue
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 class _TimedBlocks(Iterator[np.ndarray]):

@@ -104,9 +104,11 @@ def test_failed_requests_pass_through_alone(decoder, prompts) -> None:
     assert got["a"].token_ids == _alone(decoder, prompts[0], 8) and got["b"].token_ids == _alone(decoder, prompts[1], 8)
 
 
-def test_audiolm_run_many_files(bundle, tmp_path) -> None:
-    """AudioLM.run over files (one of them corrupt): each result is the single-request result,
-    text arrives per request, the bad file fails alone with its name."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_audiolm_run_many_files(bundle, tmp_path, overlap: bool) -> None:
+    """AudioLM.run over files (one of them corrupt), clips encoded in turn or in a background
+    thread: each result is the single-request result, text arrives per request, the bad file
+    fails alone with its name."""
     import soundfile as sf
 
     paths = []
@@ -122,7 +124,7 @@ def test_audiolm_run_many_files(bundle, tmp_path) -> None:
         single = {p: lm.caption(p, options) for p in paths if p != bad}
         pieces: dict[Path, list[str]] = {p: [] for p in paths}
         reqs = [Request(audio=p, options=options, tag=p, on_text=pieces[p].append) for p in paths]
-        out = list(lm.run(reqs, parallel=3))
+        out = list(lm.run(reqs, parallel=3, overlap=overlap))
     assert sorted(str(r.tag) for r, _ in out) == sorted(str(p) for p in paths)
     for req, res in out:
         if req.tag == bad:

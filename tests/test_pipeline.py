@@ -165,3 +165,15 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     assert "vs as before #12, 2 s clip" in table
     row = next(line for line in table.splitlines() if line.startswith("| runtime int8 + Q8_0 | 2 s"))
     assert row.count("%") == 3, row  # encoder, prompt and decoding each as a fraction of the machine's rate
+
+
+def test_bench_parallel_table(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
+    args = ["bench", "--model", str(tiny_qwen2_dir), "--bundle", str(bundle), "--work", str(tmp_path), "--clips", "1,5",
+            "--parallel", "1,4", "--parallel-tokens", "4", "--variants", "int8+Q8_0", "--json", str(tmp_path / "p.json")]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    results = json.loads((tmp_path / "p.json").read_text())
+    assert [(r["decoder"], r["parallel"]) for r in results] == [("Q8_0", 1), ("Q8_0", 4)]
+    assert [r["files"] for r in results[1]["rows"]] == [8, 16]  # 2 x 4 one-second clips, the goal's 16 five-second ones
+    assert all(r["decode_tok_s"] > 0 and r["files_per_s"] > 0 for res in results for r in res["rows"])
+    assert table.startswith("CPU: ") and "| Q8_0 | 5 s | 4 | 4 | 16 |" in table
