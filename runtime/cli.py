@@ -77,8 +77,11 @@ def _variants(text: str) -> list[str]:
 def _run_task(args: argparse.Namespace, task: str) -> int:
     import json
 
+    from . import constants as C
+    from .audio import expected_samples
     from .options import GenerationOptions, SamplingOptions, whole_number
     from .pipeline import AudioLM, Request, Result
+    from .segments import SegmentOptions
     from .progress import Progress
     from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt
 
@@ -88,6 +91,14 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
               "ask": lambda: question_prompt(args.question)}[task]()
     streaming = args.stream and not args.json
     whole_number("parallel", args.parallel)
+    if task != "ask":
+        segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window)
+        mode = segmenting.resolved(task)
+        limit = (segmenting.max_segment if mode == "vad" else segmenting.window) * C.SAMPLE_RATE
+        lengths = [expected_samples(p) for p in args.audio]
+        long_input = mode != "none" and any(n is None or n > limit for n in lengths)
+        if args.format or args.output or long_input:
+            return _run_segments(args, task, prompt, options, segmenting, mode)
     # streamed text of several files at once would interleave: one at a time then
     parallel = 1 if streaming else min(args.parallel, len(args.audio))
     failed: list[str] = []
@@ -146,6 +157,56 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
                     report(args.audio[next_out], pending.pop(next_out))
                     next_out += 1
             bar.close()
+    if failed:
+        print(f"mdl-edge: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: object, segmenting: object, mode: str) -> int:
+    """Recordings as timed segments (long files, or any file with --format / -o): each file's
+    segments are written as they are answered, to stdout or to -o (a file, or a folder that gets
+    one output per input)."""
+    from . import constants as C
+    from .audio import expected_samples
+    from .pipeline import AudioLM
+    from .progress import Progress
+    from .writers import SegmentWriter
+
+    fmt = args.format or ("jsonl" if args.json else "txt")
+    out = Path(args.output) if args.output else None
+    many = len(args.audio) > 1
+    if out is not None and many and not out.is_dir():
+        raise OptionError("output", f"{out} must be an existing folder when several files are given (one output per input)")
+    failed: list[str] = []
+    with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder, provider=args.provider,
+                 max_batch=args.max_batch, n_ctx=args.n_ctx, n_batch=args.n_batch, flash_attn=args.flash_attn,
+                 extra_bufts=args.extra_bufts) as lm:
+        for path in args.audio:
+            target = out / f"{Path(path).stem}.{fmt}" if out is not None and out.is_dir() else out
+            stream = open(target, "w", encoding="utf-8") if target is not None else sys.stdout
+            if target is None and many and fmt == "txt":
+                print(f"==> {path} <==", flush=True)
+            writer = SegmentWriter(stream, fmt, source=str(path))
+            n = expected_samples(path)
+            seg_s = segmenting.max_segment if mode == "vad" else segmenting.window  # type: ignore[attr-defined]
+            bar = Progress(max(1, -(-n // int(seg_s * C.SAMPLE_RATE))) if n else 1, "segments", enabled=not args.no_progress)
+            error = None
+            try:
+                for seg in lm.segments(path, prompt, options, mode=mode, segmenting=segmenting, parallel=args.parallel,  # type: ignore[arg-type]
+                                       on_segment=lambda k, name=Path(path).name: bar.update(k, name)):
+                    bar.close()
+                    writer.write(seg)
+            except MdlEdgeError as e:
+                error = str(e)
+                failed.append(path)
+                print(f"mdl-edge: error: {e}", file=sys.stderr)
+            finally:
+                bar.close()
+                writer.close(error)
+                if target is not None:
+                    stream.close()
+                    print(f"{path} -> {target}", file=sys.stderr)
     if failed:
         print(f"mdl-edge: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -439,6 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
         t.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
         t.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+        if task != "ask":
+            seg = t.add_argument_group("long recordings (files longer than a segment are cut and answered segment by segment)")
+            seg.add_argument("--segment", default="auto", choices=("auto", "vad", "window", "none"),
+                             help="auto (default): transcribe cuts at pauses (vad), caption in fixed windows; none: the whole file at once")
+            seg.add_argument("--max-segment", type=float, default=30.0, metavar="S", help="longest vad segment in seconds (default: %(default)s)")
+            seg.add_argument("--window", type=float, default=10.0, metavar="S", help="caption window in seconds (default: %(default)s)")
+            seg.add_argument("--format", choices=("txt", "json", "jsonl", "srt", "vtt"),
+                             help="timed segments in this format (default for long files: txt; jsonl with --json)")
+            seg.add_argument("-o", "--output", help="write there: a file, or for several inputs an existing folder (one output per input)")
         t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
         perf = t.add_argument_group("performance")
         perf.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",

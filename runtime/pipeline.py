@@ -20,14 +20,15 @@ from typing import Any, Callable, Generator, Iterable, Iterator
 import numpy as np
 
 from . import constants as C
-from .audio import AudioSource, expected_samples, iter_audio
+from .audio import AudioSource, describe, expected_samples, iter_audio
 from .bundle import Bundle
 from .batching import NOT_READY, DecodeRequest, Failed, generate_many
 from .decoder import Stream, split_prompt
-from .errors import MdlEdgeError
+from .errors import AudioError, MdlEdgeError
 from .mel import log_mel_blocks
 from .options import GenerationOptions, resolve_threads, whole_number
 from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt, user_message
+from .segments import SegmentOptions, TimedSegment, segment_stream
 
 logger = logging.getLogger("mdl_edge")
 
@@ -286,6 +287,68 @@ class AudioLM:
                                   res.n_prompt, res.n_evaluated)
             if stats is not None:
                 stats.update(events.stats)
+
+
+    # -- long recordings -----------------------------------------------------------------------
+    def transcribe_segments(self, audio: AudioSource, options: GenerationOptions = _DEFAULT, *, language: str | None = None,
+                            segmenting: SegmentOptions = SegmentOptions(), **call: Any) -> Iterator[TimedSegment]:
+        """Transcribe a recording of any length as timed segments, cut at pauses (see
+        :class:`~mdl_edge.runtime.segments.SegmentOptions`). ``call``: ``sample_rate``,
+        ``parallel`` (segments decoded together), ``on_segment(done)`` (progress)."""
+        return self.segments(audio, transcribe_prompt(language), options, mode=segmenting.resolved("transcribe"), segmenting=segmenting, **call)
+
+    def caption_segments(self, audio: AudioSource, options: GenerationOptions = _DEFAULT, *,
+                         segmenting: SegmentOptions = SegmentOptions(), **call: Any) -> Iterator[TimedSegment]:
+        """A caption timeline of a recording: one caption per window (default 10 s)."""
+        return self.segments(audio, CAPTION_PROMPT, options, mode=segmenting.resolved("caption"), segmenting=segmenting, **call)
+
+    def segments(self, audio: AudioSource, prompt: str, options: GenerationOptions = _DEFAULT, *, mode: str = "vad",
+                 segmenting: SegmentOptions = SegmentOptions(), sample_rate: int | None = None, parallel: int = 1,
+                 on_segment: Callable[[int], None] | None = None) -> Iterator[TimedSegment]:
+        """Answer ``prompt`` about each segment of a recording, in order, as each is done. The
+        audio is decoded block by block and segments are answered as they close (``parallel`` of
+        them decoded together), so memory does not grow with the duration. If decoding fails
+        part-way (a truncated or corrupt file), the segments before the damage are yielded, then an
+        :class:`AudioError` names the file and the time where decoding failed."""
+        name = describe(audio)
+        damage: list[tuple[float, AudioError]] = []
+
+        def blocks() -> Iterator[np.ndarray]:
+            n = 0
+            try:
+                for block in iter_audio(audio, sample_rate=sample_rate):
+                    n += block.size
+                    yield block
+            except AudioError as e:
+                if n == 0:
+                    raise
+                damage.append((n / C.SAMPLE_RATE, e))
+
+        def requests() -> Iterator[Request]:
+            if mode == "none":  # the whole clip as one request, streamed from its source as usual
+                yield Request(audio=audio, prompt=prompt, options=options, sample_rate=sample_rate, tag=(0, 0, None))
+                return
+            for i, (start, samples) in enumerate(segment_stream(blocks(), segmenting, mode)):
+                yield Request(audio=samples, prompt=prompt, options=options, sample_rate=C.SAMPLE_RATE, tag=(i, start, samples.size))
+
+        done: dict[int, TimedSegment] = {}
+        n_out = 0
+        for req, res in self.run(requests(), parallel=parallel):
+            i, start, n = req.tag
+            if isinstance(res, MdlEdgeError):
+                if n is None:
+                    raise res
+                raise (AudioError if isinstance(res, AudioError) else MdlEdgeError)(f"{name}: segment {start / C.SAMPLE_RATE:.2f}-{(start + n) / C.SAMPLE_RATE:.2f} s: {res}") from res
+            n = n if n is not None else int(round(res.audio_seconds * C.SAMPLE_RATE))
+            done[i] = TimedSegment(i, start / C.SAMPLE_RATE, (start + n) / C.SAMPLE_RATE, res.text, res.token_ids, res.stop_reason, res.timings)
+            while n_out in done:
+                yield done.pop(n_out)
+                n_out += 1
+                if on_segment:
+                    on_segment(n_out)
+        if damage:
+            at, err = damage[0]
+            raise AudioError(f"{name}: decoding failed {at:.2f} s into the recording (the segments before it were answered): {err}") from err
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -132,3 +132,16 @@ def test_audiolm_run_many_files(bundle, tmp_path, overlap: bool) -> None:
             continue
         assert res.token_ids == single[req.tag].token_ids, req.tag
         assert "".join(pieces[req.tag]) == res.text and res.n_audio_tokens == single[req.tag].n_audio_tokens
+
+
+def test_long_prompts_prefill_in_pieces_between_decode_steps(bundle, prompts) -> None:
+    """With 32-row batches, the 12 s clip's prompt (90 positions) is evaluated in pieces while the
+    other sequences keep decoding; every sequence still gets its tokens alone."""
+    with LlamaDecoder(Path(bundle) / "decoder.f32.gguf", f32_kv=True, n_batch=32) as dec:
+        alone = {k: _alone(dec, prompts[k], 12) for k in (0, 1, 5)}
+        run = generate_many(dec, [DecodeRequest(prompts[k], key=k, max_new_tokens=12) for k in (0, 1, 5)], slots=3)
+        got = {ev.key: ev.result for ev in run if ev.done}
+        assert run.stats["steps"] > run.stats["decode_steps"] > 0
+    assert sum(len(s) for s in prompts[5]) > 64
+    for k in (0, 1, 5):
+        assert got[k].token_ids == alone[k], f"clip {k}"

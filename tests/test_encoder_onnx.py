@@ -314,3 +314,23 @@ def test_cpu_features_decide_the_int8_kernels(onnx_dir, monkeypatch) -> None:
         enc = AudioEncoder(onnx_dir, encoder_file="encoder.int8.onnx")
         assert enc.precise_int8 == info.int8_saturates and entry(enc) == want
     assert entry(AudioEncoder(onnx_dir, encoder_file="encoder.int8.onnx", precise_int8=True)) == "1"
+
+
+def test_graph_with_a_fixed_1008_axis_still_runs_padded(onnx_dir, encoder, tmp_path) -> None:
+    """An encoder exported before the time axis became dynamic (fixed 1008 frames) loads and pads
+    every partial chunk, with the dynamic graph's features."""
+    import onnx
+
+    d = tmp_path / "fixed"
+    shutil.copytree(onnx_dir, d)
+    model = onnx.load(str(d / "encoder.onnx"), load_external_data=False)
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = C.CHUNK_FRAMES
+    onnx.save(model, str(d / "encoder.onnx"))
+    fixed = AudioEncoder(d)
+    assert fixed.chunk_frames == C.CHUNK_FRAMES and encoder.chunk_frames is None
+    spy = RunSpy(fixed)
+    n = int(3 * C.SAMPLE_RATE)
+    mel = log_mel(clip(n))
+    (got,) = fixed.encode_mels([mel], [n])
+    (want,) = encoder.encode_mels([mel], [n])
+    assert spy.shapes == [(1, 64, C.CHUNK_FRAMES)] and rel_max_error(got, want) <= 1e-5

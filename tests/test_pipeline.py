@@ -173,7 +173,8 @@ def test_bench_parallel_table(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     assert main(args) == 0
     table = capsys.readouterr().out
     results = json.loads((tmp_path / "p.json").read_text())
-    assert [(r["decoder"], r["parallel"]) for r in results] == [("Q8_0", 1), ("Q8_0", 4)]
+    assert [(r["decoder"], r["parallel"], r["overlap"]) for r in results] == [("Q8_0", 1, False), ("Q8_0", 4, False), ("Q8_0", 4, True)]
     assert [r["files"] for r in results[1]["rows"]] == [8, 16]  # 2 x 4 one-second clips, the goal's 16 five-second ones
     assert all(r["decode_tok_s"] > 0 and r["files_per_s"] > 0 for res in results for r in res["rows"])
     assert table.startswith("CPU: ") and "| Q8_0 | 5 s | 4 | 4 | 16 |" in table
+    assert "encoder overlapped with decoding (Q8_0, 4 sequences, 8 clips of 1 s, 4 tokens)" in table

@@ -1,0 +1,132 @@
+"""Long recordings: voice activity, cut points, timed segments (torch-free).
+
+A recording is cut into segments the model handles well, each answered as its own clip:
+transcription cuts at pauses found by voice activity detection, a segment never longer than
+``max_segment`` seconds, a cut forced at the maximum only where no pause exists; captioning uses
+fixed windows. Audio arrives block by block (see ``runtime/audio.py``) and segments leave as soon
+as they close, so memory holds at most one segment and one block, whatever the duration.
+
+Voice activity comes from WebRTC's VAD (``webrtcvad-wheels``: a small C library, no torch and no
+second copy of ggml beside llama.cpp's; see the README for the measurement behind the choice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import constants as C
+from .errors import MdlEdgeError, OptionError
+
+VAD_FRAME = 480  # 30 ms at 16 kHz: the longest frame WebRTC's VAD takes
+MODES = ("auto", "vad", "window", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentOptions:
+    """How a recording is cut. ``mode``: ``"vad"`` (at pauses, at most ``max_segment`` s),
+    ``"window"`` (fixed ``window`` s), ``"none"`` (the whole clip, as one request), ``"auto"``
+    (transcription: vad; captioning: window). A clip no longer than the maximum (or the window) is
+    one segment, answered exactly as the whole clip. ``min_pause``: the shortest silence a vad cut
+    may use; ``aggressiveness``: WebRTC VAD's 0-3 (higher calls less audio speech)."""
+
+    mode: str = "auto"
+    max_segment: float = 30.0
+    window: float = 10.0
+    min_pause: float = 0.3
+    aggressiveness: int = 2
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise OptionError("segment", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("max_segment", "window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= v <= 600.0:
+                raise OptionError(name, f"must be between 1 and 600 seconds, got {v!r}")
+        if isinstance(self.min_pause, bool) or not isinstance(self.min_pause, (int, float)) or not 0.03 <= self.min_pause <= 5.0:
+            raise OptionError("min_pause", f"must be between 0.03 and 5 seconds, got {self.min_pause!r}")
+        if self.aggressiveness not in (0, 1, 2, 3):
+            raise OptionError("aggressiveness", f"must be 0, 1, 2 or 3, got {self.aggressiveness!r}")
+
+    def resolved(self, task: str) -> str:
+        """The mode for a task (``"transcribe"`` or anything else)."""
+        return ("vad" if task == "transcribe" else "window") if self.mode == "auto" else self.mode
+
+
+@dataclass(frozen=True)
+class TimedSegment:
+    """One answered segment: start and end in seconds from the start of the file."""
+
+    index: int
+    start: float
+    end: float
+    text: str
+    token_ids: tuple[int, ...] = ()
+    stop_reason: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class VoiceActivity:
+    """WebRTC's VAD over 30 ms frames of 16 kHz float audio."""
+
+    def __init__(self, aggressiveness: int = 2) -> None:
+        try:
+            import webrtcvad
+        except ImportError as e:
+            raise MdlEdgeError(f"segmenting at pauses needs webrtcvad-wheels (pip install webrtcvad-wheels): {e}") from e
+        self._vad = webrtcvad.Vad(aggressiveness)
+
+    def frames(self, samples: np.ndarray) -> np.ndarray:
+        """Speech (True) per whole 30 ms frame of ``samples``."""
+        n = samples.size // VAD_FRAME
+        pcm = (np.clip(samples[: n * VAD_FRAME], -1.0, 1.0) * 32767).astype("<i2").reshape(n, VAD_FRAME)
+        return np.fromiter((self._vad.is_speech(f.tobytes(), C.SAMPLE_RATE) for f in pcm), bool, count=n)
+
+
+def _cut_at_pause(speech: np.ndarray, min_frames: int) -> int | None:
+    """Frame index to cut at: the middle of the last silence run of at least ``min_frames``
+    frames that is not at the very start; None if there is none."""
+    best = None
+    run = 0
+    for i in range(speech.size):
+        if not speech[i]:
+            run += 1
+            continue
+        if run >= min_frames and i - run > 0:
+            best = i - run // 2 - (run % 2)
+        run = 0
+    if run >= min_frames and speech.size - run > 0:
+        best = speech.size - run // 2 - (run % 2)
+    return best
+
+
+def segment_stream(blocks: Iterable[np.ndarray], options: SegmentOptions, mode: str) -> Iterator[tuple[int, np.ndarray]]:
+    """Cut a stream of 16 kHz mono blocks into ``(first sample, samples)`` segments, yielded as
+    each closes. ``mode``: ``"vad"``, ``"window"`` or ``"none"`` (resolved already)."""
+    limit = int(round((options.max_segment if mode == "vad" else options.window) * C.SAMPLE_RATE))
+    vad = VoiceActivity(options.aggressiveness) if mode == "vad" else None
+    min_frames = max(1, int(round(options.min_pause * C.SAMPLE_RATE / VAD_FRAME)))
+    buf = np.zeros(0, np.float32)
+    start = 0
+    speech = np.zeros(0, bool)  # per whole VAD frame of buf
+    for block in blocks:
+        buf = np.concatenate([buf, np.asarray(block, np.float32)])
+        if vad is not None:
+            done = speech.size * VAD_FRAME
+            new = vad.frames(buf[done : (buf.size // VAD_FRAME) * VAD_FRAME])
+            speech = np.concatenate([speech, new])
+        while mode != "none" and buf.size > limit:
+            if vad is not None:
+                cut_frame = _cut_at_pause(speech[: limit // VAD_FRAME], min_frames)
+                cut = cut_frame * VAD_FRAME if cut_frame else limit
+            else:
+                cut = limit
+            yield start, buf[:cut]
+            start += cut
+            buf = buf[cut:]
+            if vad is not None:
+                speech = speech[cut // VAD_FRAME :] if cut % VAD_FRAME == 0 else vad.frames(buf[: (buf.size // VAD_FRAME) * VAD_FRAME])
+    if buf.size or start == 0:
+        yield start, buf

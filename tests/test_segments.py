@@ -1,0 +1,188 @@
+"""Long recordings: cuts at pauses of real (espeak-ng) speech, timed segments against the
+reference, SRT/VTT parsed back by third-party parsers, damage part-way through a file."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mdl_edge.runtime import constants as C
+from mdl_edge.runtime.cli import main
+from mdl_edge.runtime.errors import AudioError, OptionError
+from mdl_edge.runtime.options import GenerationOptions as G
+from mdl_edge.runtime.pipeline import AudioLM
+from mdl_edge.runtime.prompt import transcribe_prompt
+from mdl_edge.runtime.segments import SegmentOptions, TimedSegment, segment_stream
+from mdl_edge.runtime.writers import SegmentWriter, timestamp
+
+SENTENCES = [
+    "the meeting starts at nine in the morning", "please open the window", "yesterday it rained all day long",
+    "we need three more chairs in the big room", "turn left after the bridge", "the red car is parked outside",
+    "can you hear the music from the kitchen", "thank you very much for coming", "the train to the city leaves at noon",
+    "my brother plays the guitar", "it is cold and windy today", "the report is due on friday",
+]
+PAUSES = [0.5, 1.2, 0.6, 2.0, 0.8, 0.5, 1.5, 0.7, 1.0, 0.55, 0.9]
+
+
+@pytest.fixture(scope="module")
+def speech() -> tuple[dict[float, np.ndarray], list[tuple[float, float]]]:
+    """Sentences spoken by espeak-ng, joined by pauses of known length, mixed with white noise at
+    three SNRs; and the pauses as (start, end) seconds."""
+    from mdl_edge.export import toyworld
+
+    if not toyworld.espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    parts, pauses, pos = [], [], 0
+    for k, text in enumerate(SENTENCES):
+        x = toyworld.speak(text, "en-us+m3" if k % 2 else "en+f2", 160, 50)
+        parts.append(x)
+        pos += x.size
+        if k < len(PAUSES):
+            gap = int(PAUSES[k] * C.SAMPLE_RATE)
+            parts.append(np.zeros(gap, np.float32))
+            pauses.append((pos / C.SAMPLE_RATE, (pos + gap) / C.SAMPLE_RATE))
+            pos += gap
+    clean = np.concatenate(parts)
+    level = float(np.sqrt(np.mean(clean[clean != 0] ** 2)))
+    rng = np.random.default_rng(5)
+    mixes = {snr: (clean + rng.standard_normal(clean.size).astype(np.float32) * level * 10 ** (-snr / 20)).astype(np.float32)
+             for snr in (30.0, 15.0, 8.0)}
+    return mixes, pauses
+
+
+def _blocks(x: np.ndarray, n: int = 8000):
+    for i in range(0, x.size, n):
+        yield x[i : i + n]
+
+
+@pytest.mark.parametrize("snr", [30.0, 15.0, 8.0])
+def test_vad_cuts_land_in_pauses(speech, snr: float) -> None:
+    """Every cut lands inside a pause; segments tile the recording (every second of speech in
+    exactly one segment); no segment exceeds the maximum."""
+    mixes, pauses = speech
+    x = mixes[snr]
+    opts = SegmentOptions(mode="vad", max_segment=8.0)
+    segs = list(segment_stream(_blocks(x), opts, "vad"))
+    starts = [s for s, _ in segs]
+    assert starts[0] == 0 and sum(w.size for _, w in segs) == x.size
+    assert all(a + w.size == b for (a, w), b in zip(segs, starts[1:])), "segments must tile the recording"
+    assert all(w.size <= 8.0 * C.SAMPLE_RATE for _, w in segs)
+    cuts = [s / C.SAMPLE_RATE for s in starts[1:]]
+    assert len(cuts) >= 4
+    outside = [c for c in cuts if not any(a - 0.005 <= c <= b + 0.005 for a, b in pauses)]
+    assert not outside, f"SNR {snr} dB: cuts at {outside} s fall outside every pause {pauses}"
+
+
+def test_vad_sees_the_pauses(speech) -> None:
+    """The goal's measure: a pause of at least 0.5 s is found (a silence run of >= 0.3 s inside it)
+    in >= 95% of cases, over the three SNRs."""
+    from mdl_edge.runtime.segments import VAD_FRAME, VoiceActivity
+
+    mixes, pauses = speech
+    found = []
+    for x in mixes.values():
+        frames = VoiceActivity(2).frames(x)
+        t = (np.arange(frames.size) + 0.5) * VAD_FRAME / C.SAMPLE_RATE
+        for a, b in pauses:
+            inside = ~frames[(t > a) & (t < b)]
+            run = best = 0
+            for v in inside:
+                run = run + 1 if v else 0
+                best = max(best, run)
+            found.append(best * VAD_FRAME / C.SAMPLE_RATE >= 0.3)
+    rate = float(np.mean(found))
+    print(f"pauses found: {rate:.3f} of {len(found)}")
+    assert rate >= 0.95, f"only {rate:.2f} of the pauses >= 0.5 s were found"
+
+
+def test_windows_and_short_clips() -> None:
+    x = np.zeros(int(25.5 * C.SAMPLE_RATE), np.float32)
+    segs = list(segment_stream(_blocks(x, 7000), SegmentOptions(mode="window", window=10.0), "window"))
+    assert [w.size for _, w in segs] == [160000, 160000, 88000]
+    short = np.ones(int(4 * C.SAMPLE_RATE), np.float32) * 0.1
+    assert [w.size for _, w in segment_stream(_blocks(short), SegmentOptions(), "vad")] == [short.size]
+    with pytest.raises(OptionError, match="max_segment"):
+        SegmentOptions(max_segment=0.5)
+    with pytest.raises(OptionError, match="segment"):
+        SegmentOptions(mode="sentences")
+
+
+def test_segments_equal_the_reference_on_their_samples(bundle, tiny_qwen2_model, speech) -> None:
+    """Each segment's greedy tokens are the reference's on that segment's own samples, two
+    segments decoded at a time; times are the segment's place in the recording."""
+    x = speech[0][15.0][: int(30 * C.SAMPLE_RATE)]
+    opts = SegmentOptions(mode="vad", max_segment=8.0)
+    want = [(s, w) for s, w in segment_stream(_blocks(x), opts, "vad")]
+    with AudioLM(bundle, encoder="fp32", decoder="f32", f32_kv=True) as lm:
+        got = list(lm.transcribe_segments(x, G(max_new_tokens=8), segmenting=opts, sample_rate=C.SAMPLE_RATE, parallel=2))
+    assert [g.index for g in got] == list(range(len(want)))
+    for g, (s, w) in zip(got, want):
+        assert g.start == pytest.approx(s / C.SAMPLE_RATE) and g.end == pytest.approx((s + w.size) / C.SAMPLE_RATE)
+        ref = tiny_qwen2_model.generate(w, transcribe_prompt(None), max_new_tokens=8)
+        assert list(g.token_ids) == list(ref.token_ids), f"segment {g.index} ({g.start:.2f}-{g.end:.2f} s)"
+
+
+def test_srt_and_vtt_parse_back() -> None:
+    import srt
+    import webvtt
+
+    segs = [TimedSegment(0, 0.0, 8.25, "hello there"), TimedSegment(1, 8.25, 15.0, "two\n\nlines --> with arrow"),
+            TimedSegment(2, 15.0, 3725.5, "")]
+    for fmt in ("srt", "vtt"):
+        buf = io.StringIO()
+        w = SegmentWriter(buf, fmt, source="x.wav")
+        for s in segs:
+            w.write(s)
+        w.close()
+        if fmt == "srt":
+            subs = list(srt.parse(buf.getvalue()))
+            times = [(c.start.total_seconds(), c.end.total_seconds()) for c in subs]
+            assert subs[0].content == "hello there"
+        else:
+            cues = webvtt.from_buffer(io.StringIO(buf.getvalue()))
+            def secs(t: str) -> float:  # webvtt-py's *_in_seconds are whole seconds
+                h, m, rest = t.split(":")
+                return int(h) * 3600 + int(m) * 60 + float(rest)
+
+            times = [(secs(c.start), secs(c.end)) for c in cues]
+            assert cues[0].text == "hello there"
+        assert [round(a, 3) for a, _ in times] == [0.0, 8.25, 15.0] and round(times[-1][1], 1) == 3725.5
+        assert all(a < b for a, b in times) and all(b1 <= a2 for (_, b1), (a2, _) in zip(times, times[1:]))
+    assert timestamp(3725.5) == "01:02:05,500" and timestamp(0.0004, ".") == "00:00:00.000"
+
+
+def test_cli_long_file_formats_and_damage(bundle, speech, tmp_path, capsys) -> None:
+    x = speech[0][30.0]
+    path = tmp_path / "talk.flac"
+    sf.write(path, x, C.SAMPLE_RATE)
+    out = tmp_path / "out"
+    out.mkdir()
+    base = ["transcribe", "--model", str(bundle), "--max-new-tokens", "4", "--max-segment", "8"]
+    assert main([*base, str(path), "--format", "srt", "-o", str(out)]) == 0
+    import srt
+
+    subs = list(srt.parse((out / "talk.srt").read_text()))
+    assert len(subs) >= 4 and subs[-1].end.total_seconds() == pytest.approx(x.size / C.SAMPLE_RATE, abs=0.002)
+    assert main([*base, str(path), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [ln["index"] for ln in lines] == list(range(len(subs))) and all(ln["file"] == str(path) for ln in lines)
+    # damage part-way: the segments before it are written, the error names the file and the time
+    data = path.read_bytes()
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(data[: len(data) * 6 // 10])
+    assert main([*base, str(broken), "--format", "jsonl"]) == 1
+    cap = capsys.readouterr()
+    done = [json.loads(line) for line in cap.out.splitlines()]
+    assert done and "broken.flac: decoding failed" in cap.err and " s into the recording" in cap.err
+    assert done[-1]["end"] <= x.size / C.SAMPLE_RATE * 0.6 + 0.5
+    # a short clip without --format behaves as before: one line "path: text"
+    short = tmp_path / "short.wav"
+    sf.write(short, x[: 3 * C.SAMPLE_RATE], C.SAMPLE_RATE)
+    assert main(["caption", str(short), "--model", str(bundle), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith(f"{short}: ")
+    assert main([*base, str(short), str(path), "-o", str(tmp_path / "one.txt")]) == 2
