@@ -96,7 +96,9 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
         mode = segmenting.resolved(task)
         limit = (segmenting.max_segment if mode == "vad" else segmenting.window) * C.SAMPLE_RATE
         lengths = [expected_samples(p) for p in args.audio]
-        long_input = mode != "none" and any(n is None or n > limit for n in lengths)
+        # auto: files whose header announces more than one segment; an explicit vad/window: all
+        # files (a container whose length libsndfile cannot tell is answered whole under auto)
+        long_input = mode != "none" and (args.segment != "auto" or any(n is not None and n > limit for n in lengths))
         if args.format or args.output or long_input:
             return _run_segments(args, task, prompt, options, segmenting, mode)
     # streamed text of several files at once would interleave: one at a time then
@@ -503,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
         if task != "ask":
             seg = t.add_argument_group("long recordings (files longer than a segment are cut and answered segment by segment)")
             seg.add_argument("--segment", default="auto", choices=("auto", "vad", "window", "none"),
-                             help="auto (default): transcribe cuts at pauses (vad), caption in fixed windows; none: the whole file at once")
+                             help="auto (default): files longer than one segment are cut, at pauses to transcribe (vad), in fixed "
+                                  "windows to caption; vad / window: every file; none: the whole file at once")
             seg.add_argument("--max-segment", type=float, default=30.0, metavar="S", help="longest vad segment in seconds (default: %(default)s)")
             seg.add_argument("--window", type=float, default=10.0, metavar="S", help="caption window in seconds (default: %(default)s)")
             seg.add_argument("--format", choices=("txt", "json", "jsonl", "srt", "vtt"),

@@ -62,7 +62,10 @@ class SegmentWriter:
         self.out.flush()
 
     def close(self, error: str | None = None) -> None:
-        """End the output (JSON: the document, with ``error`` if the recording failed part-way)."""
+        """End the output (JSON: the document, with ``error`` if the recording failed part-way;
+        JSON lines: an error line naming the file)."""
+        if self.fmt == "jsonl" and error:
+            self.out.write(json.dumps({"file": self.source, "error": error}, ensure_ascii=False) + "\n")
         if self.fmt == "json":
             doc: dict[str, Any] = {"file": self.source, "segments": self._segments}
             if error:

@@ -128,7 +128,7 @@ def test_cli_json_and_failures(bundle, tmp_path, capsys) -> None:
     long = tmp_path / "long.wav"
     # 300 audio tokens: more than llama.cpp's smallest context (it rounds 64 up to 256)
     sf.write(long, _clip(60 * C.SAMPLE_RATE), C.SAMPLE_RATE)
-    assert main(["caption", str(long), "--model", str(bundle), "--n-ctx", "64", "--json"]) == 1
+    assert main(["caption", str(long), "--model", str(bundle), "--n-ctx", "64", "--json", "--segment", "none"]) == 1
     (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert "but the context holds 256 (raise n_ctx)" in line["error"]
 

@@ -178,7 +178,8 @@ def test_cli_long_file_formats_and_damage(bundle, speech, tmp_path, capsys) -> N
     assert main([*base, str(broken), "--format", "jsonl"]) == 1
     cap = capsys.readouterr()
     done = [json.loads(line) for line in cap.out.splitlines()]
-    assert done and "broken.flac: decoding failed" in cap.err and " s into the recording" in cap.err
+    assert "broken.flac: decoding failed" in cap.err and " s into the recording" in cap.err
+    assert "decoding failed" in done.pop()["error"] and done
     assert done[-1]["end"] <= x.size / C.SAMPLE_RATE * 0.6 + 0.5
     # a short clip without --format behaves as before: one line "path: text"
     short = tmp_path / "short.wav"
