@@ -234,7 +234,7 @@ def _parallel_worker(job: dict[str, Any]) -> dict[str, Any]:
     from ..runtime.prompt import CAPTION_PROMPT
 
     rows = []
-    with AudioLM(job["bundle"], encoder="int8", decoder=job["decoder"], threads=job["threads"]) as lm:
+    with AudioLM(job["bundle"], encoder="int8", decoder=job["decoder"], threads=job["threads"], extra_bufts=job.get("extra_bufts", False)) as lm:
         warm = [Request(audio=job["clips"][0], options=GenerationOptions(max_new_tokens=2, ignore_eos=True))]
         list(lm.run(warm, parallel=job["parallel"]))
         for clip, files in zip(job["clips"], job["files"]):
@@ -256,7 +256,7 @@ def _parallel_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_parallel_bench(bundle: str | Path, clips: list[Path], *, decoders: tuple[str, ...] = ("Q4_K_M", "f16"), parallel: tuple[int, ...] = PARALLEL,
-                       tokens: tuple[int, ...] = (32, 128), threads: int | None = None) -> list[dict[str, Any]]:
+                       tokens: tuple[int, ...] = (32, 128), threads: int | None = None, extra_bufts: bool = False) -> list[dict[str, Any]]:
     """Each decoder at each parallelism in its own process (its own peak RSS); every clip is
     captioned ``max(4, 2 x parallel)`` times per workload (16 for the goal's 5 s clips)."""
     from ..runtime.errors import MdlEdgeError
@@ -267,7 +267,7 @@ def run_parallel_bench(bundle: str | Path, clips: list[Path], *, decoders: tuple
         jobs.append((decoders[0], 4, True, clips[:1], tokens[:1]))
     for dec, p, overlap, job_clips, job_tokens in jobs:
         job = {"mode": "parallel", "bundle": str(bundle), "decoder": dec, "parallel": p, "threads": threads, "tokens": list(job_tokens),
-               "overlap": overlap, "clips": [str(c) for c in job_clips],
+               "overlap": overlap, "extra_bufts": extra_bufts, "clips": [str(c) for c in job_clips],
                "files": [16 if abs(_clip_seconds(c) - 5) < 0.5 else max(4, 2 * p) for c in job_clips]}
         proc = subprocess.run([sys.executable, "-m", "mdl_edge.export.bench", json.dumps(job)], capture_output=True, text=True)
         if proc.returncode != 0:

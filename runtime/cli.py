@@ -278,7 +278,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         decoders = tuple(v.split("+")[1] for v in args.variants.split(",")) if args.variants_given else ("Q4_K_M", "f16")
         seqs = tuple(int(x) for x in args.parallel.split(","))
         results = run_parallel_bench(bundle, clips, decoders=decoders, parallel=seqs, tokens=tuple(int(x) for x in args.parallel_tokens.split(",")),
-                                     threads=args.threads)
+                                     threads=args.threads, extra_bufts=args.extra_bufts)
         print(format_parallel(results, bundle=bundle, peaks=peaks))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
@@ -515,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
         perf = t.add_argument_group("performance")
         perf.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
-                          help="files decoded together in one llama.cpp context (default here: %(default)s; 4, or 2 under 8 GB of "
-                               "memory; 1 with --stream)")
+                          help="files (or segments) decoded together in one llama.cpp context (default here: %(default)s: twice "
+                               "the cores, at most 8, at most 2 under 8 GB of memory; 1 with --stream)")
         perf.add_argument("--threads", type=int, help="CPU threads (default: all available)")
         perf.add_argument("--n-ctx", type=int, help="decoder context in positions (default: sized to each request)")
         perf.add_argument("--n-batch", type=int, default=512, help="prompt positions per llama.cpp batch (default: %(default)s)")
@@ -551,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: aggregate decode rate and files/s at these numbers of sequences decoded together (default 1,2,4,8; "
                         "clips default 5,30; decoders Q4_K_M and f16, or those of --variants)")
     b.add_argument("--parallel-tokens", default="32,128", help="new tokens per file in the --parallel table (default: %(default)s)")
+    b.add_argument("--extra-bufts", action="store_true", help="--parallel with llama.cpp's repacked weights (refused on builds with AMX)")
     b.add_argument("--tokens", type=int, default=32, help="new tokens per caption (stop tokens ignored)")
     b.add_argument("--variants", default=None, help="runtime ENCODER+DECODER pairs to time (default: fp32+f16,int8+Q4_K_M)")
     b.add_argument("--threads", type=int)
