@@ -374,12 +374,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _demo_bundle(model_dir: Path, bundle_dir: Path) -> None:
     from ..export.bundle import export_bundle
 
-    if (bundle_dir / "manifest.json").is_file():
+    import hashlib
+
+    from .. import export as export_pkg
+    from .. import quantize as quantize_pkg
+
+    # a bundle made by another version of the exporters is made again
+    h = hashlib.sha256()
+    for pkg in (export_pkg, quantize_pkg):
+        for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
+            h.update(f.read_bytes())
+    key_file = bundle_dir / ".exporter-key"
+    if (bundle_dir / "manifest.json").is_file() and key_file.is_file() and key_file.read_text() == h.hexdigest():
         print(f"3. reusing bundle {bundle_dir}")
         return
     t = time.perf_counter()
     print("3. exporting the bundle (ONNX encoder fp32 + int8, GGUF decoder f16 + Q4_K_M):")
     export_bundle(model_dir, bundle_dir, encoders=["fp32", "int8"], decoders=["f16", "Q4_K_M"], progress=print)
+    key_file.write_text(h.hexdigest())
     print(f"   bundle {bundle_dir} in {time.perf_counter() - t:.1f} s")
 
 
