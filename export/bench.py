@@ -231,7 +231,6 @@ def _parallel_worker(job: dict[str, Any]) -> dict[str, Any]:
     ``files`` copies of the clip (stop tokens ignored, so all do the same work)."""
     from ..runtime.options import GenerationOptions
     from ..runtime.pipeline import AudioLM, Request
-    from ..runtime.prompt import CAPTION_PROMPT
 
     rows = []
     with AudioLM(job["bundle"], encoder="int8", decoder=job["decoder"], threads=job["threads"], extra_bufts=job.get("extra_bufts", False)) as lm:

@@ -122,7 +122,7 @@ class BatchRun:
         self._dec = dec
         self._requests = iter(requests)
         self._slots = slots
-        self._cancel: set[int] = set()
+        self._cancel: list[Any] = []
         self._gen = self._run()
         #: steps with decode rows only (no prompt pieces): how many, their rows, their seconds
         self.stats = {"decode_steps": 0, "decode_rows": 0, "decode_seconds": 0.0, "steps": 0}
@@ -134,8 +134,19 @@ class BatchRun:
         return next(self._gen)
 
     def cancel(self, key: Any) -> None:
-        """Stop the request with this key before its next token (no-op once it has ended)."""
-        self._cancel.add(id(key))
+        """Stop the request with this key (the same object, or an equal one of the same type)
+        before its next token (no-op once it has ended)."""
+        self._cancel.append(key)
+
+    def _cancelled(self, key: Any) -> bool:
+        for k in self._cancel:
+            try:
+                if k is key or (type(k) is type(key) and bool(k == key)):
+                    self._cancel.remove(k)
+                    return True
+            except (TypeError, ValueError):  # keys whose == is not a plain bool (arrays)
+                continue
+        return False
 
     def close(self) -> None:
         """Stop every request and free the context for other calls."""
@@ -174,7 +185,6 @@ class BatchRun:
         self._free = list(range(self._slots))
 
     def _loop(self) -> Iterator[DecodeEvent]:
-        dec = self._dec
         waiting: deque[DecodeRequest] = deque()
         exhausted = False
         while True:
@@ -264,8 +274,9 @@ class BatchRun:
             seq.share_from = None
 
     def _drop_cancelled(self) -> Iterator[DecodeEvent]:
-        for seq in [s for s in self._running if id(s.req.key) in self._cancel]:
-            self._cancel.discard(id(seq.req.key))
+        if not self._cancel:
+            return
+        for seq in [s for s in self._running if self._cancelled(s.req.key)]:
             self._finish(seq)
             yield DecodeEvent(seq.req.key, error=MdlEdgeError("cancelled"))
 

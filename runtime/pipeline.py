@@ -244,10 +244,11 @@ class AudioLM:
         it measured). ``stats`` (a dict) receives the decoder's step counts and the time of its
         decode-only steps (for benchmarks)."""
         whole_number("parallel", parallel)
+        # per submission (numbered: the same Request object may come twice)
         state: dict[int, tuple[Request, dict[str, float], float, int, int]] = {}
 
         def prepared() -> Iterator[DecodeRequest | Failed]:
-            for req in requests:
+            for n, req in enumerate(requests):
                 if not isinstance(req, Request):
                     raise TypeError(f"requests must be Request objects, got {type(req).__name__}")
                 timings: dict[str, float] = {}
@@ -257,32 +258,32 @@ class AudioLM:
                     ids = self.prompt.encode(user_message(req.prompt, audio_first=req.options.audio_first), [emb.shape[0]])
                     segments = tuple(split_prompt(ids, [emb], self.prompt.special.audio))
                 except MdlEdgeError as e:
-                    state[id(req)] = (req, timings, t0, 0, 0)
-                    yield Failed(req, e)
+                    state[n] = (req, timings, t0, 0, 0)
+                    yield Failed(n, e)
                     continue
-                state[id(req)] = (req, timings, t0, int(emb.shape[0]), n_samples)
+                state[n] = (req, timings, t0, int(emb.shape[0]), n_samples)
                 stop_ids = () if req.options.ignore_eos else (*self.prompt.stop_ids, *req.options.stop_ids)
-                yield DecodeRequest(segments, req, req.options.max_new_tokens, tuple(stop_ids), req.options.sampling)
+                yield DecodeRequest(segments, n, req.options.max_new_tokens, tuple(stop_ids), req.options.sampling)
 
         source: Iterator[Any] = _ahead(prepared(), parallel) if overlap else prepared()
         with generate_many(self.decoder, source, slots=parallel) as events:
             first: dict[int, float] = {}
             for ev in events:
-                req, timings, t0, n_tokens, n_samples = state[id(ev.key)]
+                req, timings, t0, n_tokens, n_samples = state[ev.key]
                 if ev.text:
-                    first.setdefault(id(req), time.perf_counter() - t0)
+                    first.setdefault(ev.key, time.perf_counter() - t0)
                     if req.on_text:
                         req.on_text(ev.text)
                 if not ev.done:
                     continue
-                del state[id(req)]
+                del state[ev.key]
                 if ev.error is not None:
                     yield req, ev.error if isinstance(ev.error, MdlEdgeError) else MdlEdgeError(str(ev.error))
                     continue
                 res = ev.result
                 assert res is not None
                 timings.update(prefill=res.prefill_s, decode=res.decode_s, total=time.perf_counter() - t0)
-                timings["time_to_first_token"] = first.pop(id(req), timings["total"])
+                timings["time_to_first_token"] = first.pop(ev.key, timings["total"])
                 yield req, Result(res.text, res.token_ids, n_tokens, n_samples / C.SAMPLE_RATE, res.stop_reason, timings,
                                   res.n_prompt, res.n_evaluated)
             if stats is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import soundfile as sf
 
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.cli import main
-from mdl_edge.runtime.errors import AudioError, OptionError
+from mdl_edge.runtime.errors import OptionError
 from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.pipeline import AudioLM
 from mdl_edge.runtime.prompt import transcribe_prompt
@@ -29,17 +28,16 @@ SENTENCES = [
 PAUSES = [0.5, 1.2, 0.6, 2.0, 0.8, 0.5, 1.5, 0.7, 1.0, 0.55, 0.9]
 
 
-@pytest.fixture(scope="module")
-def speech() -> tuple[dict[float, np.ndarray], list[tuple[float, float]]]:
+def spoken_recording() -> tuple[dict[float, np.ndarray], list[tuple[float, float]], list[tuple[float, float]]]:
     """Sentences spoken by espeak-ng, joined by pauses of known length, mixed with white noise at
-    three SNRs; and the pauses as (start, end) seconds."""
+    three SNRs; the pauses and the sentences as (start, end) seconds. (Also the recording of
+    tests/benchmarks/bench_vad.py.)"""
     from mdl_edge.export import toyworld
 
-    if not toyworld.espeak_available():
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-    parts, pauses, pos = [], [], 0
+    parts, pauses, sentences, pos = [], [], [], 0
     for k, text in enumerate(SENTENCES):
         x = toyworld.speak(text, "en-us+m3" if k % 2 else "en+f2", 160, 50)
+        sentences.append((pos / C.SAMPLE_RATE, (pos + x.size) / C.SAMPLE_RATE))
         parts.append(x)
         pos += x.size
         if k < len(PAUSES):
@@ -52,6 +50,16 @@ def speech() -> tuple[dict[float, np.ndarray], list[tuple[float, float]]]:
     rng = np.random.default_rng(5)
     mixes = {snr: (clean + rng.standard_normal(clean.size).astype(np.float32) * level * 10 ** (-snr / 20)).astype(np.float32)
              for snr in (30.0, 15.0, 8.0)}
+    return mixes, pauses, sentences
+
+
+@pytest.fixture(scope="module")
+def speech() -> tuple[dict[float, np.ndarray], list[tuple[float, float]]]:
+    from mdl_edge.export import toyworld
+
+    if not toyworld.espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    mixes, pauses, _ = spoken_recording()
     return mixes, pauses
 
 

@@ -62,31 +62,16 @@ def main() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
-    from test_segments import PAUSES, SENTENCES  # noqa: F401 (the same recording as the tests)
+    from test_segments import spoken_recording  # the recording of the tests
 
-    from mdl_edge.export import toyworld
     from mdl_edge.runtime.cpu import cpu_info
 
-    parts, pauses, sentences, pos = [], [], [], 0
-    for k, text in enumerate(SENTENCES):
-        w = toyworld.speak(text, "en-us+m3" if k % 2 else "en+f2", 160, 50)
-        sentences.append((pos / SR, (pos + w.size) / SR))
-        parts.append(w)
-        pos += w.size
-        if k < len(PAUSES):
-            gap = int(PAUSES[k] * SR)
-            parts.append(np.zeros(gap, np.float32))
-            pauses.append((pos / SR, (pos + gap) / SR))
-            pos += gap
-    clean = np.concatenate(parts)
-    level = float(np.sqrt(np.mean(clean[clean != 0] ** 2)))
-    rng = np.random.default_rng(5)
-    mixes = {snr: (clean + rng.standard_normal(clean.size).astype(np.float32) * level * 10 ** (-snr / 20)).astype(np.float32)
-             for snr in (30.0, 15.0, 8.0)}
+    mixes, pauses, sentences = spoken_recording()
+    seconds = next(iter(mixes.values())).size / SR
     detectors = {f"webrtcvad mode {m}": (lambda x, m=m: webrtc(x, m)) for m in (1, 2, 3)}
     if args.silero:
         detectors["silero ONNX (threshold 0.5)"] = lambda x: silero(x, args.silero)
-    print(f"CPU: {cpu_info().describe()}\n{len(pauses)} pauses x 3 SNRs; {clean.size / SR:.0f} s of audio per SNR\n")
+    print(f"CPU: {cpu_info().describe()}\n{len(pauses)} pauses x 3 SNRs; {seconds:.0f} s of audio per SNR\n")
     print("| detector | pauses found (>= 0.3 s silence inside) | false pauses inside sentences | seconds per hour of audio |")
     print("|---|---:|---:|---:|")
     for name, fn in detectors.items():
@@ -97,7 +82,7 @@ def main() -> None:
             secs += time.perf_counter() - t
             found += [runs(speech, hop, a, b) >= 0.3 for a, b in pauses]
             false += sum(runs(speech, hop, a + 0.15, b - 0.15) >= 0.3 for a, b in sentences)
-        per_hour = secs / (3 * clean.size / SR) * 3600
+        per_hour = secs / (3 * seconds) * 3600
         print(f"| {name} | {np.mean(found):.3f} | {false} of {3 * len(sentences)} sentences | {per_hour:.1f} |")
 
 
