@@ -14,7 +14,10 @@ from typing import Any
 
 _EXPORTS = {
     "AudioLM": "mdl_edge.runtime.pipeline",
+    "Request": "mdl_edge.runtime.pipeline",
     "Result": "mdl_edge.runtime.pipeline",
+    "SegmentOptions": "mdl_edge.runtime.segments",
+    "TimedSegment": "mdl_edge.runtime.segments",
     "GenerationOptions": "mdl_edge.runtime.options",
     "SamplingOptions": "mdl_edge.runtime.options",
     "MdlEdgeError": "mdl_edge.runtime.errors",
