@@ -28,13 +28,14 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, Utf8Pieces
-from .errors import ConfigError, MdlEdgeError
+from .errors import ConfigError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, whole_number
 
 logger = logging.getLogger("mdl_edge")
 
 # A shared prompt start shorter than this is evaluated again rather than copied.
 MIN_SHARED_PREFIX = 4
+MAX_SLOTS = 64  # sequences in one context (llama.cpp allows 256; each costs its KV cells and a sampler)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class BatchRun:
     (it ends with an error event, its slot goes to the next request)."""
 
     def __init__(self, dec: LlamaDecoder, requests: Iterable[Any], slots: int) -> None:
-        whole_number("slots", slots)
+        if whole_number("parallel", slots) > MAX_SLOTS:
+            raise OptionError("parallel", f"must be at most {MAX_SLOTS} sequences, got {slots}")
         self._dec = dec
         self._requests = iter(requests)
         self._slots = slots

@@ -145,3 +145,11 @@ def test_long_prompts_prefill_in_pieces_between_decode_steps(bundle, prompts) ->
     assert sum(len(s) for s in prompts[5]) > 64
     for k in (0, 1, 5):
         assert got[k].token_ids == alone[k], f"clip {k}"
+
+
+def test_parallelism_is_bounded(decoder, prompts) -> None:
+    from mdl_edge.runtime.errors import OptionError
+
+    for bad in (0, 65, True):
+        with pytest.raises(OptionError, match="parallel"):
+            generate_many(decoder, [DecodeRequest(prompts[0])], slots=bad)
