@@ -236,9 +236,9 @@ class LlamaDecoder:
     cache costs memory in proportion to it. ``threads``: default all available cores.
     ``f32_kv=True`` and flash attention off give logits equal to transformers' to ~1e-5 with an
     f32 GGUF (parity mode); the default f16 KV cache is faster and uses half the memory.
-    ``flash_attn`` defaults to on, except in parity mode (``f32_kv=True``): measured on 2-core
-    Xeons it raises prefill speed (Qwen3-0.6B Q4_K_M: 245 -> 322 positions/s) and changes logits
-    by float round-off (``mdl-edge parity`` shows it).
+    ``flash_attn`` defaults to on, except in parity mode (``f32_kv=True``): measured on a 2-core
+    AMX Xeon it raises prefill speed (Qwen3-0.6B Q4_K_M, 268 positions: 267 -> 344 positions/s)
+    and changes logits by float round-off (``mdl-edge parity`` shows it).
     ``extra_bufts=True`` lets ggml repack weights for this CPU's SIMD kernels: measured on the
     2-core AVX2 machine, Q8_0 prefill 1.4x faster, Q4_K_M unchanged, ~0.2 GB more memory (the
     mapped file pages stay resident beside the repacked copy). Off by default; refused on builds
