@@ -178,3 +178,29 @@ def test_bench_parallel_table(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     assert all(r["decode_tok_s"] > 0 and r["files_per_s"] > 0 for res in results for r in res["rows"])
     assert table.startswith("CPU: ") and "| Q8_0 | 5 s | 4 | 4 | 16 |" in table
     assert "encoder overlapped with decoding (Q8_0, 4 sequences, 8 clips of 1 s, 4 tokens)" in table
+
+
+def test_cli_repacks_weights_for_batched_decoding_where_safe(bundle, tmp_path, monkeypatch) -> None:
+    """--extra-bufts by default: on only when several sequences decode together and the build can
+    repack safely; explicit --[no-]extra-bufts wins."""
+    from mdl_edge.runtime import decoder, pipeline
+
+    seen: list[bool] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(path, **kw):  # noqa: ANN001, ANN202
+        seen.append(kw["extra_bufts"])
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "AudioLM", fake)
+    wav = tmp_path / "a.wav"
+    sf.write(wav, _clip(C.SAMPLE_RATE), C.SAMPLE_RATE)
+    two = [str(wav), str(wav), "--model", str(bundle)]
+    for safe, args, want in ((True, two, True), (True, two + ["--parallel", "1"], False), (True, [str(wav), "--model", str(bundle)], False),
+                             (False, two, False), (False, two + ["--extra-bufts"], True), (True, two + ["--no-extra-bufts"], False)):
+        monkeypatch.setattr(decoder, "extra_bufts_safe", lambda safe=safe: safe)
+        with pytest.raises(Stop):
+            main(["caption", *args])
+        assert seen.pop() is want, (safe, args)
