@@ -82,7 +82,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
                          "encoder": r.timings["encoder"] + r.timings["projector"], "prefill": r.timings["prefill"], "positions": r.n_evaluated,
                          "decode_tok_s": r.tokens_per_second, "peak_rss_gb": _peak_rss() / 1e9})
         lm.close()
-    return {"config": job["config"], "variants": job["variants"], "load_s": load, "clips": rows}
+    return {"config": job["config"], "variants": job["variants"], "legacy": job.get("options") == LEGACY, "load_s": load, "clips": rows}
 
 
 def _reset_peak_rss() -> None:
@@ -135,29 +135,30 @@ def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, token
     return results
 
 
-def _fractions(res: dict[str, Any], r: dict[str, Any], bundle: Path | None, peaks: Any) -> tuple[str, str, str]:
+def _fractions(res: dict[str, Any], r: dict[str, Any], bundle: Any, peaks: Any, costs: dict[str, Any]) -> tuple[str, str, str]:
     """Each stage's achieved rate as a fraction of the machine's rate that bounds it: the encoder
-    and the prompt against the GEMM rate of their precision, decoding against read bandwidth."""
+    and the prompt against the GEMM rate of their precision, decoding against read bandwidth.
+    ``bundle``: the opened bundle; ``costs``: decoder costs by variant, filled as needed."""
     from ..runtime import constants as C
-    from ..runtime.bundle import Bundle
     from ..runtime.encoder import chunk_plan
     from .machine import decoder_cost, encoder_flops
 
     if peaks is None or bundle is None:
         return "", "", ""
-    m = Bundle.open(bundle).manifest
+    m = bundle.manifest
     enc_variant, dec_variant = res["variants"] or ("fp32", "f32")
     d = m.encoder.embed_dim
     patches = [spec.n_real for spec in chunk_plan(max(r["n_samples"], C.MIN_SAMPLES))]
-    if res["variants"] and res.get("legacy"):
+    if res.get("legacy"):
         patches = [C.CHUNK_PATCHES] * len(patches)
     enc_peak = peaks.int8_gops if enc_variant.startswith("int8") else peaks.fp32_gflops
     enc = encoder_flops(d, m.encoder.depth, 4 * d, patches) / r["encoder"] / 1e9 / enc_peak if r["encoder"] else 0.0
     if not res["variants"]:
         return f"{enc:.0%}", "", ""
-    cost = decoder_cost(str(Bundle.open(bundle).variant("decoder", dec_variant)[1]))
-    quantized = dec_variant[0] in "Qq"
-    dec_peak = peaks.int8_gops if quantized else peaks.fp32_gflops
+    if dec_variant not in costs:
+        costs[dec_variant] = decoder_cost(str(bundle.variant("decoder", dec_variant)[1]))
+    cost = costs[dec_variant]
+    dec_peak = peaks.int8_gops if dec_variant[0] in "Qq" else peaks.fp32_gflops
     pre = cost.flops_per_position * r["positions"] / r["prefill"] / 1e9 / dec_peak if r["prefill"] else 0.0
     bw = cost.bytes_per_token * r["decode_tok_s"] / 1e9 / peaks.read_gbs
     return f"{enc:.0%}", f"{pre:.0%}", f"{bw:.0%}"
@@ -172,11 +173,14 @@ def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = N
     lines += ["| configuration | clip | time to first token (s) | total (s) | TTFT vs reference | total vs reference | real-time factor | "
               "encoder s (% of GEMM peak) | prompt s / positions (% of GEMM peak) | decode tok/s (% of read bandwidth) | load (s) | peak RSS (GB) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    from ..runtime.bundle import Bundle
+
+    opened = Bundle.open(bundle) if bundle and peaks is not None else None
+    costs: dict[str, Any] = {}
     for res in results:
-        res["legacy"] = "as before" in res["config"]
         for r in res["clips"]:
             base = ref.get(r["clip"])
-            f_enc, f_pre, f_bw = _fractions(res, r, Path(bundle) if bundle else None, peaks)
+            f_enc, f_pre, f_bw = _fractions(res, r, opened, peaks, costs)
             ttft_ratio = f"{r['ttft'] / base['ttft']:.2f}x" if base else "-"
             total_ratio = f"{base['total'] / r['total']:.1f}x faster" if base else "-"
             lines.append(
@@ -190,13 +194,13 @@ def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = N
 def goal_lines(results: list[dict[str, Any]]) -> list[str]:
     """The goals, met or not, for the last non-legacy runtime configuration."""
     out: list[str] = []
-    runtime = [r for r in results if r["variants"] and "as before" not in r["config"]]
+    runtime = [r for r in results if r["variants"] and not r.get("legacy")]
     if not runtime:
         return out
     fast = runtime[-1]
     by_len = {round(r["seconds"]): r for r in fast["clips"]}
     ref = {round(r["seconds"]): r for r in results[0]["clips"]} if results[0]["config"] == REFERENCE else {}
-    legacy = [r for r in results if "as before" in r["config"]]
+    legacy = [r for r in results if r.get("legacy")]
     old = {round(r["seconds"]): r for r in legacy[0]["clips"]} if legacy else {}
 
     def verdict(ok: bool) -> str:

@@ -23,7 +23,7 @@ from . import constants as C
 from .audio import AudioSource, describe, expected_samples, iter_audio
 from .bundle import Bundle
 from .batching import NOT_READY, DecodeRequest, Failed, generate_many
-from .decoder import Stream, split_prompt
+from .decoder import Segment, Stream, split_prompt
 from .errors import AudioError, MdlEdgeError
 from .mel import log_mel_blocks
 from .options import GenerationOptions, resolve_threads, whole_number
@@ -167,6 +167,13 @@ class AudioLM:
             raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
         return Stream(self._run(audio, prompt, options, sample_rate, messages, on_chunks))
 
+    def _prompt_for(self, emb: np.ndarray, prompt: str, options: GenerationOptions,
+                    messages: list[dict[str, Any]] | None = None) -> tuple[tuple[Segment, ...], tuple[int, ...]]:
+        """The decoder's prompt segments for a clip's embeddings, and the stop ids of ``options``."""
+        ids = self.prompt.encode(messages or user_message(prompt, audio_first=options.audio_first), [emb.shape[0]])
+        stop_ids = () if options.ignore_eos else (*self.prompt.stop_ids, *options.stop_ids)
+        return tuple(split_prompt(ids, [emb], self.prompt.special.audio)), tuple(stop_ids)
+
     def _run(
         self,
         audio: AudioSource,
@@ -179,12 +186,10 @@ class AudioLM:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         emb, n_samples = self.embed(audio, sample_rate=sample_rate, timings=timings, on_chunks=on_chunks)
-        ids = self.prompt.encode(messages or user_message(prompt, audio_first=options.audio_first), [emb.shape[0]])
-        stop_ids = () if options.ignore_eos else (*self.prompt.stop_ids, *options.stop_ids)
+        segments, stop_ids = self._prompt_for(emb, prompt, options, messages)
         first: float | None = None
         t_gen = time.perf_counter()
-        with self.decoder.generate(split_prompt(ids, [emb], self.prompt.special.audio), max_new_tokens=options.max_new_tokens,
-                                   stop_ids=stop_ids, sampling=options.sampling) as gen:
+        with self.decoder.generate(segments, max_new_tokens=options.max_new_tokens, stop_ids=stop_ids, sampling=options.sampling) as gen:
             for piece in gen:
                 if first is None:
                     first = time.perf_counter() - t_gen
@@ -255,15 +260,13 @@ class AudioLM:
                 t0 = time.perf_counter()
                 try:
                     emb, n_samples = self.embed(req.audio, sample_rate=req.sample_rate, timings=timings)
-                    ids = self.prompt.encode(user_message(req.prompt, audio_first=req.options.audio_first), [emb.shape[0]])
-                    segments = tuple(split_prompt(ids, [emb], self.prompt.special.audio))
+                    segments, stop_ids = self._prompt_for(emb, req.prompt, req.options)
                 except MdlEdgeError as e:
                     state[n] = (req, timings, t0, 0, 0)
                     yield Failed(n, e)
                     continue
                 state[n] = (req, timings, t0, int(emb.shape[0]), n_samples)
-                stop_ids = () if req.options.ignore_eos else (*self.prompt.stop_ids, *req.options.stop_ids)
-                yield DecodeRequest(segments, n, req.options.max_new_tokens, tuple(stop_ids), req.options.sampling)
+                yield DecodeRequest(segments, n, req.options.max_new_tokens, stop_ids, req.options.sampling)
 
         source: Iterator[Any] = _ahead(prepared(), parallel) if overlap else prepared()
         with generate_many(self.decoder, source, slots=parallel) as events:
