@@ -23,11 +23,11 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, Utf8Pieces
+from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, TextPieces, _same
 from .errors import ConfigError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, whole_number
 
@@ -40,13 +40,18 @@ MAX_SLOTS = 64  # sequences in one context (llama.cpp allows 256; each costs its
 
 @dataclass(frozen=True)
 class DecodeRequest:
-    """One generation for :func:`generate_many`; ``key`` is the caller's handle for it."""
+    """One generation for :func:`generate_many`; ``key`` is the caller's handle for it.
+    ``stop_strings`` end the answer before them; ``cancelled`` (called from the decoding thread
+    before each step, so it must be cheap) stops the request when it returns True, as
+    :meth:`BatchRun.cancel` does."""
 
     segments: tuple[Segment, ...]
     key: Any = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop_ids: tuple[int, ...] = ()
     sampling: SamplingOptions = SamplingOptions()
+    stop_strings: tuple[str, ...] = ()
+    cancelled: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         whole_number("max_new_tokens", self.max_new_tokens)
@@ -96,10 +101,11 @@ class _Seq:
     n_shared: int = 0  # of them copied from another sequence
     tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    pieces: Utf8Pieces = field(default_factory=Utf8Pieces)
+    pieces: TextPieces = field(default_factory=TextPieces)
     t_start: float = 0.0
     t_prefilled: float = 0.0
     share_from: "_Seq | None" = None  # waits for this sequence to evaluate the shared prompt start
+    n_share: int = 0  # positions to copy from it
 
     @property
     def n_past(self) -> int:
@@ -221,15 +227,18 @@ class BatchRun:
 
     def _admit(self, waiting: deque[DecodeRequest]) -> Iterator[DecodeEvent]:
         dec = self._dec
-        limit = max(dec.n_ctx_train, AUTO_CTX_STEP)
+        limit = dec.max_positions
         while self._free and waiting:
             req = waiting[0]
+            if req.cancelled is not None and req.cancelled():
+                waiting.popleft()
+                yield DecodeEvent(req.key, error=MdlEdgeError("cancelled"))
+                continue
             need = req.n_prompt + req.max_new_tokens + 1
-            if need > (limit if dec.auto_ctx else dec.n_ctx):
+            if need > limit:
                 waiting.popleft()
                 yield DecodeEvent(req.key, error=ConfigError(
-                    f"this request needs {need} positions but the decoder holds {limit if dec.auto_ctx else dec.n_ctx} per sequence; "
-                    "shorten the audio or max_new_tokens"))
+                    f"this request needs {need} positions but the decoder holds {limit} per sequence; shorten the audio or max_new_tokens"))
                 continue
             used = sum(s.need for s in self._running)
             if used + need > dec.n_ctx:
@@ -245,29 +254,32 @@ class BatchRun:
             except MdlEdgeError as e:
                 yield DecodeEvent(req.key, error=e)
                 continue
-            seq = _Seq(req, self._free.pop(0), rows, dec._sampler(req.sampling), t_start=time.perf_counter())
+            seq = _Seq(req, self._free.pop(0), rows, dec._sampler(req.sampling), pieces=TextPieces(req.stop_strings),
+                       t_start=time.perf_counter())
             self._share_prefix(seq)
             self._running.append(seq)
 
     def _share_prefix(self, seq: _Seq) -> None:
-        """Find a running sequence whose prompt starts with the same text: its KV cells for that
-        text are copied (now, or as soon as it has evaluated them) instead of evaluated again."""
-        first = seq.req.segments[0]
-        if first.embeddings is not None or len(first) < MIN_SHARED_PREFIX:
-            return
+        """Find the running sequence whose prompt starts the same way for longest (text, and the
+        same clip's embeddings: several questions about one clip): its KV cells for that start are
+        copied (now, or as soon as it has evaluated them) instead of evaluated again. The last
+        prompt position is always evaluated: its logits give the first token."""
+        best, n_best = None, MIN_SHARED_PREFIX - 1
         for other in self._running:
-            head = other.req.segments[0]
-            if head.embeddings is None and head.tokens == first.tokens and other.share_from is None:
-                seq.share_from = other
-                self._resolve_share(seq)
-                return
+            if other.share_from is None:
+                n = min(_common_prefix(seq.req.segments, other.req.segments), seq.req.n_prompt - 1)
+                if n > n_best:
+                    best, n_best = other, n
+        if best is not None:
+            seq.share_from, seq.n_share = best, n_best
+            self._resolve_share(seq)
 
     def _resolve_share(self, seq: _Seq) -> None:
         src = seq.share_from
         if src is None:
             return
-        n = len(seq.req.segments[0])
-        if src not in self._running:  # it ended before evaluating the shared text: evaluate it here
+        n = seq.n_share
+        if src not in self._running:  # it ended before evaluating the shared start: evaluate it here
             seq.share_from = None
         elif src.n_done >= n:
             L = self._dec._L
@@ -276,9 +288,10 @@ class BatchRun:
             seq.share_from = None
 
     def _drop_cancelled(self) -> Iterator[DecodeEvent]:
-        if not self._cancel:
-            return
-        for seq in [s for s in self._running if self._cancelled(s.req.key)]:
+        def cancelled(s: _Seq) -> bool:
+            return (s.req.cancelled is not None and s.req.cancelled()) or (bool(self._cancel) and self._cancelled(s.req.key))
+
+        for seq in [s for s in self._running if cancelled(s)]:
             self._finish(seq)
             yield DecodeEvent(seq.req.key, error=MdlEdgeError("cancelled"))
 
@@ -345,7 +358,7 @@ class BatchRun:
                 if piece:
                     s.text.append(piece)
                     yield DecodeEvent(s.req.key, text=piece)
-            if stop or len(s.tokens) >= s.req.max_new_tokens:
+            if stop or s.pieces.stopped or len(s.tokens) >= s.req.max_new_tokens:
                 tail = s.pieces.flush()
                 if tail:
                     s.text.append(tail)
@@ -353,7 +366,8 @@ class BatchRun:
                 self._finish(s)
                 now = time.perf_counter()
                 yield DecodeEvent(s.req.key, result=DecodeResult(
-                    "".join(s.text), tuple(s.tokens), "stop_token" if stop else "max_new_tokens", s.req.n_prompt,
+                    "".join(s.text), tuple(s.tokens), "stop_token" if stop else "stop_string" if s.pieces.stopped else "max_new_tokens",
+                    s.req.n_prompt,
                     s.req.n_prompt - s.n_shared, s.t_prefilled - s.t_start, now - s.t_prefilled))
 
     def _finish(self, seq: _Seq) -> None:
@@ -370,3 +384,24 @@ def generate_many(dec: LlamaDecoder, requests: Iterable[Any], *, slots: int = 4)
     than there are free slots; an item may be :data:`NOT_READY`) up to ``slots`` at a time in
     ``dec``'s context; iterate the result for :class:`DecodeEvent` s as they happen."""
     return BatchRun(dec, requests, slots)
+
+
+def _common_prefix(a: Sequence[Segment], b: Sequence[Segment]) -> int:
+    """Prompt positions two prompts share from their start: text token by token, audio only as
+    the same clip's embeddings whole."""
+    n = 0
+    for x, y in zip(a, b):
+        if x.embeddings is None and y.embeddings is None:
+            k = 0
+            for p, q in zip(x.tokens, y.tokens):
+                if p != q:
+                    break
+                k += 1
+            n += k
+            if k < len(x) or k < len(y):
+                return n
+        elif x.embeddings is not None and y.embeddings is not None and _same(x, y):
+            n += len(x)
+        else:
+            return n
+    return n

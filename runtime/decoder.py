@@ -134,6 +134,42 @@ class Utf8Pieces:
         return text
 
 
+class TextPieces:
+    """An answer's text as it is generated: complete UTF-8 (see :class:`Utf8Pieces`), ended at
+    the first of the caller's stop strings. Text that could be the start of a stop string is held
+    back until the next piece tells; once a stop string appears, :attr:`stopped` is set and the
+    answer ends before it (the stop string is not part of it, as in OpenAI's API)."""
+
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self._utf8 = Utf8Pieces()
+        self._stop = tuple(s for s in stop if s)
+        self._held = ""
+        self.stopped = False
+
+    def push(self, piece: bytes) -> str:
+        """The text that is now final, from one more token's bytes."""
+        return self._cut(self._held + self._utf8.push(piece), final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back, at the end of generation."""
+        return self._cut(self._held + self._utf8.flush(), final=True)
+
+    def _cut(self, text: str, final: bool) -> str:
+        self._held = ""
+        if not self._stop or self.stopped:
+            return "" if self.stopped else text
+        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return text[: min(hits)]
+        if not final:
+            keep = max((k for s in self._stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
+            if keep:
+                self._held = text[-keep:]
+                return text[:-keep]
+        return text
+
+
 _LOG_CALLBACK = None  # keep the ctypes callback alive for the process lifetime
 _BACKEND_LOCK = threading.Lock()
 _BACKEND_READY = False
@@ -337,12 +373,18 @@ class LlamaDecoder:
         self._cached: list[Segment] = []  # what the KV cache holds, as segments
         self._n_past = 0
 
+    @property
+    def max_positions(self) -> int:
+        """The most positions (prompt, new tokens and one) that one sequence may need: the
+        training length with the automatic context size, else the context size."""
+        return max(self.n_ctx_train, AUTO_CTX_STEP) if self.auto_ctx else self.n_ctx
+
     def _fit(self, need: int) -> None:
         """With the automatic context size, grow the context (whole steps, up to the training
         length) so that ``need`` positions fit; the KV cache starts empty after a resize."""
         if not self.auto_ctx or need <= self.n_ctx:
             return
-        limit = max(self.n_ctx_train, AUTO_CTX_STEP)
+        limit = self.max_positions
         if need > limit:
             raise ConfigError(f"this request needs {need} positions but the decoder was trained on {limit}; shorten the audio or max_new_tokens")
         size = min(-(-need // AUTO_CTX_STEP) * AUTO_CTX_STEP, limit)
@@ -515,17 +557,19 @@ class LlamaDecoder:
         *,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         stop_ids: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
         sampling: SamplingOptions = SamplingOptions(),
     ) -> "Stream[DecodeResult]":
-        """Evaluate the prompt (reusing the cached prefix), then generate until a stop id (not
-        part of the answer) or ``max_new_tokens``. The stream yields text as soon as it is
-        complete UTF-8 (a character split across tokens waits for its last byte); its result
-        holds the token ids, the stop reason and the timings. Nothing runs until it is read."""
+        """Evaluate the prompt (reusing the cached prefix), then generate until a stop id or
+        stop string (neither is part of the answer) or ``max_new_tokens``. The stream yields
+        text as soon as it is final (a character split across tokens waits for its last byte,
+        text that may begin a stop string for the next token); its result holds the token ids,
+        the stop reason and the timings. Nothing runs until it is read."""
         whole_number("max_new_tokens", max_new_tokens)
-        return Stream(self._generate(list(segments), max_new_tokens, tuple(stop_ids), sampling))
+        return Stream(self._generate(list(segments), max_new_tokens, tuple(stop_ids), tuple(stop_strings), sampling))
 
     def _generate(self, segments: list[Segment], max_new_tokens: int, stop_ids: tuple[int, ...],
-                  sampling: SamplingOptions) -> Generator[str, None, "DecodeResult"]:
+                  stop_strings: tuple[str, ...], sampling: SamplingOptions) -> Generator[str, None, "DecodeResult"]:
         n_prompt = sum(len(s) for s in segments)
         with self._lock:
             self._fit(n_prompt + max_new_tokens + 1)
@@ -534,19 +578,19 @@ class LlamaDecoder:
             t1 = time.perf_counter()
             tokens: list[int] = []
             text: list[str] = []
-            stop_reason = yield from self._sample(tokens, text, max_new_tokens, stop_ids, sampling)
+            stop_reason = yield from self._sample(tokens, text, max_new_tokens, stop_ids, stop_strings, sampling)
             t2 = time.perf_counter()
         return DecodeResult("".join(text), tuple(tokens), stop_reason, n_prompt, evaluated, t1 - t0, t2 - t1)
 
     def _sample(self, tokens: list[int], text: list[str], max_new_tokens: int, stop_ids: Sequence[int],
-                sampling: SamplingOptions) -> Generator[str, None, str]:
+                stop_strings: Sequence[str], sampling: SamplingOptions) -> Generator[str, None, str]:
         """Sample from the last evaluated position on (the caller holds the lock): appends each
         new id to ``tokens`` and each text piece to ``text``, yields the pieces, returns the
         stop reason. Each token is appended to the KV cache as it is generated."""
         L = self._L
         smpl = self._sampler(sampling)
         stop = set(stop_ids)
-        pieces = Utf8Pieces()
+        pieces = TextPieces(stop_strings)
         try:
             reason = "max_new_tokens"
             for _ in range(max_new_tokens):
@@ -559,6 +603,9 @@ class LlamaDecoder:
                 if piece:
                     text.append(piece)
                     yield piece
+                if pieces.stopped:
+                    reason = "stop_string"
+                    break
                 if self._n_past + 1 >= self.n_ctx:
                     raise ConfigError(f"generation reached the context size ({self.n_ctx}); raise n_ctx")
                 seg = Segment(tokens=(tok,))
@@ -580,7 +627,7 @@ class DecodeResult:
 
     text: str
     token_ids: tuple[int, ...]
-    stop_reason: str  # "stop_token" or "max_new_tokens"
+    stop_reason: str  # "stop_token", "stop_string" or "max_new_tokens"
     n_prompt: int
     n_evaluated: int  # prompt positions actually evaluated (the rest came from the KV cache)
     prefill_s: float

@@ -91,7 +91,8 @@ class GenerationOptions:
 
     ``max_new_tokens``: new-token limit (>= 1). ``sampling``: see :class:`SamplingOptions`.
     ``stop_ids``: token ids that end the answer besides the model's own (``<|im_end|>``,
-    ``<|endoftext|>``, the checkpoint's eos ids). ``ignore_eos``: generate exactly
+    ``<|endoftext|>``, the checkpoint's eos ids). ``stop``: strings that end the answer (it ends
+    before the first one that appears). ``ignore_eos``: generate exactly
     ``max_new_tokens`` (benchmarks). ``audio_first``: the default user turn is ``[audio, text]``
     instead of ``[text, audio]`` (then several questions about one clip share the decoder's
     evaluated audio prefix).
@@ -100,6 +101,7 @@ class GenerationOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     stop_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     audio_first: bool = False
 
@@ -110,3 +112,6 @@ class GenerationOptions:
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_ids):
             raise OptionError("stop_ids", f"must be token ids (whole numbers >= 0), got {self.stop_ids!r}")
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
+        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
+            raise OptionError("stop", f"must be a sequence of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))

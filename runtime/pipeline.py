@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator
@@ -33,6 +35,13 @@ from .segments import SegmentOptions, TimedSegment, segment_stream
 logger = logging.getLogger("mdl_edge")
 
 _DEFAULT = GenerationOptions()
+#: Embeddings kept for clips asked about again (a server's several questions about one clip):
+#: the most recent clips, up to this many bytes in all.
+EMBEDDING_CACHE_BYTES = 64 << 20
+
+#: What :meth:`AudioLM.run` and :meth:`AudioLM.segments` use to answer requests: it takes an
+#: iterable of :class:`Request` and yields ``(request, Result or error)`` as each finishes.
+Runner = Callable[[Iterable["Request"]], Iterator[tuple["Request", "Result | MdlEdgeError"]]]
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ class Result:
     token_ids: tuple[int, ...]
     n_audio_tokens: int
     audio_seconds: float
-    stop_reason: str  # "stop_token" or "max_new_tokens"
+    stop_reason: str  # "stop_token", "stop_string" or "max_new_tokens"
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     n_prompt: int = 0  # prompt positions (text and audio)
     n_evaluated: int = 0  # of them evaluated for this answer (the rest was in the KV cache)
@@ -99,9 +108,9 @@ class AudioLM:
             one_batch=one_batch,
         )
         self.threads = threads
-        # The last clip's embeddings, for follow-up questions: (source key, embeddings, samples).
-        # Replaced as one tuple, so concurrent callers never see half an entry.
-        self._cache: tuple[bytes, np.ndarray, int] | None = None
+        # Recent clips' embeddings, for follow-up questions: source key -> (embeddings, samples).
+        self._cache: OrderedDict[bytes, tuple[np.ndarray, int]] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -125,17 +134,21 @@ class AudioLM:
     ) -> tuple[np.ndarray, int]:
         """Audio embeddings ``[n_audio_tokens, H]`` of a clip and its length in 16 kHz samples.
 
-        The clip is decoded block by block into the log-mel (never held whole). The last clip's
+        The clip is decoded block by block into the log-mel (never held whole). Recent clips'
         embeddings are kept for follow-up questions (arrays and bytes are recognised by content,
-        files by path, size and modification time). ``on_chunks(done, total)`` reports encoder
-        progress on long audio.
+        files by path, size and modification time; the same clip gives the same array, which lets
+        concurrent questions about it share their decoded prompt start). ``on_chunks(done,
+        total)`` reports encoder progress on long audio.
         """
         t = timings if timings is not None else {}
         key = _source_key(audio, sample_rate)
-        cached = self._cache
-        if key is not None and cached is not None and cached[0] == key:
+        with self._cache_lock:
+            cached = self._cache.get(key) if key is not None else None
+            if cached is not None:
+                self._cache.move_to_end(key)  # type: ignore[arg-type]
+        if cached is not None:
             t.update(decode_audio=0.0, mel=0.0, encoder=0.0, projector=0.0)
-            return cached[1], cached[2]
+            return cached
         decode_s = [0.0]
         t0 = time.perf_counter()
         blocks = _TimedBlocks(iter_audio(audio, sample_rate=sample_rate), decode_s)
@@ -143,8 +156,12 @@ class AudioLM:
         n_samples = blocks.n_samples
         t.update(decode_audio=decode_s[0], mel=time.perf_counter() - t0 - decode_s[0])
         emb = self.encoder.embed_mel(mel, n_samples, timings=t, on_chunks=on_chunks)
-        if key is not None:
-            self._cache = (key, emb, n_samples)
+        if key is not None and emb.nbytes <= EMBEDDING_CACHE_BYTES:
+            emb.setflags(write=False)  # shared between requests
+            with self._cache_lock:
+                self._cache[key] = (emb, n_samples)
+                while sum(e.nbytes for e, _ in self._cache.values()) > EMBEDDING_CACHE_BYTES:
+                    self._cache.popitem(last=False)
         return emb, n_samples
 
     # -- generation --------------------------------------------------------------------------
@@ -167,12 +184,21 @@ class AudioLM:
             raise TypeError(f"options must be a GenerationOptions, got {type(options).__name__}")
         return Stream(self._run(audio, prompt, options, sample_rate, messages, on_chunks))
 
-    def _prompt_for(self, emb: np.ndarray, prompt: str, options: GenerationOptions,
+    def _prompt_for(self, embs: list[np.ndarray], prompt: str, options: GenerationOptions,
                     messages: list[dict[str, Any]] | None = None) -> tuple[tuple[Segment, ...], tuple[int, ...]]:
-        """The decoder's prompt segments for a clip's embeddings, and the stop ids of ``options``."""
-        ids = self.prompt.encode(messages or user_message(prompt, audio_first=options.audio_first), [emb.shape[0]])
+        """The decoder's prompt segments for the clips' embeddings (one per audio item of
+        ``messages``, in order), and the stop ids of ``options``."""
+        ids = self.prompt.encode(messages or user_message(prompt, audio_first=options.audio_first), [e.shape[0] for e in embs])
         stop_ids = () if options.ignore_eos else (*self.prompt.stop_ids, *options.stop_ids)
-        return tuple(split_prompt(ids, [emb], self.prompt.special.audio)), tuple(stop_ids)
+        return tuple(split_prompt(ids, embs, self.prompt.special.audio)), tuple(stop_ids)
+
+    def positions_needed(self, n_audio_tokens: Iterable[int], prompt: str, options: GenerationOptions = _DEFAULT,
+                         messages: list[dict[str, Any]] | None = None) -> int:
+        """Decoder positions a request needs (prompt, ``max_new_tokens`` and one), known from
+        its clips' lengths before any audio is decoded; compare with ``decoder.max_positions``."""
+        counts = list(n_audio_tokens)
+        ids = self.prompt.encode(messages or user_message(prompt, audio_first=options.audio_first), counts)
+        return len(ids) + options.max_new_tokens + 1
 
     def _run(
         self,
@@ -186,10 +212,11 @@ class AudioLM:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         emb, n_samples = self.embed(audio, sample_rate=sample_rate, timings=timings, on_chunks=on_chunks)
-        segments, stop_ids = self._prompt_for(emb, prompt, options, messages)
+        segments, stop_ids = self._prompt_for([emb], prompt, options, messages)
         first: float | None = None
         t_gen = time.perf_counter()
-        with self.decoder.generate(segments, max_new_tokens=options.max_new_tokens, stop_ids=stop_ids, sampling=options.sampling) as gen:
+        with self.decoder.generate(segments, max_new_tokens=options.max_new_tokens, stop_ids=stop_ids, stop_strings=options.stop,
+                                   sampling=options.sampling) as gen:
             for piece in gen:
                 if first is None:
                     first = time.perf_counter() - t_gen
@@ -244,7 +271,10 @@ class AudioLM:
         read, a clip too long for the context): the others go on. ``requests`` is read lazily:
         a clip is decoded and encoded when a decoder slot is about to free, so a folder of
         thousands of files never sits in memory. A request's ``on_text`` receives its text as it
-        is generated. Closing the iterator early stops every request. ``overlap=True`` encodes
+        is generated, and its ``cancelled`` is asked before each step. An item of ``requests``
+        may be :data:`~mdl_edge.runtime.batching.NOT_READY` (a live source, such as a server's
+        queue, with nothing yet): running requests go on meanwhile. Closing the iterator early
+        stops every request. ``overlap=True`` encodes
         the next clips in a background thread while the decoder steps (see the README for what
         it measured). ``stats`` (a dict) receives the decoder's step counts and the time of its
         decode-only steps (for benchmarks)."""
@@ -252,21 +282,29 @@ class AudioLM:
         # per submission (numbered: the same Request object may come twice)
         state: dict[int, tuple[Request, dict[str, float], float, int, int]] = {}
 
-        def prepared() -> Iterator[DecodeRequest | Failed]:
+        def prepared() -> Iterator[Any]:
             for n, req in enumerate(requests):
+                if req is NOT_READY:  # a live source (a server's queue) has nothing yet
+                    yield req
+                    continue
                 if not isinstance(req, Request):
                     raise TypeError(f"requests must be Request objects, got {type(req).__name__}")
                 timings: dict[str, float] = {}
                 t0 = time.perf_counter()
+                state[n] = (req, timings, t0, 0, 0)
+                if req.cancelled is not None and req.cancelled():
+                    yield Failed(n, MdlEdgeError("cancelled"))
+                    continue
                 try:
-                    emb, n_samples = self.embed(req.audio, sample_rate=req.sample_rate, timings=timings)
-                    segments, stop_ids = self._prompt_for(emb, req.prompt, req.options)
+                    clips = [self.embed(a, sample_rate=req.sample_rate, timings=timings) for a in req.clips]
+                    embs = [e for e, _ in clips]
+                    segments, stop_ids = self._prompt_for(embs, req.prompt, req.options, req.messages)
                 except MdlEdgeError as e:
-                    state[n] = (req, timings, t0, 0, 0)
                     yield Failed(n, e)
                     continue
-                state[n] = (req, timings, t0, int(emb.shape[0]), n_samples)
-                yield DecodeRequest(segments, n, req.options.max_new_tokens, stop_ids, req.options.sampling)
+                state[n] = (req, timings, t0, sum(e.shape[0] for e in embs), sum(k for _, k in clips))
+                yield DecodeRequest(segments, n, req.options.max_new_tokens, stop_ids, req.options.sampling, req.options.stop,
+                                    req.cancelled)
 
         source: Iterator[Any] = _ahead(prepared(), parallel) if overlap else prepared()
         with generate_many(self.decoder, source, slots=parallel) as events:
@@ -308,12 +346,13 @@ class AudioLM:
 
     def segments(self, audio: AudioSource, prompt: str, options: GenerationOptions = _DEFAULT, *, mode: str = "vad",
                  segmenting: SegmentOptions = SegmentOptions(), sample_rate: int | None = None, parallel: int = 1,
-                 on_segment: Callable[[int], None] | None = None) -> Iterator[TimedSegment]:
+                 on_segment: Callable[[int], None] | None = None, runner: Runner | None = None) -> Iterator[TimedSegment]:
         """Answer ``prompt`` about each segment of a recording, in order, as each is done. The
         audio is decoded block by block and segments are answered as they close (``parallel`` of
         them decoded together), so memory does not grow with the duration. If decoding fails
         part-way (a truncated or corrupt file), the segments before the damage are yielded, then an
-        :class:`AudioError` names the file and the time where decoding failed."""
+        :class:`AudioError` names the file and the time where decoding failed. ``runner``
+        answers the segments' requests instead of :meth:`run` (a server's shared engine)."""
         name = describe(audio)
         damage: list[tuple[float, AudioError]] = []
 
@@ -337,7 +376,8 @@ class AudioLM:
 
         done: dict[int, TimedSegment] = {}
         n_out = 0
-        for req, res in self.run(requests(), parallel=parallel):
+        answered = runner(requests()) if runner is not None else self.run(requests(), parallel=parallel)
+        for req, res in answered:
             i, start, n = req.tag
             if isinstance(res, MdlEdgeError):
                 if n is None:
@@ -361,16 +401,28 @@ class Request:
     object, or an array with ``sample_rate``), the prompt (default: caption), the options,
     ``tag`` (anything the caller wants back, e.g. a file name) and ``on_text``."""
 
-    audio: AudioSource
+    audio: AudioSource | tuple[AudioSource, ...]
     prompt: str = CAPTION_PROMPT
     options: GenerationOptions = _DEFAULT
     sample_rate: int | None = None
     tag: Any = None
     on_text: Callable[[str], None] | None = None
+    #: the conversation, replacing the default user turn; one audio item per clip of ``audio``
+    #: (then a tuple of clips, in the order of the audio items)
+    messages: list[dict[str, Any]] | None = None
+    #: called before each decoding step; True stops the request (a client that went away)
+    cancelled: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, GenerationOptions):
             raise TypeError(f"options must be a GenerationOptions, got {type(self.options).__name__}")
+        if isinstance(self.audio, tuple) and not self.audio and self.messages is None:
+            raise AudioError("a request needs at least one clip (or messages of its own)")
+
+    @property
+    def clips(self) -> tuple[AudioSource, ...]:
+        """The request's clips, in order."""
+        return self.audio if isinstance(self.audio, tuple) else (self.audio,)
 
 
 def _ahead(items: Iterator[Any], n: int) -> Iterator[Any]:
