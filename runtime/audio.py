@@ -260,13 +260,13 @@ def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray
 
 
 def expected_samples(source: AudioSource) -> int | None:
-    """Length at 16 kHz that a file's header announces (a size hint; None when unknown)."""
-    if not isinstance(source, (str, Path)):
+    """Length at 16 kHz that a file's (or in-memory file's) header announces (None when unknown)."""
+    if not isinstance(source, (str, Path, bytes, bytearray)):
         return None
     import soundfile as sf
 
     try:
-        info = sf.info(str(source))
+        info = sf.info(str(source) if isinstance(source, (str, Path)) else io.BytesIO(source))
     except Exception:
         return None
     return int(round(info.frames * C.SAMPLE_RATE / info.samplerate)) if info.frames > 0 else None

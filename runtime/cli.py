@@ -179,6 +179,23 @@ def _extra_bufts(args: argparse.Namespace, parallel: int) -> bool:
     return extra_bufts_safe()
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import ServerOptions, serve
+    except ImportError as e:
+        raise MdlEdgeError(f"`mdl-edge serve` needs the server extra (pip install 'mdl-edge[server]'): {e}") from e
+    from .segments import SegmentOptions
+
+    if not args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel, max_queue=args.max_queue,
+                            max_upload_mb=args.max_upload_mb, max_audio_s=args.max_audio_s, model_id=args.model_id,
+                            segmenting=SegmentOptions(max_segment=args.max_segment), n_ctx=args.n_ctx)
+    serve(args.model, options, threads=args.threads, encoder=args.encoder, decoder=args.decoder,
+          extra_bufts=_extra_bufts(args, args.parallel))
+    return 0
+
+
 def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: object, segmenting: object, mode: str) -> int:
     """Recordings as timed segments (long files, or any file with --format / -o): each file's
     segments are written as they are answered, to stdout or to -o (a file, or a folder that gets
@@ -487,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  mdl-edge transcribe talk.flac --language en --model bundle --stream\n"
             "  mdl-edge ask a.wav -q 'What sound is heard?' --model bundle\n"
             "  mdl-edge parity midashenglm-7b --bundle bundle    # what each quantized variant costs\n"
+            "  mdl-edge serve --model bundle                     # OpenAI's audio API on http://127.0.0.1:8080\n"
         ),
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
@@ -554,6 +572,31 @@ def build_parser() -> argparse.ArgumentParser:
         perf.add_argument("--provider", default="cpu", help="encoder execution provider: cpu or cuda (default: %(default)s)")
         perf.add_argument("--max-batch", type=int, help="encoder chunks per ONNX run (default: 1 on cpu, 8 on cuda)")
         t.set_defaults(func=lambda a, task=task: _run_task(a, task), parser=t)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the `server` extra)",
+                        description="Serve a bundle through OpenAI's audio API: POST /v1/audio/transcriptions, POST "
+                                    "/v1/chat/completions (input_audio parts), GET /v1/models, /health, /metrics, and a page at /.")
+    sv.add_argument("--model", required=True, help="bundle folder made by `mdl-edge export`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
+    sv.add_argument("--api-key", default=os.environ.get("MDL_EDGE_API_KEY"),
+                    help="require Authorization: Bearer KEY on /v1 and /metrics (default: $MDL_EDGE_API_KEY, else none)")
+    sv.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
+                    help="requests decoded together (default here: %(default)s)")
+    sv.add_argument("--max-queue", type=int, default=16, metavar="N", help="admitted requests waiting beyond those; more get 503 (default: %(default)s)")
+    sv.add_argument("--max-upload-mb", type=float, default=25.0, help="largest upload; more gets 413 (default: %(default)s)")
+    sv.add_argument("--max-audio-s", type=float, default=3600.0, help="longest recording; more gets 413 (default: %(default)s)")
+    sv.add_argument("--max-segment", type=float, default=30.0, metavar="S",
+                    help="longer transcriptions are cut at pauses into segments of at most S seconds (default: %(default)s)")
+    sv.add_argument("--n-ctx", type=int, help="decoder positions shared by the requests decoding together, allocated at start "
+                    "(default: 2048 per --parallel)")
+    sv.add_argument("--model-id", help="the model's name in /v1/models (default: the bundle folder's name)")
+    sv.add_argument("--encoder", help="encoder variant (default: the bundle's)")
+    sv.add_argument("--decoder", help="decoder variant (default: the bundle's)")
+    sv.add_argument("--threads", type=int, help="CPU threads (default: all available)")
+    sv.add_argument("--extra-bufts", action=argparse.BooleanOptionalAction, default=None,
+                    help="let llama.cpp repack weights for this CPU (default: on when --parallel > 1 and the build has no AMX)")
+    sv.set_defaults(func=_cmd_serve, parser=sv)
 
     pr = sub.add_parser("parity", help="compare the PyTorch reference with every variant of a bundle")
     pr.add_argument("model", help="the checkpoint folder (official layout)")

@@ -52,6 +52,9 @@ from .writers import SegmentWriter
 logger = logging.getLogger("mdl_edge")
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+#: Decoder positions per slot by default: a 5-minute clip (1500 audio tokens) with its prompt and
+#: a 256-token answer fits one (Qwen3-0.6B's f16 cache: 0.23 GB per slot; Qwen2-7B's: 0.11 GB).
+CTX_PER_SLOT = 2048
 STATIC = Path(__file__).with_name("static")
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)", re.S)
 
@@ -65,7 +68,10 @@ class ServerOptions:
     admitted requests beyond those (more get 503). ``max_upload_mb`` / ``max_audio_s``: the
     largest upload and the longest recording (more gets 413). ``model_id``: the name
     ``/v1/models`` lists (default: the bundle folder's name). ``segmenting``: how transcriptions
-    longer than ``segmenting.max_segment`` are cut (as on the command line).
+    longer than ``segmenting.max_segment`` are cut (as on the command line). ``n_ctx``: the
+    decoder's KV cache in positions, shared by the requests decoding together (default:
+    ``parallel`` x :data:`CTX_PER_SLOT`); it is allocated once, so memory stays what it was at
+    start whatever clients ask, and a request needing more gets 400 ``context_length_exceeded``.
     """
 
     host: str = "127.0.0.1"
@@ -77,9 +83,12 @@ class ServerOptions:
     max_audio_s: float = 3600.0
     model_id: str | None = None
     segmenting: SegmentOptions = SegmentOptions()
+    n_ctx: int | None = None
 
     def __post_init__(self) -> None:
         whole_number("port", self.port, 0)
+        if self.n_ctx is not None:
+            whole_number("n_ctx", self.n_ctx, 256)
         if self.port > 65535:
             raise OptionError("port", f"must be at most 65535, got {self.port}")
         whole_number("parallel", self.parallel)
@@ -90,6 +99,10 @@ class ServerOptions:
                 raise OptionError(name, f"must be a positive number, got {v!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise OptionError("api_key", "must be a non-empty string (or unset)")
+
+    @property
+    def context_size(self) -> int:
+        return self.n_ctx if self.n_ctx is not None else self.parallel * CTX_PER_SLOT
 
     @property
     def max_upload_bytes(self) -> int:
@@ -245,10 +258,10 @@ def probe(source: AudioSource, name: str, max_audio_s: float) -> tuple[AudioSour
                 blocks.append(block)
         except AudioError as e:
             raise ApiError(400, f"{name}: {one_line(e).split(': ', 1)[-1]}", param="file", code="invalid_audio") from None
-        if total <= limit:
-            source, n = np.concatenate(blocks), total
-        else:
-            n = total
+        if total > limit:
+            raise ApiError(413, f"{name}: the audio is longer than the server's limit of {max_audio_s:g} s",
+                           param="file", code="audio_too_long")
+        source, n = np.concatenate(blocks), total
     seconds = n / C.SAMPLE_RATE
     if seconds > max_audio_s:
         raise ApiError(413, f"{name}: {seconds:.1f} s of audio is longer than the server's limit of {max_audio_s:g} s",
@@ -259,11 +272,14 @@ def probe(source: AudioSource, name: str, max_audio_s: float) -> tuple[AudioSour
 # -- the server's state ---------------------------------------------------------------------------
 class _Metrics:
     def __init__(self, state: "ServerState") -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # the *_created series only double the page
 
         r = self.registry = CollectorRegistry()
         self.requests = Counter("mdl_edge_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
         self.rejected = Counter("mdl_edge_rejected", "requests refused with 503 because the queue was full", registry=r)
+        self.cancelled = Counter("mdl_edge_cancelled", "requests stopped because their client went away", registry=r)
         Gauge("mdl_edge_requests_in_progress", "admitted requests not yet answered", registry=r).set_function(lambda: state.in_progress)
         Gauge("mdl_edge_queue_depth", "admitted requests not yet taken by the decoder", registry=r).set_function(
             lambda: max(0, state.in_progress - state.engine.status().active))
@@ -365,6 +381,8 @@ class _Job:
         def done(ticket: Ticket) -> None:
             out = ticket.outcome
             if isinstance(out, MdlEdgeError):
+                if ticket.cancelled:
+                    self.state.metrics.cancelled.inc()
                 self.post("error", _from_runtime(out))
             else:
                 self.state.metrics.answered(out)  # type: ignore[arg-type]
@@ -792,7 +810,7 @@ class Server:
     def __init__(self, model: str | Path | AudioLM, options: ServerOptions = ServerOptions(), **lm_options: Any) -> None:
         import uvicorn
 
-        self.lm = model if isinstance(model, AudioLM) else AudioLM(model, **lm_options)
+        self.lm = model if isinstance(model, AudioLM) else AudioLM(model, **{"n_ctx": options.context_size, **lm_options})
         self._own_lm = not isinstance(model, AudioLM)
         self.options = options
         self.app = create_app(self.lm, options)
@@ -842,11 +860,11 @@ def serve(model: str | Path, options: ServerOptions = ServerOptions(), **lm_opti
 
     if not options.local and options.api_key is None:
         logger.warning("serving on %s without --api-key: anyone who can reach this address can use the model", options.host)
-    lm = AudioLM(model, **lm_options)
+    lm = AudioLM(model, **{"n_ctx": options.context_size, **lm_options})
     try:
         app = create_app(lm, options)
-        logger.info("serving %s on http://%s:%d (%d decoded together, %d waiting at most)", Path(model).name, options.host,
-                    options.port, options.parallel, options.max_queue)
+        logger.info("serving %s on http://%s:%d (%d decoded together in %d positions, %d waiting at most)", Path(model).name,
+                    options.host, options.port, options.parallel, options.context_size, options.max_queue)
         uvicorn.run(app, host=options.host, port=options.port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         lm.close()

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The test command of the README: install the project with its export and dev extras, then run
+# The test command of the README: install the project with its export, server and dev extras, then run
 # the suite (arguments go to pytest). Safe to run again: pip skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages the tests use: ffmpeg reads the containers libsndfile cannot (M4A/AAC/Opus/
-# video); espeak-ng speaks the toy world the trained test model hears. Their tests skip without them.
+# video); espeak-ng speaks the toy world the trained test model hears; chromium and its driver
+# load the server's page in a headless browser. Their tests skip without them.
 missing=""
 command -v ffmpeg >/dev/null 2>&1 || missing="$missing ffmpeg"
 command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
@@ -16,7 +19,7 @@ if [ -n "$missing" ]; then
     echo "tests/run.sh: not found:$missing (apt-get install$missing); their tests will be skipped" >&2
   fi
 fi
-python3 -m pip install --quiet --disable-pip-version-check -e ".[export,dev]"
+python3 -m pip install --quiet --disable-pip-version-check -e ".[export,server,dev]"
 # The independent encoder check compares against the `dasheng` package. Its declared
 # dependencies include torchaudio, whose PyPI build does not import beside torch 2.13 here (and
 # would pull another torch), so it is installed without them; the test supplies a stand-in for
