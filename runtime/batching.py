@@ -265,11 +265,10 @@ class BatchRun:
         copied (now, or as soon as it has evaluated them) instead of evaluated again. The last
         prompt position is always evaluated: its logits give the first token."""
         best, n_best = None, MIN_SHARED_PREFIX - 1
-        for other in self._running:
-            if other.share_from is None:
-                n = min(_common_prefix(seq.req.segments, other.req.segments), seq.req.n_prompt - 1)
-                if n > n_best:
-                    best, n_best = other, n
+        for other in self._running:  # one that waits on a third to share is fine: it is copied once it has them
+            n = min(_common_prefix(seq.req.segments, other.req.segments), seq.req.n_prompt - 1)
+            if n > n_best:
+                best, n_best = other, n
         if best is not None:
             seq.share_from, seq.n_share = best, n_best
             self._resolve_share(seq)

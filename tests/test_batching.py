@@ -153,3 +153,49 @@ def test_parallelism_is_bounded(decoder, prompts) -> None:
     for bad in (0, 65, True):
         with pytest.raises(OptionError, match="parallel"):
             generate_many(decoder, [DecodeRequest(prompts[0])], slots=bad)
+
+
+def test_text_pieces_end_at_stop_strings() -> None:
+    from mdl_edge.runtime.decoder import TextPieces
+
+    def run(pieces: list[bytes], stop: tuple[str, ...]) -> tuple[str, bool]:
+        tp = TextPieces(stop)
+        out = []
+        for p in pieces:
+            out.append(tp.push(p))
+            if tp.stopped:
+                break
+        out.append(tp.flush())
+        return "".join(out), tp.stopped
+
+    assert run([b"Hello", b" wor", b"ld. Bye"], ("world",)) == ("Hello ", True)
+    assert run([b"a ", b"wo", b"rk"], ("world",)) == ("a work", False)  # held back "wo", then released
+    assert run([b"x\xe4", b"\xb8\xad END"], ("END",)) == ("x\u4e2d ", True)  # a character split across tokens
+    assert run([b"no stops"], ()) == ("no stops", False)
+    tp = TextPieces(("ab",))
+    assert tp.push(b"xa") == "x" and tp.flush() == "a"  # the end of the answer releases what was held
+
+
+def test_stop_strings_cancel_and_same_clip_prefix(bundle) -> None:
+    """Stop strings end single and batched answers alike; a request whose cancelled() is true ends
+    before any work; questions about one clip (audio first) share its decoded prompt start."""
+    clip = _clip(3.0, 7)
+    with AudioLM(bundle, encoder="fp32", decoder="f32", f32_kv=True) as lm:
+        full = lm.generate(clip, "What is heard?", G(max_new_tokens=16), sample_rate=C.SAMPLE_RATE).text
+        stop = full[6:9]
+        assert stop.strip()
+        cut = lm.generate(clip, "What is heard?", G(max_new_tokens=16, stop=(stop,)), sample_rate=C.SAMPLE_RATE)
+        assert cut.text == full[: full.index(stop)] and cut.stop_reason == "stop_string"
+        first = G(max_new_tokens=10, audio_first=True)
+        alone = [lm.generate(clip, q, first, sample_rate=C.SAMPLE_RATE) for q in ("What is heard?", "Is anyone speaking?")]
+        reqs = [Request(audio=clip, sample_rate=C.SAMPLE_RATE, prompt="What is heard?", options=G(max_new_tokens=16, stop=(stop,)), tag="stop"),
+                Request(audio=clip, sample_rate=C.SAMPLE_RATE, prompt="x", tag="cancelled", cancelled=lambda: True)]
+        reqs += [Request(audio=clip, sample_rate=C.SAMPLE_RATE, prompt=q, options=first, tag=q) for q in ("What is heard?", "Is anyone speaking?")]
+        got = {r.tag: res for r, res in lm.run(reqs, parallel=4)}
+    assert got["stop"].text == cut.text and got["stop"].stop_reason == "stop_string"
+    assert isinstance(got["cancelled"], MdlEdgeError) and "cancelled" in str(got["cancelled"])
+    a, b = got["What is heard?"], got["Is anyone speaking?"]
+    assert (a.token_ids, b.token_ids) == (alone[0].token_ids, alone[1].token_ids)
+    n_audio = a.n_audio_tokens
+    # one of the two evaluated the template head and the clip; the other copied them
+    assert min(a.n_evaluated, b.n_evaluated) <= a.n_prompt - n_audio, (a.n_evaluated, b.n_evaluated, a.n_prompt, n_audio)
