@@ -196,7 +196,12 @@ class BatchRun:
         waiting: deque[DecodeRequest] = deque()
         exhausted = False
         while True:
-            while not exhausted and len(waiting) < len(self._free) + 1:
+            # One new request per step while others run: pulling one may mean encoding its clip,
+            # and a request that is ready starts at the next step instead of waiting for every
+            # other arrival to be encoded (lower time to first token, no convoy of requests that
+            # arrived together and would then finish together and arrive together again).
+            pulled = False
+            while not exhausted and len(waiting) < len(self._free) + 1 and not (pulled and (self._running or waiting)):
                 item = next(self._requests, None)
                 if item is None:
                     exhausted = True
@@ -208,6 +213,7 @@ class BatchRun:
                     yield DecodeEvent(item.key, error=item.error)
                 else:
                     waiting.append(item)
+                    pulled = True
             yield from self._admit(waiting)
             yield from self._drop_cancelled()
             if not self._running:
