@@ -316,3 +316,36 @@ def test_server_options_are_checked() -> None:
     for bad in (dict(port=70000), dict(parallel=0), dict(max_upload_mb=0), dict(max_audio_s=float("nan")), dict(api_key=" ")):
         with pytest.raises(OptionError):
             ServerOptions(**bad)
+
+
+def test_serve_command(bundle) -> None:
+    """`mdl-edge serve` as users start it: it warns when bound beyond this machine without a key,
+    answers, and stops cleanly on Ctrl-C (SIGINT)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mdl_edge.runtime.cli", "serve", "--model", str(bundle), "--host", "0.0.0.0",
+                             "--port", str(port), "--parallel", "2", "--threads", "2", "--decoder", "f32", "--encoder", "fp32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.2)
+        assert health["slots"] == 2 and health["auth"] is False
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        assert c.chat.completions.create(model="m", messages=chat_message(wav_bytes(_clip(1.0, 8))), max_tokens=3).usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "without --api-key" in out and f"http://0.0.0.0:{port}" in out
