@@ -91,6 +91,11 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
               "ask": lambda: question_prompt(args.question)}[task]()
     streaming = args.stream and not args.json
     whole_number("parallel", args.parallel)
+    from .cluster import expand_inputs  # torch- and ray-free: files, globs, list files
+
+    args.audio = expand_inputs(args.audio)
+    if args.engine == "ray":
+        return _run_ray(args, task, prompt, options)
     if task != "ask":
         segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window)
         mode = segmenting.resolved(task)
@@ -163,6 +168,31 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
         print(f"mdl-edge: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object) -> int:
+    """``--engine ray``: the inputs as a Ray Data job, rows appended to ``--out``."""
+    try:
+        from .cluster import ClusterOptions, answer_files
+    except ImportError as e:
+        raise MdlEdgeError(f"--engine ray needs the cluster extra (pip install 'mdl-edge[cluster]'): {e}") from e
+    from .segments import SegmentOptions
+
+    if not args.out:
+        raise OptionError("out", "--engine ray writes its rows to a file: give --out RESULTS.jsonl (or .parquet)")
+    cluster = ClusterOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker, address=args.ray_address,
+                             batch_size=args.batch_size, parallel=args.parallel, retries=args.retries, retry_errors=args.retry_errors)
+    segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window) if task != "ask" \
+        else SegmentOptions(mode="none")
+    lm_options = {k: v for k, v in dict(encoder=args.encoder, decoder=args.decoder, provider=args.provider, max_batch=args.max_batch,
+                                        n_ctx=args.n_ctx, n_batch=args.n_batch, flash_attn=args.flash_attn,
+                                        extra_bufts=_extra_bufts(args, args.parallel)).items() if v is not None}
+    summary = answer_files(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options, segmenting=segmenting,  # type: ignore[arg-type]
+                           cluster=cluster, lm_options=lm_options,
+                           on_row=None if args.no_progress else lambda r: print(f"{r['file']}: {r.get('error') or r['text']}", file=sys.stderr))
+    print(f"mdl-edge: {summary.inputs} input(s): {summary.skipped} already in {summary.out}, {summary.answered} answered, "
+          f"{summary.failed} failed ({summary.files_per_second:.2f} files/s over {summary.seconds:.1f} s)", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def _extra_bufts(args: argparse.Namespace, parallel: int) -> bool:
@@ -557,6 +587,16 @@ def build_parser() -> argparse.ArgumentParser:
                              help="timed segments in this format (default for long files: txt; jsonl with --json)")
             seg.add_argument("-o", "--output", help="write there: a file, or for several inputs an existing folder (one output per input)")
         t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
+        cl = t.add_argument_group("many machines (needs the `cluster` extra): inputs may also be globs and list files (.txt, one path a line)")
+        cl.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local (default): this process; ray: a pool of Ray actors, rows appended to --out as they come")
+        cl.add_argument("--out", help="with --engine ray: results as JSON Lines (or .parquet); a rerun with the same --out answers only what is missing")
+        cl.add_argument("--workers", type=int, default=1, help="with --engine ray: actors, each loading the bundle once (default: %(default)s)")
+        cl.add_argument("--cpus-per-worker", type=int, help="with --engine ray: CPUs (threads) per actor (default: a local instance's cores shared out)")
+        cl.add_argument("--ray-address", help="with --engine ray: a running cluster (auto, ray://HOST:10001; default: start a local instance)")
+        cl.add_argument("--batch-size", type=int, default=8, help="with --engine ray: files per actor call (default: %(default)s)")
+        cl.add_argument("--retries", type=int, default=3, help="with --engine ray: tries again of a batch whose actor died (default: %(default)s)")
+        cl.add_argument("--retry-errors", action="store_true", help="with --engine ray: a rerun also retries files whose row is an error")
         perf = t.add_argument_group("performance")
         perf.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
                           help="files (or segments) decoded together in one llama.cpp context (default here: %(default)s: twice "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command of the README: install the project with its export, server and dev extras, then run
+# The test command of the README: install the project with its export, server, cluster and dev extras, then run
 # the suite (arguments go to pytest). Safe to run again: pip skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ if [ -n "$missing" ]; then
     echo "tests/run.sh: not found:$missing (apt-get install$missing); their tests will be skipped" >&2
   fi
 fi
-python3 -m pip install --quiet --disable-pip-version-check -e ".[export,server,dev]"
+python3 -m pip install --quiet --disable-pip-version-check -e ".[export,server,cluster,dev]"
 # The independent encoder check compares against the `dasheng` package. Its declared
 # dependencies include torchaudio, whose PyPI build does not import beside torch 2.13 here (and
 # would pull another torch), so it is installed without them; the test supplies a stand-in for

@@ -1,0 +1,340 @@
+"""Captioning and transcription beyond one machine, on Ray Data (the ``cluster`` extra).
+
+Ray Data is what the field runs offline batch inference on (``map_batches`` over a pool of
+stateful actors): it schedules, streams, restarts a dead actor and retries its work, so this
+module writes no scheduler of its own. Each actor loads the bundle once (its CPUs are its
+threads) and answers its share of the files with :meth:`AudioLM.run` (the multi-sequence
+decoder); a long recording is segmented as on one machine (:meth:`AudioLM.segments`). Rows come
+back to the driver as they are produced and are appended to a JSON Lines file, one file's rows in
+one write, so an interrupted job leaves a valid partial output and a rerun with the same output
+answers only what is missing. ``.parquet`` outputs are journaled as JSON Lines beside them and
+written when the job completes.
+
+Every row names its file: ``{"file", "segment", "n_segments", "start", "end", "text",
+"token_ids", "stop_reason", "n_audio_tokens", "timings", "worker"}``, or ``{"file", "error"}``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from . import constants as C
+from .errors import ConfigError, MdlEdgeError, one_line
+from .options import GenerationOptions, available_cores, default_parallel, whole_number
+from .segments import SegmentOptions
+
+logger = logging.getLogger("mdl_edge")
+
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    """How a job runs on Ray (validated here).
+
+    ``workers``: actors, each with the bundle loaded once; ``cpus_per_worker``: CPUs Ray reserves
+    for each (its threads; default: a local instance's CPUs shared out, else 1);
+    ``address``: a running cluster (``"auto"``, ``"ray://host:10001"``; default: start a local
+    instance); ``batch_size``: files per actor call; ``parallel``: sequences each actor's decoder
+    decodes together; ``retries``: times a batch whose actor died is tried again (then its files
+    get error rows); ``retry_errors``: a rerun also retries files whose row is an error;
+    ``runtime_env``: Ray's runtime environment for the job (e.g. ``{"working_dir": ...}`` to ship
+    a bundle with it).
+    """
+
+    workers: int = 1
+    cpus_per_worker: int | None = None
+    address: str | None = None
+    batch_size: int = 8
+    parallel: int = field(default_factory=default_parallel)
+    retries: int = 3
+    retry_errors: bool = False
+    runtime_env: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        whole_number("workers", self.workers)
+        if self.cpus_per_worker is not None:
+            whole_number("cpus_per_worker", self.cpus_per_worker)
+        whole_number("batch_size", self.batch_size)
+        whole_number("parallel", self.parallel)
+        whole_number("retries", self.retries, 0)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What a job did: inputs, those already answered before it, files answered, error rows."""
+
+    inputs: int
+    skipped: int
+    answered: int
+    failed: int
+    seconds: float
+    out: Path
+
+    @property
+    def files_per_second(self) -> float:
+        return (self.answered + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """Files, globs (``**`` recursive) and list files (``.txt``/``.lst``/``.list``: one path per
+    line, ``#`` comments; relative paths are relative to the list) -> paths, in order, each once."""
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+            for line in p.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    out.append(line if Path(line).is_absolute() else str(p.parent / line))
+        elif not p.exists() and any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise ConfigError(f"{item}: no file matches this pattern")
+            out += [m for m in matches if Path(m).is_file()]
+        else:
+            out.append(item)
+    return list(dict.fromkeys(out))
+
+
+# -- rows ----------------------------------------------------------------------------------------
+def error_row(path: str, error: BaseException | str, worker: str = "") -> dict[str, Any]:
+    return {"file": path, "error": error if isinstance(error, str) else one_line(error), "worker": worker}
+
+
+def answered_files(out: Path, *, retry_errors: bool = False) -> set[str]:
+    """Files an earlier run already answered in ``out`` (JSON Lines): all their segments are
+    there (or, unless ``retry_errors``, their error row). A torn last line is ignored."""
+    if not out.is_file():
+        return set()
+    seen: dict[str, set[int]] = {}
+    need: dict[str, int] = {}
+    done: set[str] = set()
+    with out.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interrupted write
+            path = row.get("file")
+            if not isinstance(path, str):
+                continue
+            if "error" in row:
+                if not retry_errors:
+                    done.add(path)
+                continue
+            seen.setdefault(path, set()).add(int(row.get("segment", 0)))
+            need[path] = int(row.get("n_segments", 1))
+    done |= {p for p, segs in seen.items() if len(segs) >= need[p]}
+    return done
+
+
+# -- the actor -------------------------------------------------------------------------------------
+class FileAnswerer:
+    """One Ray actor (also usable alone): loads the bundle once and answers batches of files.
+    ``__call__`` takes ``{"path": [...]}`` and returns ``{"row": [json, ...]}``: one row per
+    segment of each file (one for a file answered whole), or one error row."""
+
+    def __init__(self, model: str, *, prompt: str, task: str, options: GenerationOptions, segmenting: SegmentOptions,
+                 parallel: int, threads: int, lm_options: dict[str, Any] | None = None, crash_once: tuple[str, str] | None = None) -> None:
+        from .pipeline import AudioLM
+
+        self.lm = AudioLM(model, threads=threads, **(lm_options or {}))
+        self.prompt, self.task, self.options, self.segmenting, self.parallel = prompt, task, options, segmenting, parallel
+        self.mode = segmenting.resolved(task)
+        self.worker = f"{os.uname().nodename}:{os.getpid()}"
+        # Fault injection for the tests: die (as a killed process does) the first time this file
+        # comes, once per marker file, so that Ray's restart and retry are exercised for real.
+        self._crash_once = crash_once
+
+    def _long(self, path: str) -> bool:
+        from .audio import expected_samples
+
+        if self.mode == "none":
+            return False
+        limit = (self.segmenting.max_segment if self.mode == "vad" else self.segmenting.window) * C.SAMPLE_RATE
+        n = expected_samples(path)
+        return self.segmenting.mode != "auto" or (n is not None and n > limit)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        paths = [str(p) for p in batch["path"]]
+        if self._crash_once is not None:
+            name, marker = self._crash_once
+            if any(Path(p).name == name for p in paths) and not Path(marker).exists():
+                Path(marker).write_text(self.worker)
+                os._exit(1)
+        rows: dict[str, list[dict[str, Any]]] = {}
+        whole = [p for p in paths if not self._long(p)]
+        for path in paths:
+            if path not in whole:
+                rows[path] = self._segments(path)
+        rows.update(self._whole(whole))
+        return {"row": [json.dumps(r, ensure_ascii=False) for p in paths for r in rows[p]]}
+
+    def _whole(self, paths: list[str]) -> dict[str, list[dict[str, Any]]]:
+        from .pipeline import Request
+
+        out: dict[str, list[dict[str, Any]]] = {}
+        reqs = (Request(audio=p, prompt=self.prompt, options=self.options, tag=p) for p in paths)
+        for req, res in self.lm.run(reqs, parallel=max(1, min(self.parallel, len(paths)))):
+            if isinstance(res, MdlEdgeError):
+                out[req.tag] = [error_row(req.tag, res, self.worker)]
+            else:
+                out[req.tag] = [{"file": req.tag, "segment": 0, "n_segments": 1, "start": 0.0, "end": round(res.audio_seconds, 3),
+                                 "text": res.text, "token_ids": list(res.token_ids), "stop_reason": res.stop_reason,
+                                 "n_audio_tokens": res.n_audio_tokens, "timings": res.timings, "worker": self.worker}]
+        return out
+
+    def _segments(self, path: str) -> list[dict[str, Any]]:
+        try:
+            segs = list(self.lm.segments(path, self.prompt, self.options, mode=self.mode, segmenting=self.segmenting,
+                                         parallel=self.parallel))
+        except MdlEdgeError as e:
+            return [error_row(path, e, self.worker)]
+        return [{"file": path, "segment": s.index, "n_segments": len(segs), "start": round(s.start, 3), "end": round(s.end, 3),
+                 "text": s.text, "token_ids": list(s.token_ids), "stop_reason": s.stop_reason, "n_audio_tokens": None,
+                 "timings": s.timings, "worker": self.worker} for s in segs]
+
+
+# -- the driver ------------------------------------------------------------------------------------
+def answer_files(
+    inputs: Sequence[str] | Any,
+    model: str | Path,
+    *,
+    out: str | Path,
+    prompt: str,
+    task: str = "caption",
+    options: GenerationOptions = GenerationOptions(),
+    segmenting: SegmentOptions = SegmentOptions(),
+    cluster: ClusterOptions = ClusterOptions(),
+    lm_options: dict[str, Any] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    crash_once: tuple[str, str] | None = None,
+) -> JobSummary:
+    """Answer ``prompt`` about every input on Ray, rows appended to ``out`` as they come.
+
+    ``inputs``: paths, globs and list files (see :func:`expand_inputs`), or a Ray Dataset with a
+    ``path`` column. ``model``: a bundle folder every worker can read (shared storage, or shipped
+    with ``cluster.runtime_env``). Inputs already answered in ``out`` are skipped. ``on_row``
+    sees each row as it is written. Ctrl-C stops the job and leaves ``out`` valid."""
+    import ray
+
+    out = Path(out)
+    parquet = out.suffix.lower() == ".parquet"
+    journal = out.with_name(out.name + ".jsonl") if parquet else out
+    if cluster.address is None and not Path(model).is_dir():
+        raise ConfigError(f"{model}: not a folder (expected a bundle made by `mdl-edge export`)")
+    t0 = time.perf_counter()
+    done = answered_files(journal, retry_errors=cluster.retry_errors)
+    is_dataset = hasattr(inputs, "select_columns") and hasattr(inputs, "iter_rows")
+    if not is_dataset:
+        paths = expand_inputs(inputs)
+        if all(p in done for p in paths):  # nothing to do: no cluster to start
+            if parquet and paths:
+                _write_parquet(journal, out)
+            return JobSummary(len(paths), len(paths), 0, 0, time.perf_counter() - t0, out)
+    if not ray.is_initialized():
+        init: dict[str, Any] = {"address": cluster.address, "runtime_env": cluster.runtime_env, "log_to_driver": False,
+                                "include_dashboard": False, "logging_level": logging.WARNING}
+        if cluster.address is None:
+            init["num_cpus"] = max(available_cores(), cluster.workers * (cluster.cpus_per_worker or 1))
+        ray.init(**{k: v for k, v in init.items() if v is not None})
+    if is_dataset:
+        paths = list(dict.fromkeys(str(r["path"]) for r in inputs.select_columns(["path"]).iter_rows()))
+    todo = [p for p in paths if p not in done]
+    cpus = cluster.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cluster.workers)
+    answered = failed = 0
+    if todo:
+        from ray.data import ActorPoolStrategy, DataContext
+
+        ctx = DataContext.get_current()
+        ctx.max_errored_blocks = -1  # a batch that fails beyond its retries loses only its own files
+        ctx.enable_progress_bars = False
+        n_blocks = -(-len(todo) // cluster.batch_size)
+        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
+        with warnings.catch_warnings():
+            # Ray Data retries a dead actor's batch without end unless max_task_retries says
+            # otherwise, and takes that only as a remote argument (deprecated, kept until Ray
+            # 2.64): the extra pins ray below 2.64.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ds.map_batches(
+                FileAnswerer, batch_size=cluster.batch_size, batch_format="numpy",
+                compute=ActorPoolStrategy(size=cluster.workers, max_tasks_in_flight_per_actor=1),
+                fn_constructor_kwargs=dict(model=str(model), prompt=prompt, task=task, options=options, segmenting=segmenting,
+                                           parallel=cluster.parallel, threads=cpus, lm_options=lm_options, crash_once=crash_once),
+                num_cpus=cpus, max_restarts=-1, max_task_retries=cluster.retries, udf_modifying_row_count=True,
+            )
+        seen: set[str] = set()
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        with journal.open("a", encoding="utf-8") as f:
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    rows = [json.loads(r) for r in batch["row"]]
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                    f.flush()
+                    for r in rows:
+                        if r["file"] not in seen:
+                            seen.add(r["file"])
+                            answered, failed = (answered, failed + 1) if "error" in r else (answered + 1, failed)
+                        if on_row:
+                            on_row(r)
+            finally:
+                # files whose batch failed beyond its retries: say so instead of leaving them out
+                if len(seen) < len(todo) and not _interrupted():
+                    lost = [p for p in todo if p not in seen]
+                    f.write("".join(json.dumps(error_row(p, f"its worker failed {cluster.retries + 1} times"), ensure_ascii=False) + "\n"
+                                    for p in lost))
+                    failed += len(lost)
+    if parquet and not _interrupted():
+        _write_parquet(journal, out)
+    return JobSummary(len(paths), len(paths) - len(todo), answered, failed, time.perf_counter() - t0, out)
+
+
+def _interrupted() -> bool:
+    import sys
+
+    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+
+def _write_parquet(journal: Path, out: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    if journal.is_file():
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            row["timings"] = json.dumps(row.get("timings")) if row.get("timings") is not None else None
+            rows.append(row)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    tmp.replace(out)
+
+
+def rows_in(out: str | Path) -> Iterator[dict[str, Any]]:
+    """The rows of a job's output (JSON Lines or Parquet)."""
+    out = Path(out)
+    if out.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(out).to_pylist()
+        return
+    for line in out.read_text(encoding="utf-8").splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
+__all__ = ["ClusterOptions", "FileAnswerer", "JobSummary", "answer_files", "answered_files", "expand_inputs", "rows_in"]

@@ -1,0 +1,134 @@
+"""Batch answering on Ray Data: a local Ray instance (2 CPUs), 2 actors, a dozen tiny clips.
+
+Each row must equal the single-process CLI's answer for its file (same greedy tokens); a corrupt
+file gets an error row naming it; a rerun answers nothing new; an actor that dies mid-job is
+replaced and its files answered; Ctrl-C leaves a valid partial output that a rerun completes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the cluster extra is not installed (pip install -e '.[cluster]')")
+pytest.importorskip("ray.data")
+
+import soundfile as sf  # noqa: E402
+
+from mdl_edge.runtime import constants as C  # noqa: E402
+from mdl_edge.runtime.cli import main  # noqa: E402
+from mdl_edge.runtime.cluster import ClusterOptions, answer_files, answered_files, expand_inputs, rows_in  # noqa: E402
+from mdl_edge.runtime.options import GenerationOptions  # noqa: E402
+from mdl_edge.runtime.prompt import CAPTION_PROMPT  # noqa: E402
+
+COMMON = ["--encoder", "fp32", "--decoder", "f32", "--max-new-tokens", "10", "--parallel", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> tuple[Path, list[str]]:
+    d = tmp_path_factory.mktemp("clips")
+    paths = []
+    for k in range(12):
+        n = int((0.8 + 0.4 * k) * C.SAMPLE_RATE)
+        t = np.arange(n) / C.SAMPLE_RATE
+        x = 0.3 * np.sin(2 * np.pi * (180 + 35 * k) * t * (1 + 0.3 * t)) + np.random.default_rng(k).standard_normal(n) * 0.03
+        p = d / f"clip{k:02d}.wav"
+        sf.write(p, x.astype(np.float32), C.SAMPLE_RATE)
+        paths.append(str(p))
+    (d / "clip05.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt not audio at all")
+    return d, paths
+
+
+def cli_rows(bundle, paths, capsys) -> dict[str, dict]:
+    capsys.readouterr()
+    main(["caption", *paths, "--model", str(bundle), "--json", *COMMON])
+    return {r["file"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+
+
+def test_inputs_are_files_globs_and_lists(clips, tmp_path) -> None:
+    d, paths = clips
+    listing = tmp_path / "list.txt"
+    listing.write_text("# the first two, one relative\n" + paths[0] + "\n" + str(Path(paths[1]).relative_to(tmp_path.parent, walk_up=True)) + "\n"
+                       if sys.version_info >= (3, 12) else "# the first two\n" + paths[0] + "\n" + paths[1] + "\n")
+    assert expand_inputs([str(listing), str(d / "clip1*.wav"), paths[0]]) == [paths[0], paths[1], paths[10], paths[11]]
+    with pytest.raises(Exception, match="no file matches"):
+        expand_inputs([str(d / "nothing*.wav")])
+
+
+def test_two_actors_equal_the_single_process_cli(local_ray, bundle, clips, tmp_path, capsys) -> None:
+    d, paths = clips
+    want = cli_rows(bundle, paths, capsys)
+    out = tmp_path / "rows.jsonl"
+    rc = main(["caption", str(d / "clip*.wav"), "--model", str(bundle), "--engine", "ray", "--workers", "2", "--cpus-per-worker", "1",
+               "--batch-size", "3", "--out", str(out), *COMMON])
+    assert rc == 1  # one corrupt input
+    rows = list(rows_in(out))
+    assert sorted(r["file"] for r in rows) == sorted(paths)
+    assert len({r["worker"] for r in rows}) == 2  # both actors answered
+    for r in rows:
+        if r["file"].endswith("clip05.wav"):
+            assert "clip05.wav" in r["error"] and "error" in want[r["file"]]
+        else:
+            assert (r["text"], r["token_ids"]) == (want[r["file"]]["text"], want[r["file"]]["token_ids"]), r["file"]
+    # the same job again answers nothing new and starts no actor
+    capsys.readouterr()
+    assert main(["caption", str(d / "clip*.wav"), "--model", str(bundle), "--engine", "ray", "--out", str(out), *COMMON]) == 0
+    assert "12 already in" in capsys.readouterr().err and len(list(rows_in(out))) == 12
+    assert answered_files(out, retry_errors=True) == set(paths) - {str(d / "clip05.wav")}
+
+
+def test_a_killed_actor_is_replaced_and_its_files_answered(local_ray, bundle, clips, tmp_path, capsys) -> None:
+    d, paths = clips
+    good = [p for p in paths if not p.endswith("clip05.wav")]
+    want = cli_rows(bundle, good, capsys)
+    marker = tmp_path / "crashed"
+    out = tmp_path / "rows.parquet"
+    summary = answer_files(good, bundle, out=out, prompt=CAPTION_PROMPT, options=GenerationOptions(max_new_tokens=10),
+                           cluster=ClusterOptions(workers=2, cpus_per_worker=1, batch_size=2, parallel=2),
+                           lm_options=dict(encoder="fp32", decoder="f32"), crash_once=("clip07.wav", str(marker)))
+    assert marker.is_file()  # an actor died (os._exit) holding clip07's batch
+    assert (summary.answered, summary.failed) == (len(good), 0)
+    rows = {r["file"]: r for r in rows_in(out)}  # Parquet, written when the job completed
+    assert sorted(rows) == sorted(good)
+    assert all(list(rows[p]["token_ids"]) == want[p]["token_ids"] for p in good)
+
+
+def test_ctrl_c_leaves_a_valid_partial_output(bundle, clips, tmp_path) -> None:
+    d, paths = clips
+    many = tmp_path / "many"
+    many.mkdir()
+    for k in range(40):
+        (many / f"c{k:02d}.wav").write_bytes(Path(paths[k % 12 if k % 12 != 5 else 4]).read_bytes())
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, "-m", "mdl_edge.runtime.cli", "caption", str(many / "*.wav"), "--model", str(bundle), "--engine", "ray",
+           "--workers", "1", "--batch-size", "1", "--out", str(out), "--encoder", "fp32", "--decoder", "f32", "--max-new-tokens", "48",
+           "--parallel", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.is_file() and out.read_text().count("\n") >= 3) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=60)
+    partial = out.read_text().splitlines()
+    assert all(json.loads(line)["file"] for line in partial), log  # every line whole
+    assert proc.returncode in (0, 130), log
+    done = len(partial)
+    rc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["file"] for r in rows) == sorted(str(p) for p in many.glob("*.wav"))  # each once: nothing answered twice
+    assert f"{done} already in" in rc.stderr, (done, rc.stderr[-500:])
