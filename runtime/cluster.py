@@ -34,6 +34,8 @@ from .segments import SegmentOptions
 logger = logging.getLogger("mdl_edge")
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
+#: Batches an actor answers at once (their files share its decoder; see FileAnswerer).
+CALLS_PER_ACTOR = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,13 +143,20 @@ def answered_files(out: Path, *, retry_errors: bool = False) -> set[str]:
 class FileAnswerer:
     """One Ray actor (also usable alone): loads the bundle once and answers batches of files.
     ``__call__`` takes ``{"path": [...]}`` and returns ``{"row": [json, ...]}``: one row per
-    segment of each file (one for a file answered whole), or one error row."""
+    segment of each file (one for a file answered whole), or one error row.
+
+    Its files go to one :class:`~mdl_edge.runtime.engine.Engine` (continuous batching), and Ray
+    runs :data:`CALLS_PER_ACTOR` calls at once: while one batch's last files decode, the next
+    batch's join them, so batch boundaries leave no idle decoder slots.
+    """
 
     def __init__(self, model: str, *, prompt: str, task: str, options: GenerationOptions, segmenting: SegmentOptions,
                  parallel: int, threads: int, lm_options: dict[str, Any] | None = None, crash_once: tuple[str, str] | None = None) -> None:
+        from .engine import Engine
         from .pipeline import AudioLM
 
         self.lm = AudioLM(model, threads=threads, **(lm_options or {}))
+        self.engine = Engine(self.lm, parallel=parallel)
         self.prompt, self.task, self.options, self.segmenting, self.parallel = prompt, task, options, segmenting, parallel
         self.mode = segmenting.resolved(task)
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
@@ -182,21 +191,23 @@ class FileAnswerer:
     def _whole(self, paths: list[str]) -> dict[str, list[dict[str, Any]]]:
         from .pipeline import Request
 
+        tickets = {p: self.engine.submit(Request(audio=p, prompt=self.prompt, options=self.options)) for p in paths}
         out: dict[str, list[dict[str, Any]]] = {}
-        reqs = (Request(audio=p, prompt=self.prompt, options=self.options, tag=p) for p in paths)
-        for req, res in self.lm.run(reqs, parallel=max(1, min(self.parallel, len(paths)))):
+        for path, ticket in tickets.items():
+            res = ticket.wait()
             if isinstance(res, MdlEdgeError):
-                out[req.tag] = [error_row(req.tag, res, self.worker)]
+                out[path] = [error_row(path, res, self.worker)]
             else:
-                out[req.tag] = [{"file": req.tag, "segment": 0, "n_segments": 1, "start": 0.0, "end": round(res.audio_seconds, 3),
-                                 "text": res.text, "token_ids": list(res.token_ids), "stop_reason": res.stop_reason,
-                                 "n_audio_tokens": res.n_audio_tokens, "timings": res.timings, "worker": self.worker}]
+                assert res is not None
+                out[path] = [{"file": path, "segment": 0, "n_segments": 1, "start": 0.0, "end": round(res.audio_seconds, 3),
+                              "text": res.text, "token_ids": list(res.token_ids), "stop_reason": res.stop_reason,
+                              "n_audio_tokens": res.n_audio_tokens, "timings": res.timings, "worker": self.worker}]
         return out
 
     def _segments(self, path: str) -> list[dict[str, Any]]:
         try:
             segs = list(self.lm.segments(path, self.prompt, self.options, mode=self.mode, segmenting=self.segmenting,
-                                         parallel=self.parallel))
+                                         runner=self.engine.runner))
         except MdlEdgeError as e:
             return [error_row(path, e, self.worker)]
         return [{"file": path, "segment": s.index, "n_segments": len(segs), "start": round(s.start, 3), "end": round(s.end, 3),
@@ -267,7 +278,8 @@ def answer_files(
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = ds.map_batches(
                 FileAnswerer, batch_size=cluster.batch_size, batch_format="numpy",
-                compute=ActorPoolStrategy(size=cluster.workers, max_tasks_in_flight_per_actor=1),
+                compute=ActorPoolStrategy(size=cluster.workers, max_tasks_in_flight_per_actor=CALLS_PER_ACTOR,
+                                          max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True),
                 fn_constructor_kwargs=dict(model=str(model), prompt=prompt, task=task, options=options, segmenting=segmenting,
                                            parallel=cluster.parallel, threads=cpus, lm_options=lm_options, crash_once=crash_once),
                 num_cpus=cpus, max_restarts=-1, max_task_retries=cluster.retries, udf_modifying_row_count=True,

@@ -132,3 +132,30 @@ def test_ctrl_c_leaves_a_valid_partial_output(bundle, clips, tmp_path) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["file"] for r in rows) == sorted(str(p) for p in many.glob("*.wav"))  # each once: nothing answered twice
     assert f"{done} already in" in rc.stderr, (done, rc.stderr[-500:])
+
+
+def test_long_recordings_are_segmented_as_on_one_machine(local_ray, bundle, tmp_path) -> None:
+    """A recording longer than --max-segment is cut at its pauses inside the actor: its rows are
+    the segments AudioLM.transcribe_segments gives in-process."""
+    from mdl_edge.export import toyworld
+    from mdl_edge.runtime.pipeline import AudioLM
+    from mdl_edge.runtime.segments import SegmentOptions
+
+    if not toyworld.espeak_available():
+        pytest.skip("espeak-ng is not installed")
+    parts = [toyworld.speak(t, "en+f2", 160, 50) for t in ("turn left after the bridge", "the red car is parked outside",
+                                                           "my brother plays the guitar")]
+    pause = np.zeros(int(0.8 * C.SAMPLE_RATE), np.float32)
+    path = tmp_path / "talk.wav"
+    sf.write(path, np.concatenate([parts[0], pause, parts[1], pause, parts[2]]), C.SAMPLE_RATE)
+    options, segmenting = GenerationOptions(max_new_tokens=10), SegmentOptions(max_segment=3.0)
+    with AudioLM(bundle, encoder="fp32", decoder="f32") as lm:
+        want = list(lm.transcribe_segments(path, options, segmenting=segmenting))
+    assert len(want) > 1
+    out = tmp_path / "rows.jsonl"
+    answer_files([str(path)], bundle, out=out, prompt="Transcribe the speech into text", task="transcribe", options=options,
+                 segmenting=segmenting, cluster=ClusterOptions(workers=1, cpus_per_worker=2, parallel=2),
+                 lm_options=dict(encoder="fp32", decoder="f32"))
+    rows = sorted(rows_in(out), key=lambda r: r["segment"])
+    assert [(r["start"], r["end"], r["text"]) for r in rows] == [(round(s.start, 3), round(s.end, 3), s.text) for s in want]
+    assert all(r["n_segments"] == len(want) for r in rows) and answered_files(out) == {str(path)}
