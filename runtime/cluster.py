@@ -88,7 +88,8 @@ class JobSummary:
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
     """Files, globs (``**`` recursive) and list files (``.txt``/``.lst``/``.list``: one path per
-    line, ``#`` comments; relative paths are relative to the list) -> paths, in order, each once."""
+    line, ``#`` comments; relative paths are relative to the list) -> paths, in order (a path
+    given twice stays twice: the CLI answers it twice; a Ray job answers each file once)."""
     out: list[str] = []
     for item in inputs:
         p = Path(item)
@@ -104,7 +105,7 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
             out += [m for m in matches if Path(m).is_file()]
         else:
             out.append(item)
-    return list(dict.fromkeys(out))
+    return out
 
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ def answer_files(
     done = answered_files(journal, retry_errors=cluster.retry_errors)
     is_dataset = hasattr(inputs, "select_columns") and hasattr(inputs, "iter_rows")
     if not is_dataset:
-        paths = expand_inputs(inputs)
+        paths = list(dict.fromkeys(expand_inputs(inputs)))  # rows are keyed by file
         if all(p in done for p in paths):  # nothing to do: no cluster to start
             if parquet and paths:
                 _write_parquet(journal, out)
