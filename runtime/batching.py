@@ -7,8 +7,9 @@ llama.cpp's own token lookup bit for bit), then, in the room left up to ``n_batc
 piece of a newly admitted request's prompt (its text rows and audio embeddings), so a long
 prefill never stalls the running sequences for more than one step. Every sequence has its own
 sampler chain, stop ids and new-token limit; a finished or cancelled one frees its KV cells at
-once and the next waiting request takes its slot. Requests whose prompts start with the same text
-share those KV cells (``llama_memory_seq_cp``) instead of evaluating it again.
+once and the next waiting request takes its slot. A request whose prompt starts the way a running
+one's does (the same text; the same clip's embeddings, for several questions about one clip)
+copies those KV cells (``llama_memory_seq_cp``) instead of evaluating them again.
 
 The KV cache is one unified pool of cells: a request is admitted when its prompt plus its
 new-token limit fits beside the running ones; with the automatic context size the pool grows

@@ -182,7 +182,10 @@ class Engine:
         if ticket.first_text is None:
             ticket.first_text = time.perf_counter()
         if ticket.on_text is not None:
-            ticket.on_text(piece)
+            try:
+                ticket.on_text(piece)
+            except Exception:  # a caller's callback must not stop the engine
+                logger.exception("on_text callback of request %d failed", ticket.id)
 
     def _finish(self, ticket: Ticket, outcome: Result | MdlEdgeError) -> None:
         self._handed.pop(ticket.id, None)

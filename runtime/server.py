@@ -364,7 +364,7 @@ class _Job:
     cancelled: bool = False
     first: float | None = None
     finished: bool = False
-    cleanup: list[Callable[[], None]] = field(default_factory=list)
+    checked: float = field(default_factory=time.monotonic)  # when the client was last seen connected
 
     def post(self, kind: str, payload: Any) -> None:
         if kind in ("text", "segment") and self.first is None:
@@ -419,24 +419,28 @@ class _Job:
         if self.finished:
             return
         self.finished = True
-        for fn in self.cleanup:
-            try:
-                fn()
-            except Exception:
-                logger.exception("request cleanup failed")
         self.state.release(time.perf_counter() - self.started)
         self.state.metrics.duration.observe(time.perf_counter() - self.started)
 
 
-async def _next_event(job: _Job, request: Any) -> tuple[str, Any]:
-    """The job's next event; cancels the job when the client disconnects meanwhile."""
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (answered 499, which nobody reads)."""
+
+
+async def _next_event(job: _Job, request: Any, every: float = 0.25) -> tuple[str, Any]:
+    """The job's next event; cancels the job when the client has disconnected (looked at every
+    ``every`` seconds, whether events flow or not)."""
     while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), 0.25)
-        except asyncio.TimeoutError:
+        now = time.monotonic()
+        if now - job.checked >= every:
+            job.checked = now
             if await request.is_disconnected():
                 job.cancel()
-                raise asyncio.CancelledError("client disconnected") from None
+                raise ClientGone()
+        try:
+            return await asyncio.wait_for(job.events.get(), every)
+        except asyncio.TimeoutError:
+            continue
 
 
 def _sse(obj: Any) -> bytes:
@@ -473,26 +477,43 @@ def create_app(lm: AudioLM, options: ServerOptions = ServerOptions()) -> Any:
     async def _api_error(request: HttpRequest, e: ApiError) -> Any:
         return error_response(e, request.url.path)
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request: HttpRequest, e: ClientGone) -> Any:
+        state.metrics.requests.labels(request.url.path, "499").inc()
+        return Response(status_code=499)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: HttpRequest, e: RequestValidationError) -> Any:
         return error_response(ApiError(400, f"invalid request: {e.errors()}"), request.url.path)
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next: Callable[[Any], Any]) -> Any:
-        path = request.url.path
+    def guard(path: str, method: str, headers: dict[bytes, bytes]) -> ApiError | None:
         if expected_auth is not None and (path.startswith("/v1/") or path == "/metrics"):
-            given = request.headers.get("authorization", "").encode()
-            if not secrets.compare_digest(given, expected_auth):
-                return error_response(ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                               code="invalid_api_key"), path)
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            # base64 in JSON is 4/3 of the audio; multipart adds its boundaries and fields
-            cap = options.max_upload_bytes * 4 // 3 + (1 << 20)
-            if length is not None and length.isdigit() and int(length) > cap:
-                return error_response(ApiError(413, f"the request body ({int(length) / 2**20:.1f} MB) is larger than the server's "
-                                               f"upload limit of {options.max_upload_mb:g} MB", code="upload_too_large"), path)
-        return await call_next(request)
+            if not secrets.compare_digest(headers.get(b"authorization", b""), expected_auth):
+                return ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        length = headers.get(b"content-length", b"")
+        # base64 in JSON is 4/3 of the audio; multipart adds its boundaries and fields
+        cap = options.max_upload_bytes * 4 // 3 + (1 << 20)
+        if method == "POST" and length.isdigit() and int(length) > cap:
+            return ApiError(413, f"the request body ({int(length) / 2**20:.1f} MB) is larger than the server's upload limit of "
+                            f"{options.max_upload_mb:g} MB", code="upload_too_large")
+        return None
+
+    class Guard:
+        """API key and declared body size, checked before a handler runs. A plain ASGI middleware:
+        Starlette's BaseHTTPMiddleware would wrap ``receive`` and hide client disconnects."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                err = guard(scope["path"], scope["method"], dict(scope["headers"]))
+                if err is not None:
+                    await error_response(err, scope["path"])(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     # -- plain endpoints --------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)

@@ -240,6 +240,17 @@ def test_disconnect_mid_stream_frees_the_slot(server, client) -> None:
     assert res.usage.completion_tokens >= 1
 
 
+def test_disconnect_while_waiting_for_a_whole_answer(server) -> None:
+    """A non-streamed request whose client gives up: the server notices, cancels it, frees the slot."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cancelled = _metric(httpx.get(server.url + "/metrics", headers=auth).text, "mdl_edge_cancelled_total")
+    body = {"model": "m", "messages": chat_message(wav_bytes(_clip(2.0, 9))), "max_tokens": server.lm.decoder.max_positions - 200}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth, timeout=httpx.Timeout(60, read=1.0))
+    wait_idle(server)
+    assert _metric(httpx.get(server.url + "/metrics", headers=auth).text, "mdl_edge_cancelled_total") == cancelled + 1
+
+
 def test_api_key(server) -> None:
     for key in ("wrong", KEY + "x", ""):
         c = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "-", max_retries=0)
