@@ -33,9 +33,10 @@ import secrets
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
 
@@ -443,6 +444,36 @@ async def _next_event(job: _Job, request: Any, every: float = 0.25) -> tuple[str
             continue
 
 
+@contextmanager
+def _new_job(state: ServerState) -> Iterator[_Job]:
+    """Admit a request (503 when full) and open its job; a request that fails before its work is
+    handed over releases its place at once."""
+    state.admit()
+    job = _Job(state, asyncio.get_running_loop())
+    try:
+        yield job
+    except BaseException:
+        job.end()
+        raise
+
+
+async def _first_event(job: _Job, request: Any) -> tuple[str, Any]:
+    """The first event: an error before any text is an ordinary HTTP error, not a stream."""
+    kind, payload = await _next_event(job, request)
+    if kind == "error":
+        raise payload
+    return kind, payload
+
+
+async def _final(job: _Job, request: Any, kind: str, payload: Any) -> Any:
+    """Read the events up to the end; the final payload."""
+    while kind != "done":
+        kind, payload = await _next_event(job, request)
+        if kind == "error":
+            raise payload
+    return payload
+
+
 def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
@@ -547,9 +578,7 @@ def create_app(lm: AudioLM, options: ServerOptions = ServerOptions()) -> Any:
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: HttpRequest) -> Any:
         endpoint = "/v1/audio/transcriptions"
-        state.admit()
-        job = _Job(state, asyncio.get_running_loop())
-        try:
+        with _new_job(state) as job:
             try:
                 form = await request.form(max_files=1, max_fields=32)
             except Exception as e:  # a body that is not multipart form data
@@ -591,19 +620,11 @@ def create_app(lm: AudioLM, options: ServerOptions = ServerOptions()) -> Any:
                                    sample_rate=C.SAMPLE_RATE if isinstance(source, np.ndarray) else None))
             else:
                 job.segments(source, instruction, gen, mode)
-        except BaseException:
-            job.end()
-            raise
-        kind, payload = await _next_event(job, request)
-        if kind == "error":
-            raise payload
+        kind, payload = await _first_event(job, request)
         if stream:
             return StreamingResponse(_transcript_stream(job, request, kind, payload), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        while kind != "done":
-            kind, payload = await _next_event(job, request)
-            if kind == "error":
-                raise payload
+        payload = await _final(job, request, kind, payload)
         state.metrics.requests.labels(endpoint, "200").inc()
         return _transcript_response(payload, fmt, seconds, language if isinstance(language, str) else None, temperature,
                                     JSONResponse, PlainTextResponse)
@@ -635,9 +656,7 @@ def create_app(lm: AudioLM, options: ServerOptions = ServerOptions()) -> Any:
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest) -> Any:
         endpoint = "/v1/chat/completions"
-        state.admit()
-        job = _Job(state, asyncio.get_running_loop())
-        try:
+        with _new_job(state) as job:
             try:
                 body = await request.json()
             except Exception as e:
@@ -658,21 +677,12 @@ def create_app(lm: AudioLM, options: ServerOptions = ServerOptions()) -> Any:
             sources = tuple(src for src, _ in probed)
             job.submit(Request(audio=sources, prompt="", options=gen, messages=messages,
                                sample_rate=C.SAMPLE_RATE if any(isinstance(s, np.ndarray) for s in sources) else None))
-        except BaseException:
-            job.end()
-            raise
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        kind, payload = await _next_event(job, request)
-        if kind == "error":
-            raise payload
+        kind, payload = await _first_event(job, request)
         if stream:
             return StreamingResponse(_chat_stream(job, request, kind, payload, cid, created, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        while kind != "done":
-            kind, payload = await _next_event(job, request)
-            if kind == "error":
-                raise payload
-        res: Result = payload
+        res: Result = await _final(job, request, kind, payload)
         state.metrics.requests.labels(endpoint, "200").inc()
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text, "refusal": None},

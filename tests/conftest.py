@@ -8,6 +8,14 @@ import numpy as np
 import pytest
 
 
+def chirp(seconds: float, seed: int, *, rate: int = 16000) -> np.ndarray:
+    """A test clip: a rising chirp (its pitch set by ``seed``) over light noise, float32."""
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    rng = np.random.default_rng(seed)
+    return (0.3 * np.sin(2 * np.pi * (150 + 40 * seed) * t * (1 + t)) + rng.standard_normal(n) * 0.05).astype(np.float32)
+
+
 def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, what: str = "values") -> None:
     """``|a - e| <= atol + rtol * |e|`` elementwise; the failure names the worst element."""
     a = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, dtype=np.float64)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from conftest import chirp
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.batching import DecodeRequest, Failed, generate_many
 from mdl_edge.runtime.decoder import LlamaDecoder, Segment, split_prompt
@@ -20,11 +20,6 @@ from mdl_edge.runtime.prompt import CAPTION_PROMPT, user_message
 SECONDS = [0.5, 1.0, 2.5, 4.0, 7.0, 12.0]
 
 
-def _clip(seconds: float, seed: int) -> np.ndarray:
-    n = int(seconds * C.SAMPLE_RATE)
-    t = np.arange(n) / C.SAMPLE_RATE
-    rng = np.random.default_rng(seed)
-    return (0.3 * np.sin(2 * np.pi * (150 + 40 * seed) * t * (1 + t)) + rng.standard_normal(n) * 0.05).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +27,7 @@ def prompts(tiny_qwen2_model) -> list[tuple[Segment, ...]]:
     m = tiny_qwen2_model
     out = []
     for k, s in enumerate(SECONDS):
-        (emb,) = m.encode_audio([_clip(s, k)])
+        (emb,) = m.encode_audio([chirp(s, k)])
         ids = m.prompt.encode(user_message(CAPTION_PROMPT), [emb.shape[0]])
         out.append(tuple(split_prompt(ids, [emb.numpy()], m.cfg.audio_token_id)))
     return out
@@ -114,7 +109,7 @@ def test_audiolm_run_many_files(bundle, tmp_path, overlap: bool) -> None:
     paths = []
     for k, s in enumerate(SECONDS[:4]):
         p = tmp_path / f"clip{k}.wav"
-        sf.write(p, _clip(s, k), C.SAMPLE_RATE)
+        sf.write(p, chirp(s, k), C.SAMPLE_RATE)
         paths.append(p)
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF0000WAVEnot really")
@@ -179,7 +174,7 @@ def test_text_pieces_end_at_stop_strings() -> None:
 def test_stop_strings_cancel_and_same_clip_prefix(bundle) -> None:
     """Stop strings end single and batched answers alike; a request whose cancelled() is true ends
     before any work; questions about one clip (audio first) share its decoded prompt start."""
-    clip = _clip(3.0, 7)
+    clip = chirp(3.0, 7)
     with AudioLM(bundle, encoder="fp32", decoder="f32", f32_kv=True) as lm:
         full = lm.generate(clip, "What is heard?", G(max_new_tokens=16), sample_rate=C.SAMPLE_RATE).text
         stop = full[6:9]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 
+from conftest import chirp
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.engine import Engine
 from mdl_edge.runtime.errors import MdlEdgeError
@@ -15,10 +15,6 @@ from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.pipeline import AudioLM, Request
 
 
-def _clip(seconds: float, seed: int) -> np.ndarray:
-    n = int(seconds * C.SAMPLE_RATE)
-    t = np.arange(n) / C.SAMPLE_RATE
-    return (0.3 * np.sin(2 * np.pi * (170 + 45 * seed) * t * (1 + t)) + np.random.default_rng(seed).standard_normal(n) * 0.04).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +25,7 @@ def lm(bundle):
 
 def test_submitted_from_threads_equal_alone_and_cancel(lm) -> None:
     opts = G(max_new_tokens=10)
-    clips = [_clip(1.0 + k, k) for k in range(4)]
+    clips = [chirp(1.0 + k, k) for k in range(4)]
     alone = [lm.generate(c, "What is heard?", opts, sample_rate=C.SAMPLE_RATE).token_ids for c in clips]
     with Engine(lm, parallel=2) as engine:
         pieces: dict[int, list[str]] = {k: [] for k in range(4)}

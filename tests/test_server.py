@@ -21,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 
 import soundfile as sf  # noqa: E402
 
+from conftest import chirp  # noqa: E402
 from mdl_edge.runtime import constants as C  # noqa: E402
 from mdl_edge.runtime.options import GenerationOptions  # noqa: E402
 from mdl_edge.runtime.pipeline import AudioLM  # noqa: E402
@@ -38,11 +39,6 @@ def wav_bytes(x: np.ndarray, rate: int = C.SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
-def _clip(seconds: float, seed: int) -> np.ndarray:
-    n = int(seconds * C.SAMPLE_RATE)
-    t = np.arange(n) / C.SAMPLE_RATE
-    rng = np.random.default_rng(seed)
-    return (0.3 * np.sin(2 * np.pi * (150 + 50 * seed) * t * (1 + t)) + rng.standard_normal(n) * 0.05).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +137,7 @@ def test_long_transcription_is_segmented_like_the_runtime(client, lm, speech_wav
 def test_undecodable_audio_is_a_400_naming_it_and_others_go_on(client, lm, tmp_path) -> None:
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage that is not audio" * 4)
-    good = wav_bytes(_clip(2.0, 3))
+    good = wav_bytes(chirp(2.0, 3))
     with ThreadPoolExecutor(2) as pool:
         ok = pool.submit(lambda: client.chat.completions.create(model="m", messages=chat_message(good), max_tokens=12))
         with pytest.raises(openai.BadRequestError) as err:
@@ -167,7 +163,7 @@ def test_limits_give_413(client, server) -> None:
 
 # -- chat completions ------------------------------------------------------------------------------
 def test_chat_with_input_audio_plain_and_streamed(client, lm) -> None:
-    audio = wav_bytes(_clip(3.0, 1))
+    audio = wav_bytes(chirp(3.0, 1))
     want = expected(lm, audio, CAPTION_PROMPT, 20)
     res = client.chat.completions.create(model="m", messages=chat_message(audio), max_tokens=20)
     assert res.choices[0].message.content == want and res.choices[0].finish_reason in ("stop", "length")
@@ -182,7 +178,7 @@ def test_chat_with_input_audio_plain_and_streamed(client, lm) -> None:
 
 
 def test_chat_options_questions_stop_and_data_urls(client, lm) -> None:
-    audio = wav_bytes(_clip(2.0, 2))
+    audio = wav_bytes(chirp(2.0, 2))
     full = expected(lm, audio, "What do you hear?", 24)
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip(), full
@@ -205,14 +201,14 @@ def test_remote_audio_url_is_refused(client) -> None:
 def test_context_overflow_is_a_400_before_any_work(client, server) -> None:
     before = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="m", messages=chat_message(wav_bytes(_clip(1.0, 0))), max_tokens=10**6)
+        client.chat.completions.create(model="m", messages=chat_message(wav_bytes(chirp(1.0, 0))), max_tokens=10**6)
     assert err.value.body["code"] == "context_length_exceeded", err.value.body
     after = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert _metric(after, "mdl_edge_prompt_tokens_total") == _metric(before, "mdl_edge_prompt_tokens_total")
 
 
 def test_concurrent_requests_equal_one_at_a_time(client, lm) -> None:
-    clips = [wav_bytes(_clip(s, k)) for k, s in enumerate([1.0, 2.5, 4.0, 6.0, 1.5, 3.0])]
+    clips = [wav_bytes(chirp(s, k)) for k, s in enumerate([1.0, 2.5, 4.0, 6.0, 1.5, 3.0])]
     want = [expected(lm, c, CAPTION_PROMPT, 24) for c in clips]
     with ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda c: client.chat.completions.create(model="m", messages=chat_message(c), max_tokens=24), clips))
@@ -221,7 +217,7 @@ def test_concurrent_requests_equal_one_at_a_time(client, lm) -> None:
 
 # -- faults and security ---------------------------------------------------------------------------
 def test_disconnect_mid_stream_frees_the_slot(server, client) -> None:
-    audio = wav_bytes(_clip(2.0, 4))
+    audio = wav_bytes(chirp(2.0, 4))
     auth = {"Authorization": f"Bearer {KEY}"}
     cancelled = _metric(httpx.get(server.url + "/metrics", headers=auth).text, "mdl_edge_cancelled_total")
     limit = server.lm.decoder.max_positions - 200  # as long as the context allows: still running when the client leaves
@@ -244,7 +240,7 @@ def test_disconnect_while_waiting_for_a_whole_answer(server) -> None:
     """A non-streamed request whose client gives up: the server notices, cancels it, frees the slot."""
     auth = {"Authorization": f"Bearer {KEY}"}
     cancelled = _metric(httpx.get(server.url + "/metrics", headers=auth).text, "mdl_edge_cancelled_total")
-    body = {"model": "m", "messages": chat_message(wav_bytes(_clip(2.0, 9))), "max_tokens": server.lm.decoder.max_positions - 200}
+    body = {"model": "m", "messages": chat_message(wav_bytes(chirp(2.0, 9))), "max_tokens": server.lm.decoder.max_positions - 200}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, headers=auth, timeout=httpx.Timeout(60, read=1.0))
     wait_idle(server)
@@ -282,20 +278,20 @@ def test_full_queue_is_a_503_with_retry_after(bundle) -> None:
             time.sleep(0.02)
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
         with pytest.raises(openai.APIStatusError) as err:
-            c.chat.completions.create(model="m", messages=chat_message(wav_bytes(_clip(1.0, 5))), max_tokens=4)
+            c.chat.completions.create(model="m", messages=chat_message(wav_bytes(chirp(1.0, 5))), max_tokens=4)
         assert err.value.status_code == 503 and err.value.body["code"] == "server_overloaded"
         assert int(err.value.response.headers["retry-after"]) >= 1
         for sock in stalled:
             sock.close()
         wait_idle(s)
-        assert c.chat.completions.create(model="m", messages=chat_message(wav_bytes(_clip(1.0, 5))), max_tokens=4).choices
+        assert c.chat.completions.create(model="m", messages=chat_message(wav_bytes(chirp(1.0, 5))), max_tokens=4).choices
         assert _metric(httpx.get(s.url + "/metrics").text, "mdl_edge_rejected_total") == 1.0
 
 
 def test_metrics_page(server, client) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    client.chat.completions.create(model="m", messages=chat_message(wav_bytes(_clip(1.0, 6))), max_tokens=6)
+    client.chat.completions.create(model="m", messages=chat_message(wav_bytes(chirp(1.0, 6))), max_tokens=6)
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("mdl_edge_requests", "mdl_edge_queue_depth", "mdl_edge_time_to_first_token_seconds", "mdl_edge_tokens_per_second",
@@ -354,7 +350,7 @@ def test_serve_command(bundle) -> None:
                 time.sleep(0.2)
         assert health["slots"] == 2 and health["auth"] is False
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
-        assert c.chat.completions.create(model="m", messages=chat_message(wav_bytes(_clip(1.0, 8))), max_tokens=3).usage.completion_tokens >= 1
+        assert c.chat.completions.create(model="m", messages=chat_message(wav_bytes(chirp(1.0, 8))), max_tokens=3).usage.completion_tokens >= 1
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
