@@ -188,7 +188,7 @@ class AudioLM:
                     messages: list[dict[str, Any]] | None = None) -> tuple[tuple[Segment, ...], tuple[int, ...]]:
         """The decoder's prompt segments for the clips' embeddings (one per audio item of
         ``messages``, in order), and the stop ids of ``options``."""
-        ids = self.prompt.encode(messages or user_message(prompt, audio_first=options.audio_first), [e.shape[0] for e in embs])
+        ids = self._prompt_ids([e.shape[0] for e in embs], prompt, options, messages)
         stop_ids = () if options.ignore_eos else (*self.prompt.stop_ids, *options.stop_ids)
         return tuple(split_prompt(ids, embs, self.prompt.special.audio)), tuple(stop_ids)
 
@@ -196,9 +196,13 @@ class AudioLM:
                          messages: list[dict[str, Any]] | None = None) -> int:
         """Decoder positions a request needs (prompt, ``max_new_tokens`` and one), known from
         its clips' lengths before any audio is decoded; compare with ``decoder.max_positions``."""
-        counts = list(n_audio_tokens)
-        ids = self.prompt.encode(messages or user_message(prompt, audio_first=options.audio_first), counts)
-        return len(ids) + options.max_new_tokens + 1
+        return len(self._prompt_ids(list(n_audio_tokens), prompt, options, messages)) + options.max_new_tokens + 1
+
+    def _prompt_ids(self, n_audio_tokens: list[int], prompt: str, options: GenerationOptions,
+                    messages: list[dict[str, Any]] | None) -> list[int]:
+        """The prompt's token ids: ``messages`` (or the default user turn), each audio item
+        expanded to its clip's count of placeholders."""
+        return self.prompt.encode(messages or user_message(prompt, audio_first=options.audio_first), n_audio_tokens)
 
     def _run(
         self,
