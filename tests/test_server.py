@@ -191,6 +191,24 @@ def test_chat_options_questions_stop_and_data_urls(client, lm) -> None:
         {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What do you hear?"}]}]).text
 
 
+def test_questions_about_one_clip_share_its_encoding_and_prefix(client, lm) -> None:
+    """Several questions about one clip at once, audio first: the later ones copy the clip's KV
+    cells (usage.prompt_tokens_details.cached_tokens) and answer as they do alone."""
+    audio = wav_bytes(chirp(4.0, 11))
+    questions = ["What is heard?", "Is anyone speaking?", "Where is this?"]
+
+    def messages(q: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(),
+                                                                                     "format": "wav"}}, {"type": "text", "text": q}]}]
+
+    alone = [lm.generate(audio, q, GenerationOptions(max_new_tokens=64, audio_first=True)).text for q in questions]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda q: client.chat.completions.create(model="m", messages=messages(q), max_tokens=64), questions))
+    assert [g.choices[0].message.content for g in got] == alone
+    n_audio = C.n_audio_tokens(4 * C.SAMPLE_RATE)
+    assert max(g.usage.prompt_tokens_details.cached_tokens for g in got) >= n_audio, [g.usage for g in got]
+
+
 def test_remote_audio_url_is_refused(client) -> None:
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "audio_url", "audio_url": {"url": "http://127.0.0.1:1/a.wav"}}]}]
     with pytest.raises(openai.BadRequestError) as err:
