@@ -201,9 +201,9 @@ def test_questions_about_one_clip_share_its_encoding_and_prefix(client, lm) -> N
         return [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(),
                                                                                      "format": "wav"}}, {"type": "text", "text": q}]}]
 
-    alone = [lm.generate(audio, q, GenerationOptions(max_new_tokens=64, audio_first=True)).text for q in questions]
+    alone = [lm.generate(audio, q, GenerationOptions(max_new_tokens=200, audio_first=True)).text for q in questions]
     with ThreadPoolExecutor(3) as pool:
-        got = list(pool.map(lambda q: client.chat.completions.create(model="m", messages=messages(q), max_tokens=64), questions))
+        got = list(pool.map(lambda q: client.chat.completions.create(model="m", messages=messages(q), max_tokens=200), questions))
     assert [g.choices[0].message.content for g in got] == alone
     n_audio = C.n_audio_tokens(4 * C.SAMPLE_RATE)
     assert max(g.usage.prompt_tokens_details.cached_tokens for g in got) >= n_audio, [g.usage for g in got]
