@@ -44,7 +44,7 @@ class TrainPlan:
     """What a training run does; part of the cache key, so a change retrains."""
 
     seed: int = 0
-    n_train: int = 3000
+    n_train: int = 6000
     encoder_steps: int = 1400
     encoder_batch: int = 48
     encoder_lr: float = 3e-3
