@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from . import constants as C
 from .errors import ConfigError, MdlEdgeError, one_line
 from .options import GenerationOptions, available_cores, default_parallel, whole_number
-from .segments import SegmentOptions
+from .segments import SegmentOptions, TimedSegment
 
 logger = logging.getLogger("mdl_edge")
 
@@ -200,10 +200,13 @@ class FileAnswerer:
                 out[path] = [error_row(path, res, self.worker)]
             else:
                 assert res is not None
-                out[path] = [{"file": path, "segment": 0, "n_segments": 1, "start": 0.0, "end": round(res.audio_seconds, 3),
-                              "text": res.text, "token_ids": list(res.token_ids), "stop_reason": res.stop_reason,
-                              "n_audio_tokens": res.n_audio_tokens, "timings": res.timings, "worker": self.worker}]
+                out[path] = [self._row(path, res.as_segment(), 1, res.n_audio_tokens)]
         return out
+
+    def _row(self, path: str, seg: TimedSegment, n_segments: int, n_audio_tokens: int | None) -> dict[str, Any]:
+        return {"file": path, "segment": seg.index, "n_segments": n_segments, "start": round(seg.start, 3), "end": round(seg.end, 3),
+                "text": seg.text, "token_ids": list(seg.token_ids), "stop_reason": seg.stop_reason, "n_audio_tokens": n_audio_tokens,
+                "timings": seg.timings, "worker": self.worker}
 
     def _segments(self, path: str) -> list[dict[str, Any]]:
         try:
@@ -211,9 +214,7 @@ class FileAnswerer:
                                          runner=self.engine.runner))
         except MdlEdgeError as e:
             return [error_row(path, e, self.worker)]
-        return [{"file": path, "segment": s.index, "n_segments": len(segs), "start": round(s.start, 3), "end": round(s.end, 3),
-                 "text": s.text, "token_ids": list(s.token_ids), "stop_reason": s.stop_reason, "n_audio_tokens": None,
-                 "timings": s.timings, "worker": self.worker} for s in segs]
+        return [self._row(path, s, len(segs), None) for s in segs]
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -290,9 +291,9 @@ def answer_files(
         with journal.open("a", encoding="utf-8") as f:
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    rows = [json.loads(r) for r in batch["row"]]
-                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                    f.write("".join(line + "\n" for line in batch["row"]))  # as the actor wrote them
                     f.flush()
+                    rows = [json.loads(r) for r in batch["row"]]
                     for r in rows:
                         if r["file"] not in seen:
                             seen.add(r["file"])
@@ -306,7 +307,7 @@ def answer_files(
                     f.write("".join(json.dumps(error_row(p, f"its worker failed {cluster.retries + 1} times"), ensure_ascii=False) + "\n"
                                     for p in lost))
                     failed += len(lost)
-    if parquet and not _interrupted():
+    if parquet:  # reached only when the job was not interrupted
         _write_parquet(journal, out)
     return JobSummary(len(paths), len(paths) - len(todo), answered, failed, time.perf_counter() - t0, out)
 

@@ -57,6 +57,10 @@ class Result:
     n_prompt: int = 0  # prompt positions (text and audio)
     n_evaluated: int = 0  # of them evaluated for this answer (the rest was in the KV cache)
 
+    def as_segment(self) -> TimedSegment:
+        """The whole clip as one timed segment (0 to its duration), for segment writers."""
+        return TimedSegment(0, 0.0, self.audio_seconds, self.text, self.token_ids, self.stop_reason, self.timings)
+
     @property
     def tokens_per_second(self) -> float:
         """Decode rate (new tokens / decode time)."""

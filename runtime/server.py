@@ -806,7 +806,7 @@ def _transcript_usage(res: Result) -> dict[str, Any]:
 def _transcript_response(payload: Result | list[TimedSegment], fmt: str, seconds: float, language: str | None,
                          temperature: float, json_response: Any, text_response: Any) -> Any:
     if isinstance(payload, Result):
-        segs = [TimedSegment(0, 0.0, seconds, payload.text, payload.token_ids, payload.stop_reason, payload.timings)]
+        segs = [payload.as_segment()]
         usage: dict[str, Any] = _transcript_usage(payload)
     else:
         segs = payload
