@@ -42,6 +42,14 @@ def test_generator_is_deterministic_for_a_seed() -> None:
     assert [x.caption for x in a] != [x.caption for x in c]
 
 
+def test_a_clip_does_not_depend_on_how_many_or_how_they_are_made() -> None:
+    one_by_one = list(toyworld.clips("train", 8, seed=3, workers=1))
+    parallel = list(toyworld.clips("train", 12, seed=3, workers=3))[:8]
+    alone = toyworld.clip_at("train", 5, seed=3)
+    assert all(np.array_equal(x.wave, y.wave) and x.caption == y.caption for x, y in zip(one_by_one, parallel))
+    assert np.array_equal(alone.wave, one_by_one[5].wave) and alone.sounds == one_by_one[5].sounds
+
+
 def test_clips_are_what_their_captions_say() -> None:
     clips = list(toyworld.clips("train", 60, seed=1))
     for c in clips:
