@@ -16,11 +16,13 @@ pytestmark = pytest.mark.skipif(not toyworld.espeak_available(), reason="needs e
 
 N_HELD_OUT = 60
 # Floors the trained model clears with margin. Measured on these 60 clips (AVX-512 Xeon, the
-# cached model, 6,000 training clips): fp32 + f32 word accuracy 0.938, caption exact 0.850,
-# elements 0.848; int8 + Q4_K_M the same. A model trained on another CPU rounds differently, hence
+# cached model, 6,000 training clips): fp32 + f32 word accuracy 0.853, caption exact 0.733,
+# elements 0.784; int8 + Q4_K_M 0.845 / 0.717 / 0.773 (these 60 are a harder draw than the 400
+# the README reports: 0.917 / 0.868 / 0.892). Two trainings on different draws of the same
+# world differ by up to 3 points, and a model trained on another CPU rounds differently, hence
 # margins; scrambled audio falls far below (test_scrambled_audio_embeddings_are_not_heard).
-FLOORS = {"fp32 + f32": {"word_accuracy": 0.85, "caption_exact": 0.72, "caption_elements": 0.75},
-          "int8 + Q4_K_M": {"word_accuracy": 0.83, "caption_exact": 0.70, "caption_elements": 0.72}}
+FLOORS = {"fp32 + f32": {"word_accuracy": 0.78, "caption_exact": 0.64, "caption_elements": 0.70},
+          "int8 + Q4_K_M": {"word_accuracy": 0.76, "caption_exact": 0.62, "caption_elements": 0.68}}
 
 
 @pytest.fixture(scope="module")
