@@ -244,33 +244,37 @@ def caption_elements(caption: str) -> list[str]:
     return seq + out
 
 
+def _split_index(split: str) -> int:
+    if split not in _SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(_SPLITS)}")
+    return SPLITS.index(split)
+
+
 def clip_at(split: str, index: int, *, seed: int = 0) -> Clip:
     """Clip ``index`` of ``split`` for ``seed``: each clip has its own random stream, so a clip
     does not depend on how many are drawn, and clips can be made in parallel."""
-    if split not in _SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(_SPLITS)}")
-    return make_clip(np.random.default_rng([seed, SPLITS.index(split), index]), split)
+    return make_clip(np.random.default_rng([seed, _split_index(split), index]), split)
 
 
 def clips(split: str, n: int, *, seed: int = 0, workers: int = 2) -> Iterator[Clip]:
     """Clips ``0 .. n-1`` of ``split``, deterministic for ``seed``, in order. Made ``workers`` at
     a time on threads: most of a clip's time is espeak-ng's process, which holds no GIL."""
-    if split not in _SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(_SPLITS)}")
+    _split_index(split)
     if workers <= 1 or n <= 1:
         yield from (clip_at(split, i, seed=seed) for i in range(n))
         return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(workers, thread_name_prefix="toyworld") as pool:
-        pending = []
+        pending: deque = deque()
         try:
             for i in range(n):
                 pending.append(pool.submit(clip_at, split, i, seed=seed))
                 if len(pending) > 4 * workers:  # a bounded look-ahead, so a consumer that stops early stops the work
-                    yield pending.pop(0).result()
+                    yield pending.popleft().result()
             while pending:
-                yield pending.pop(0).result()
+                yield pending.popleft().result()
         finally:
             for f in pending:
                 f.cancel()
