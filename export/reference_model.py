@@ -91,7 +91,7 @@ def build_decoder(dec: DecoderConfig, state: dict[str, torch.Tensor]) -> nn.Modu
     return model.eval()
 
 
-def _cache_keyword(decoder: nn.Module) -> str:
+def cache_keyword(decoder: nn.Module) -> str:
     """The keyword this transformers version takes the KV cache by (renamed during 5.x)."""
     import inspect
 
@@ -193,7 +193,7 @@ class MiDashengLM(nn.Module):
         t0 = time.perf_counter()
         out = self.decoder(inputs_embeds=embeds[None], use_cache=True, logits_to_keep=1)
         t_prefill = time.perf_counter() - t0
-        cache_kw = _cache_keyword(self.decoder)
+        cache_kw = cache_keyword(self.decoder)
         tokens: list[int] = []
         reason = "max_new_tokens"
         t1 = time.perf_counter()

@@ -14,16 +14,13 @@ Deterministic for a seed (espeak-ng renders the same text with the same settings
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..runtime import constants as C
-from ..runtime.errors import MdlEdgeError
+from . import espeak
 
 SR = C.SAMPLE_RATE
 
@@ -90,22 +87,15 @@ def _phrase(rng: np.random.Generator, split: str) -> list[str]:
 
 
 def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
+    return espeak.available()
 
 
 def speak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     """espeak-ng's rendering of ``text``, 16 kHz mono float32."""
     from ..runtime.audio import load_audio
 
-    if not espeak_available():
-        raise MdlEdgeError("espeak-ng is not installed (apt-get install espeak-ng): the toy world's speech comes from it")
-    with tempfile.TemporaryDirectory() as tmp:
-        # -w writes a WAV with its true length (--stdout declares a 2 GB data chunk)
-        out = f"{tmp}/speech.wav"
-        proc = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", out, text], capture_output=True)
-        if proc.returncode != 0:
-            raise MdlEdgeError(f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode(errors='replace').strip()}")
-        wave = load_audio(out)
+    samples, rate = espeak.synthesize(text, voice, speed, pitch)
+    wave = load_audio(samples, sample_rate=rate)
     nz = np.flatnonzero(np.abs(wave) > 1e-3)  # espeak pads with silence: trim it
     wave = wave[max(nz[0] - 160, 0) : nz[-1] + 160] if nz.size else wave
     return (wave / (np.abs(wave).max() + 1e-9) * 0.5).astype(np.float32)  # words alike in level

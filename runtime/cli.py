@@ -42,11 +42,21 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
     from ..export.toy_train import TrainPlan, default_cache, toy_model, train_toy
 
     plan = TrainPlan(seed=args.seed)
+    trains = bool(args.out) or not (default_cache() / f"toy-{plan.key()}" / "config.json").is_file()
+    if trains:
+        # The training time is only comparable across hosts (and across hours on a shared host)
+        # beside the rate the host gives now: measured before and after.
+        from ..export.machine import gemm_rate
+
+        before = gemm_rate(False, plan.threads)
     if args.out:
         out = train_toy(args.out, plan)
     else:
         out = toy_model(plan)
         print(f"toy model (cached in {default_cache()}): {out}")
+    if trains:
+        print(f"this host's fp32 GEMM rate ({plan.threads} threads): {before:.0f} GFLOP/s before training, "
+              f"{gemm_rate(False, plan.threads):.0f} after")
     if args.evaluate:
         from ..export import toyworld
         from ..export.reference_model import MiDashengLM

@@ -15,14 +15,14 @@ from mdl_edge.runtime.options import GenerationOptions
 pytestmark = pytest.mark.skipif(not toyworld.espeak_available(), reason="needs espeak-ng (apt-get install espeak-ng)")
 
 N_HELD_OUT = 60
-# Floors the trained model clears with margin. Measured on these 60 clips (AVX-512 Xeon, the
-# cached model, 6,000 training clips): fp32 + f32 word accuracy 0.853, caption exact 0.733,
-# elements 0.784; int8 + Q4_K_M 0.845 / 0.717 / 0.773 (these 60 are a harder draw than the 400
-# the README reports: 0.917 / 0.868 / 0.892). Two trainings on different draws of the same
-# world differ by up to 3 points, and a model trained on another CPU rounds differently, hence
+# Floors the trained model clears with margin. Measured on these 60 clips: the model of
+# 2026-12-02 (AMD EPYC, AVX-512) fp32 + f32 word accuracy 0.806, caption exact 0.767, elements
+# 0.804, int8 + Q4_K_M the same; the model before it (AVX-512 Xeon) 0.853 / 0.733 / 0.784 and
+# 0.845 / 0.717 / 0.773 (these 60 are a harder draw than the 100 and 400 the README reports).
+# Trainings on different CPUs round differently and land up to 5 points apart here, hence the
 # margins; scrambled audio falls far below (test_scrambled_audio_embeddings_are_not_heard).
-FLOORS = {"fp32 + f32": {"word_accuracy": 0.78, "caption_exact": 0.64, "caption_elements": 0.70},
-          "int8 + Q4_K_M": {"word_accuracy": 0.76, "caption_exact": 0.62, "caption_elements": 0.68}}
+FLOORS = {"fp32 + f32": {"word_accuracy": 0.72, "caption_exact": 0.64, "caption_elements": 0.70},
+          "int8 + Q4_K_M": {"word_accuracy": 0.70, "caption_exact": 0.62, "caption_elements": 0.68}}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,31 @@ def test_a_clip_does_not_depend_on_how_many_or_how_they_are_made() -> None:
     alone = toyworld.clip_at("train", 5, seed=3)
     assert all(np.array_equal(x.wave, y.wave) and x.caption == y.caption for x, y in zip(one_by_one, parallel))
     assert np.array_equal(alone.wave, one_by_one[5].wave) and alone.sounds == one_by_one[5].sounds
+
+
+def test_espeak_helper_speaks_as_the_program_does() -> None:
+    """The in-process helper must give the program's samples bit for bit, in any order and on
+    repeats (the engine carries state between utterances; the helper's fork per word discards it)."""
+    from mdl_edge.export import espeak
+
+    cases = [("seven", "en-us+f2", 190, 59), ("hello", "en-gb-scotland+m3", 130, 41), ("seven", "en-us+f2", 190, 59),
+             ("purple", "en-029+m6", 160, 50), ("hello", "en-gb-scotland+m3", 130, 41)]
+    for case in cases:
+        ours, rate = espeak.synthesize(*case)
+        program, program_rate = espeak.synthesize(*case, use_helper=False)
+        assert rate == program_rate and ours.dtype == program.dtype == np.int16
+        assert ours.shape == program.shape, f"{case}: {ours.shape} samples, the program gives {program.shape}"
+        assert np.array_equal(ours, program), f"{case}: worst sample difference {np.abs(ours.astype(int) - program).max()}"
+
+
+def test_espeak_errors_name_the_voice() -> None:
+    from mdl_edge.export import espeak
+    from mdl_edge.runtime.errors import MdlEdgeError
+
+    for use_helper in (True, False):
+        with pytest.raises(MdlEdgeError, match="xx-nonexist"):
+            espeak.synthesize("one", "xx-nonexist", 150, 50, use_helper=use_helper)
+    assert espeak.synthesize("one", "en", 150, 50)[0].size > 1000  # the helper still serves after an error
 
 
 def test_clips_are_what_their_captions_say() -> None:

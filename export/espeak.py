@@ -1,0 +1,140 @@
+"""espeak-ng speech for the toy world, without starting the program once per word.
+
+The toy world speaks tens of thousands of single words; starting ``espeak-ng`` for each costs
+about 13 ms, nearly all of it start-up. A helper process (``export/espeak_helper.py``) keeps the
+engine (``libespeak-ng``, installed with the program by the Debian package) initialised and forks
+a fresh child per word, so each word is still spoken from a just-started engine and its samples
+are the program's own (``tests/test_toy.py`` compares them). Where no helper can run (no
+``fork``, no library), the program is run per word instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..runtime.errors import MdlEdgeError
+from .espeak_helper import HEADER
+
+logger = logging.getLogger("mdl_edge")
+
+
+def available() -> bool:
+    """Whether espeak-ng (the program) is installed; the library comes with it."""
+    return shutil.which("espeak-ng") is not None
+
+
+def synthesize(text: str, voice: str, speed: int, pitch: int, *, use_helper: bool = True) -> tuple[np.ndarray, int]:
+    """espeak-ng's rendering of ``text`` as ``espeak-ng -v VOICE -s SPEED -p PITCH`` makes it:
+    ``(int16 samples, sample rate)``."""
+    if not available():
+        raise MdlEdgeError("espeak-ng is not installed (apt-get install espeak-ng): the toy world's speech comes from it")
+    if use_helper:
+        with _borrow_helper() as helper:
+            if helper is not None:
+                return helper.synth(text, voice, speed, pitch)
+    return _run_program(text, voice, speed, pitch)
+
+
+def _run_program(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # -w writes a WAV with its true length (--stdout declares a 2 GB data chunk)
+        out = f"{tmp}/speech.wav"
+        proc = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", out, text], capture_output=True)
+        if proc.returncode != 0:
+            raise MdlEdgeError(f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode(errors='replace').strip()}")
+        wave, rate = sf.read(out, dtype="int16")
+    return wave, int(rate)
+
+
+class _Helper:
+    """The one owner of the helper process (this module run as ``python -m``): requests go in as
+    JSON lines, samples come back framed by :data:`HEADER`. One request at a time (a lock)."""
+
+    def __init__(self) -> None:
+        # -I: the standard library only, so the process that forks per word stays small
+        script = Path(__file__).with_name("espeak_helper.py")
+        self.proc = subprocess.Popen([sys.executable, "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.lock = threading.Lock()
+        status, payload = self._read()
+        if status != 0:
+            self.close()
+            raise OSError(payload.decode(errors="replace"))
+        self.rate = int(payload.decode())
+
+    def _read(self) -> tuple[int, bytes]:
+        assert self.proc.stdout is not None
+        head = self.proc.stdout.read(HEADER.size)
+        if len(head) < HEADER.size:
+            raise OSError(f"the espeak-ng helper exited (code {self.proc.poll()})")
+        status, n = HEADER.unpack(head)
+        return status, self.proc.stdout.read(n)
+
+    def synth(self, text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+        assert self.proc.stdin is not None
+        with self.lock:
+            self.proc.stdin.write((json.dumps([text, voice, int(speed), int(pitch)]) + "\n").encode())
+            self.proc.stdin.flush()
+            status, payload = self._read()
+        if status != 0:
+            raise MdlEdgeError(f"espeak-ng could not say {text!r} with voice {voice!r}: {payload.decode(errors='replace')}")
+        return np.frombuffer(payload, np.int16).copy(), self.rate
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # the helper exits at end of input
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# Helpers are handed out through a queue, one per concurrent caller (the clip generator's
+# worker threads), so that syntheses run side by side.
+_idle: "queue.SimpleQueue[_Helper]" = queue.SimpleQueue()
+_started: list[_Helper] = []
+_helper_failed = False
+_helper_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _borrow_helper() -> Iterator[_Helper | None]:
+    global _helper_failed
+    try:
+        helper = _idle.get_nowait()
+    except queue.Empty:
+        helper = None
+        with _helper_guard:
+            if not _helper_failed and hasattr(os, "fork"):
+                try:
+                    helper = _Helper()
+                    _started.append(helper)
+                except OSError as e:
+                    logger.info("espeak-ng library helper unavailable (%s); running the program per word", e)
+                    _helper_failed = True
+    try:
+        yield helper
+    finally:
+        if helper is not None:
+            _idle.put(helper)
+
+
+@atexit.register
+def _close_helpers() -> None:
+    for helper in _started:
+        helper.close()
