@@ -218,6 +218,29 @@ def _lm_loss(model: MiDashengLM, encoded: list[tuple[list[dict], torch.Tensor, t
     return total / count
 
 
+def plain_lm_loss(model: MiDashengLM, batch: list[dict], pad_id: int) -> torch.Tensor:
+    """The straightforward formulation ``_lm_loss`` must equal: the whole batch padded to its
+    longest clip, every sequence in full, transformers' own causal-LM loss. Training does not
+    use it; ``tests/test_toy.py`` checks the fast losses and gradients against it and
+    ``tests/benchmarks/bench_toy_train.py`` times both."""
+    feats, lengths = _encode(model, batch)
+    audio = model._project(feats, lengths)
+    rows = [(i, ids, target) for i, e in enumerate(batch) for ids, target in e["tasks"]]
+    width = max(len(ids) + len(t) for _, ids, t in rows)
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (_, ids, target) in enumerate(rows):
+        n = len(ids) + len(target)
+        ids_t[r, :n] = torch.tensor(ids + target)
+        labels[r, len(ids) : n] = torch.tensor(target)
+        mask[r, :n] = 1
+    emb = model.decoder.get_input_embeddings()(ids_t)
+    slots = ids_t == model.cfg.audio_token_id
+    emb = emb.masked_scatter(slots[..., None], torch.cat([audio[i] for i, _, _ in rows]))
+    return model.decoder(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+
+
 def _optimise(params: list[torch.nn.Parameter], steps: int, lr: float, warmup: int, loss_of: Callable[[int], torch.Tensor],
               label: str, progress: Callable[[str], None]) -> None:
     """AdamW with linear warm-up and cosine decay; ``loss_of(step)`` builds one batch's loss."""

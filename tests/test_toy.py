@@ -104,6 +104,41 @@ def test_splits_differ_in_voice_speed_snr_and_word_order() -> None:
         assert all(toyworld._pair_seen_in_training(a, b) for a, b in zip(words, words[1:])), c.transcript
 
 
+def test_fast_training_losses_equal_the_plain_formulation(tmp_path) -> None:
+    """Training computes its losses in length-sorted sub-batches and shares each task's prompt
+    prefix through a KV cache; both must give the loss and the gradients of the whole batch
+    padded to its longest clip with transformers' own loss (a speed-up, not a change of model)."""
+    import torch
+
+    from mdl_edge.export import toy_train as T
+    from mdl_edge.export.reference_model import MiDashengLM
+    from mdl_edge.export.synth import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint("toy", tmp_path / "ck", seed=0)
+    model = MiDashengLM.from_pretrained(tmp_path / "ck")
+    model.train()
+    model.audio_encoder.init_bn.eval()
+    head = torch.nn.Linear(model.cfg.encoder.embed_dim, T.FRAME_CLASSES)
+    batch = T._examples(list(toyworld.clips("train", 12, seed=2)), model.prompt, 1)
+    pad = model.prompt.special.end_of_text
+    params = dict(model.named_parameters()) | {f"head.{n}": p for n, p in head.named_parameters()}
+
+    def loss_and_grads(loss: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        for p in params.values():
+            p.grad = None
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+    plain, g_plain = loss_and_grads(T.plain_lm_loss(model, batch, pad) + T._frame_loss(head, T._encode_grouped(model, batch, 1)))
+    encoded = T._encode_grouped(model, batch, 3)
+    fast, g_fast = loss_and_grads(T._lm_loss(model, encoded, pad) + T._frame_loss(head, encoded))
+    assert abs(fast - plain) <= 1e-5 * abs(plain), f"loss {fast} vs plain {plain}"
+    assert g_fast.keys() == g_plain.keys()
+    rel = {n: float((g_fast[n] - g_plain[n]).abs().max() / (g_plain[n].abs().max() + 1e-12)) for n in g_plain}
+    worst = max(rel, key=rel.get)
+    assert rel[worst] < 1e-4, f"worst gradient difference {rel[worst]:.2e} relative, in {worst}"
+
+
 def test_scoring() -> None:
     assert toyworld.word_accuracy("three blue", "three blue") == 1.0
     assert toyworld.word_accuracy("three", "three blue") == 0.5
