@@ -64,13 +64,14 @@ def _run_program(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndar
 
 class _Helper:
     """The one owner of the helper process (this module run as ``python -m``): requests go in as
-    JSON lines, samples come back framed by :data:`HEADER`. One request at a time (a lock)."""
+    JSON lines, samples come back framed by :data:`HEADER`. Used by one caller at a time (see
+    :func:`_borrow_helper`)."""
 
     def __init__(self) -> None:
         # -I: the standard library only, so the process that forks per word stays small
         script = Path(__file__).with_name("espeak_helper.py")
         self.proc = subprocess.Popen([sys.executable, "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.lock = threading.Lock()
+        self.owner = os.getpid()
         status, payload = self._read()
         if status != 0:
             self.close()
@@ -87,10 +88,9 @@ class _Helper:
 
     def synth(self, text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
         assert self.proc.stdin is not None
-        with self.lock:
-            self.proc.stdin.write((json.dumps([text, voice, int(speed), int(pitch)]) + "\n").encode())
-            self.proc.stdin.flush()
-            status, payload = self._read()
+        self.proc.stdin.write((json.dumps([text, voice, int(speed), int(pitch)]) + "\n").encode())
+        self.proc.stdin.flush()
+        status, payload = self._read()
         if status != 0:
             raise MdlEdgeError(f"espeak-ng could not say {text!r} with voice {voice!r}: {payload.decode(errors='replace')}")
         return np.frombuffer(payload, np.int16).copy(), self.rate
@@ -115,10 +115,17 @@ _helper_guard = threading.Lock()
 @contextlib.contextmanager
 def _borrow_helper() -> Iterator[_Helper | None]:
     global _helper_failed
-    try:
-        helper = _idle.get_nowait()
-    except queue.Empty:
-        helper = None
+    helper = None
+    while helper is None:
+        try:
+            candidate = _idle.get_nowait()
+        except queue.Empty:
+            break
+        # One inherited through a fork of this process talks on its parent's pipes; one whose
+        # process ended serves no one: both are left behind.
+        if candidate.owner == os.getpid() and candidate.proc.poll() is None:
+            helper = candidate
+    if helper is None:
         with _helper_guard:
             if not _helper_failed and hasattr(os, "fork"):
                 try:
@@ -137,4 +144,5 @@ def _borrow_helper() -> Iterator[_Helper | None]:
 @atexit.register
 def _close_helpers() -> None:
     for helper in _started:
-        helper.close()
+        if helper.owner == os.getpid():
+            helper.close()

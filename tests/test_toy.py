@@ -5,6 +5,7 @@ metrics. The model is trained once per machine (minutes) and cached (``export/to
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -65,6 +66,33 @@ def test_espeak_helper_speaks_as_the_program_does() -> None:
         assert rate == program_rate and ours.dtype == program.dtype == np.int16
         assert ours.shape == program.shape, f"{case}: {ours.shape} samples, the program gives {program.shape}"
         assert np.array_equal(ours, program), f"{case}: worst sample difference {np.abs(ours.astype(int) - program).max()}"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_espeak_helper_is_not_shared_with_a_forked_process() -> None:
+    """A process forked after the helper started must start its own (the inherited one talks on
+    the parent's pipes); both then speak as the program does."""
+    from mdl_edge.export import espeak
+
+    case = ("seven", "en-us+f2", 190, 59)
+    want = espeak.synthesize(*case, use_helper=False)[0]
+    assert np.array_equal(espeak.synthesize(*case)[0], want)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            ok = all(np.array_equal(espeak.synthesize(*case)[0], want) for _ in range(3))
+            ok = ok and any(h.owner == os.getpid() for h in espeak._started)  # its own helper
+        finally:
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(w)
+    answer = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert answer == b"1", "the forked process did not get the program's samples"
+    assert np.array_equal(espeak.synthesize(*case)[0], want)
 
 
 def test_espeak_errors_name_the_voice() -> None:
