@@ -63,8 +63,8 @@ def _run_program(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndar
 
 
 class _Helper:
-    """The one owner of the helper process (this module run as ``python -m``): requests go in as
-    JSON lines, samples come back framed by :data:`HEADER`. Used by one caller at a time (see
+    """The one owner of a helper process (``espeak_helper.py``): requests go in as JSON lines,
+    samples come back framed by :data:`HEADER`. Used by one caller at a time (see
     :func:`_borrow_helper`)."""
 
     def __init__(self) -> None:

@@ -73,12 +73,16 @@ def default_cache() -> Path:
     return Path(os.environ.get("MDL_EDGE_CACHE") or Path.home() / ".cache" / "mdl-edge")
 
 
+def cached_toy_model(plan: TrainPlan = TrainPlan(), *, cache: Path | None = None) -> tuple[Path, bool]:
+    """Where the cache keeps ``plan``'s checkpoint, and whether it is there yet."""
+    out = (cache or default_cache()) / f"toy-{plan.key()}"
+    return out, (out / "config.json").is_file()
+
+
 def toy_model(plan: TrainPlan = TrainPlan(), *, cache: Path | None = None, progress: Callable[[str], None] = print) -> Path:
     """The trained toy checkpoint for ``plan``: from the cache, or trained now (minutes) and cached."""
-    out = (cache or default_cache()) / f"toy-{plan.key()}"
-    if (out / "config.json").is_file():
-        return out
-    return train_toy(out, plan, progress=progress)
+    out, present = cached_toy_model(plan, cache=cache)
+    return out if present else train_toy(out, plan, progress=progress)
 
 
 # Classes of the training-only frame head: nothing, each word said by a man, by a woman, each event.

@@ -39,10 +39,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_train_toy(args: argparse.Namespace) -> int:
     _need_export()
-    from ..export.toy_train import TrainPlan, default_cache, toy_model, train_toy
+    from ..export.toy_train import TrainPlan, cached_toy_model, default_cache, toy_model, train_toy
 
     plan = TrainPlan(seed=args.seed)
-    trains = bool(args.out) or not (default_cache() / f"toy-{plan.key()}" / "config.json").is_file()
+    trains = bool(args.out) or not cached_toy_model(plan)[1]
     if trains:
         # The training time is only comparable across hosts (and across hours on a shared host)
         # beside the rate the host gives now: measured before and after.
