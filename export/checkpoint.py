@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
+
 from ..runtime.config import ModelConfig
 from ..runtime.errors import CheckpointError, ConfigError
-from .layout import official_tensors
+from ..runtime.mel import front_end_buffers
+from .layout import ENCODER_PREFIX, NAME_LAYOUTS, TOKENIZER_SEMANTIC_PREFIX, NameLayout, front_end_buffer_names, official_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +36,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int = 0  # absolute byte offset of the data in the file
     nbytes: int = 0
+    key: str = ""  # the name it is stored under (a layout may spell it otherwise)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -63,7 +67,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         if end > size - 8 - n or begin > end:
             raise CheckpointError(f"{path}: tensor {name!r} lies beyond the end of the file (truncated download?)")
-        out[name] = TensorInfo(path, dtype, shape, 8 + n + begin, end - begin)
+        out[name] = TensorInfo(path, dtype, shape, 8 + n + begin, end - begin, name)
     return out
 
 
@@ -92,38 +96,122 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json found")
 
 
+def _layout_problems(cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+    """Missing, unexpected and mis-shaped tensors of canonically named ``tensors`` against ``cfg``."""
+    specs = {s.name: s for s in official_tensors(cfg)}
+    missing = [n for n, s in specs.items() if not s.optional and n not in tensors]
+    unexpected = [i.key for n, i in tensors.items() if n not in specs]
+    misshaped = [
+        f"{i.key}: stored {list(i.shape)}, config implies {list(specs[n].shape)}"
+        for n, i in tensors.items()
+        if n in specs and i.shape != specs[n].shape
+    ]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = "\n  ".join(items[:20]) + (f"\n  ... and {len(items) - 20} more" if len(items) > 20 else "")
+            problems.append(f"{len(items)} {title} tensor(s):\n  {shown}")
+    return problems
+
+
+def _resolve_encoder(cfg: ModelConfig, stored: dict[str, TensorInfo]) -> ModelConfig:
+    """The encoder variant from ``audio_encoder_config`` and the tensors: a DashengTokenizer-style
+    module tree (``audio_encoder.model.*``) makes one even where the config does not say so, and
+    its acoustic bin count comes from the config or else from the acoustic conv's shape."""
+    tokenizer_tree = any(n.startswith(TOKENIZER_SEMANTIC_PREFIX) for n in stored)
+    enc = cfg.encoder
+    if enc.variant == "dasheng" and not tokenizer_tree:
+        return cfg
+    if enc.acoustic_mels:
+        return cfg
+    conv = stored.get(ENCODER_PREFIX + "patch_embed.weight")
+    if conv is None or len(conv.shape) != 4:
+        # No way to size the acoustic branch: check against a nominal one so the missing
+        # tensors are named.
+        return cfg.with_encoder(enc.with_acoustic_mels(1))
+    try:
+        return cfg.with_encoder(enc.with_acoustic_mels(conv.shape[2]))
+    except ConfigError as e:
+        raise CheckpointError(f"{conv.file}: {ENCODER_PREFIX}patch_embed.weight {list(conv.shape)}: {e}") from e
+
+
 class Checkpoint:
-    """An official-layout checkpoint folder, validated on open."""
+    """An official-layout checkpoint folder, validated on open.
+
+    ``config`` is the checkpoint's configuration with the encoder variant the tensors show;
+    ``layout`` the :class:`NameLayout` its names follow; ``tensors`` is keyed by canonical name.
+    """
 
     def __init__(self, model_dir: str | Path) -> None:
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise ConfigError(f"{self.dir}: not a folder")
-        self.config = ModelConfig.from_dir(self.dir)
-        self.tensors: dict[str, TensorInfo] = {}
+        config = ModelConfig.from_dir(self.dir)
+        stored: dict[str, TensorInfo] = {}
         for f in weight_files(self.dir):
             for name, info in read_safetensors_header(f).items():
-                if name in self.tensors:
-                    raise CheckpointError(f"{self.dir}: tensor {name!r} is stored twice ({self.tensors[name].file.name}, {f.name})")
-                self.tensors[name] = info
-        self._check_layout()
+                if name in stored:
+                    raise CheckpointError(f"{self.dir}: tensor {name!r} is stored twice ({stored[name].file.name}, {f.name})")
+                stored[name] = info
+        self.config = _resolve_encoder(config, stored)
+        self.layout, self.tensors = self._match_layout(stored)
+        self._check_front_end_buffers()
 
-    def _check_layout(self) -> None:
-        specs = {s.name: s for s in official_tensors(self.config)}
-        missing = [n for n, s in specs.items() if not s.optional and n not in self.tensors]
-        unexpected = [n for n in self.tensors if n not in specs]
-        misshaped = [
-            f"{n}: stored {list(i.shape)}, config implies {list(specs[n].shape)}"
-            for n, i in self.tensors.items()
-            if n in specs and i.shape != specs[n].shape
-        ]
-        problems = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                shown = "\n  ".join(items[:20]) + (f"\n  ... and {len(items) - 20} more" if len(items) > 20 else "")
-                problems.append(f"{len(items)} {title} tensor(s):\n  {shown}")
-        if problems:
-            raise CheckpointError(f"{self.dir}: does not match the MiDashengLM layout of its config.json\n" + "\n".join(problems))
+    def _match_layout(self, stored: dict[str, TensorInfo]) -> tuple[NameLayout, dict[str, TensorInfo]]:
+        """The name layout under which the stored tensors are exactly the config's, or an error
+        naming what is wrong under the closest one."""
+        best: tuple[int, list[str]] | None = None
+        for layout in (row for row in NAME_LAYOUTS if row.variant == self.config.encoder.variant):
+            tensors: dict[str, TensorInfo] = {}
+            for name, info in stored.items():
+                canon = layout.canonical(name)
+                if canon in tensors:
+                    raise CheckpointError(f"{self.dir}: tensors {tensors[canon].key!r} and {name!r} are the same tensor ({canon!r})")
+                tensors[canon] = info
+            problems = _layout_problems(self.config, tensors)
+            if not problems:
+                return layout, tensors
+            size = sum(int(p.split()[0]) for p in problems)
+            if best is None or size < best[0]:
+                best = (size, problems)
+        assert best is not None
+        variant = self.config.encoder.variant
+        raise CheckpointError(
+            f"{self.dir}: does not match the MiDashengLM layout of its config.json ({variant} encoder)\n" + "\n".join(best[1])
+        )
+
+    def _check_front_end_buffers(self) -> None:
+        """Front-end buffers a checkpoint carries must hold the spec's window and filterbank (as
+        float32 or bf16-rounded values): anything else means another front end than ours."""
+        for name, acoustic_mels in front_end_buffer_names(self.config).items():
+            if name not in self.tensors:
+                continue
+            window, fb = front_end_buffers(acoustic_mels=acoustic_mels)
+            want = window if name.endswith("window") else fb
+            got = self.read_numpy(name)
+            worst = float(np.max(np.abs(got - want) - 2.0**-8 * np.abs(want)))
+            if worst > 1e-6:
+                raise CheckpointError(
+                    f"{self.tensors[name].file}: {self.tensors[name].key} differs from the spec's "
+                    f"{'window' if name.endswith('window') else 'mel filterbank'} by up to {worst + 2.0**-8:.3g}: "
+                    "this checkpoint's front end is not the one MiDashengLM uses"
+                )
+
+    def read_numpy(self, name: str) -> np.ndarray:
+        """One small float tensor as float32 numpy (no torch), e.g. a front-end buffer."""
+        info = self.tensors[name]
+        dtypes = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
+        if info.dtype not in dtypes:
+            raise CheckpointError(f"{info.file}: tensor {info.key!r} has dtype {info.dtype}, not a float type")
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            raw = f.read(info.nbytes)
+        if len(raw) != info.nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading {info.key!r}")
+        x = np.frombuffer(raw, dtype=dtypes[info.dtype])
+        if info.dtype == "BF16":
+            x = (x.astype(np.uint32) << 16).view(np.float32)
+        return x.astype(np.float32).reshape(info.shape)
 
     def source_hash(self) -> str:
         """A fingerprint of the checkpoint: config.json, every safetensors header, and 64 KiB
@@ -148,6 +236,7 @@ class Checkpoint:
         import torch
 
         info = self.tensors[name]
+        name = info.key
         dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I64": torch.int64}
         if info.dtype not in dtypes:
             raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, not a float type")
@@ -159,7 +248,7 @@ class Checkpoint:
         return torch.frombuffer(buf, dtype=dtypes[info.dtype]).reshape(info.shape) if info.nbytes else torch.zeros(info.shape, dtype=dtypes[info.dtype])
 
     def load(self, prefix: str, *, dtype: "torch.dtype | None" = None) -> Iterator[tuple[str, "torch.Tensor"]]:
-        """Yield ``(name without prefix, tensor)`` for every stored tensor under ``prefix``, file by file."""
+        """Yield ``(canonical name without prefix, tensor)`` for every tensor under ``prefix``, file by file."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
@@ -169,7 +258,7 @@ class Checkpoint:
         for f, names in by_file.items():
             with safe_open(str(f), framework="pt") as st:
                 for name in names:
-                    t = st.get_tensor(name)
+                    t = st.get_tensor(self.tensors[name].key)
                     if dtype is not None and t.is_floating_point():
                         t = t.to(dtype)
                     yield name[len(prefix):], t

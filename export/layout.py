@@ -1,7 +1,9 @@
-"""The official MiDashengLM tensor layout (spec §4.4) as data: name -> shape, from a config.
+"""The official MiDashengLM tensor layout (spec §4.4, §6.4) as data: name -> shape, from a config.
 
 Used by the synthetic-checkpoint writer (what to write) and by the checkpoint loader (what to
-expect), so the two can never disagree.
+expect), so the two can never disagree. Names here are *canonical*: the module names of the
+PyTorch reference. :data:`NAME_LAYOUTS` lists the ways a checkpoint may spell them; a newly
+confirmed official spelling is one more row there.
 """
 
 from __future__ import annotations
@@ -25,15 +27,69 @@ class TensorSpec:
 ENCODER_PREFIX = "audio_encoder."
 PROJECTOR_PREFIX = "audio_projector."
 DECODER_PREFIX = "decoder."
-FRONT_END_BUFFERS = ("audio_encoder.front_end.0.mel_scale.fb", "audio_encoder.front_end.0.spectrogram.window")
+#: where the semantic Dasheng encoder sits inside a DashengTokenizer-style encoder
+TOKENIZER_SEMANTIC_PREFIX = ENCODER_PREFIX + "model."
+#: torchaudio front-end buffers some checkpoints carry: (window, filterbank) names after the
+#: encoder prefix, per front end. They are checked against the spec's values, never used.
+SEMANTIC_FRONT_END = ("front_end.0.spectrogram.window", "front_end.0.mel_scale.fb")
+ACOUSTIC_FRONT_END = ("front_end.mel_spec.spectrogram.window", "front_end.mel_spec.mel_scale.fb")
+
+
+@dataclass(frozen=True)
+class NameLayout:
+    """One spelling of the canonical tensor names: ``renames`` maps a stored name prefix to the
+    canonical prefix it stands for (names without a matching prefix are stored as they are)."""
+
+    name: str
+    variant: str  # EncoderConfig.variant it applies to
+    renames: tuple[tuple[str, str], ...]
+    seen_in: str
+
+    def canonical(self, stored: str) -> str:
+        for prefix, canon in self.renames:
+            if stored.startswith(prefix):
+                return canon + stored[len(prefix):]
+        return stored
+
+
+NAME_LAYOUTS: tuple[NameLayout, ...] = (
+    NameLayout("midashenglm", "dasheng", (), "MiDashengLM-7B checkpoints (spec §4.4)"),
+    NameLayout(
+        "dashengtokenizer", "dasheng_tokenizer", (),
+        "DashengTokenizerEncoder under audio_encoder. with the semantic encoder's BatchNorm as a plain module",
+    ),
+    NameLayout(
+        "dashengtokenizer-sequential-bn", "dasheng_tokenizer", ((TOKENIZER_SEMANTIC_PREFIX + "init_bn.1.", TOKENIZER_SEMANTIC_PREFIX + "init_bn."),),
+        "the public DashengTokenizer code (init_bn = Sequential(Rearrange, BatchNorm2d, Rearrange))",
+    ),
+)
+
+
+def front_end_buffer_names(cfg: ModelConfig) -> dict[str, int]:
+    """Canonical names of the optional front-end buffers of ``cfg``'s encoder, each mapped to the
+    acoustic bin count of its front end (0: the semantic mel)."""
+    e = cfg.encoder
+    semantic = TOKENIZER_SEMANTIC_PREFIX if e.variant == "dasheng_tokenizer" else ENCODER_PREFIX
+    names = {semantic + n: 0 for n in SEMANTIC_FRONT_END}
+    if e.variant == "dasheng_tokenizer":
+        names.update({ENCODER_PREFIX + n: int(e.acoustic_mels or 0) for n in ACOUSTIC_FRONT_END})
+    return names
+
+
+def semantic_prefix(cfg: ModelConfig) -> str:
+    """Where the semantic Dasheng encoder's tensors sit."""
+    return TOKENIZER_SEMANTIC_PREFIX if cfg.encoder.variant == "dasheng_tokenizer" else ENCODER_PREFIX
 
 
 def official_tensors(cfg: ModelConfig) -> list[TensorSpec]:
-    """Every tensor an official-layout checkpoint for ``cfg`` holds, in checkpoint order."""
+    """Every tensor an official-layout checkpoint for ``cfg`` holds, in checkpoint order
+    (canonical names). ``cfg.encoder.acoustic_mels`` must be known (not ``None``)."""
     e, d = cfg.encoder, cfg.decoder
     D, M = e.embed_dim, e.mlp_dim
+    if e.acoustic_mels is None:
+        raise ValueError("official_tensors: the acoustic bin count is not known yet")
     t: list[TensorSpec] = []
-    a = ENCODER_PREFIX
+    a = semantic_prefix(cfg)
     t += [
         TensorSpec(a + "init_bn.weight", (C.N_MELS,), "norm_weight"),
         TensorSpec(a + "init_bn.bias", (C.N_MELS,), "norm_bias"),
@@ -66,9 +122,19 @@ def official_tensors(cfg: ModelConfig) -> list[TensorSpec]:
     t += [
         TensorSpec(a + "norm.weight", (D,), "norm_weight"),
         TensorSpec(a + "norm.bias", (D,), "norm_bias"),
-        TensorSpec(FRONT_END_BUFFERS[0], (C.N_FREQS, C.N_MELS), "mel_fb", optional=True),
-        TensorSpec(FRONT_END_BUFFERS[1], (C.WIN_LENGTH,), "hann", optional=True),
+        TensorSpec(a + SEMANTIC_FRONT_END[1], (C.N_FREQS, C.N_MELS), "mel_fb", optional=True),
+        TensorSpec(a + SEMANTIC_FRONT_END[0], (C.WIN_LENGTH,), "hann", optional=True),
     ]
+    if e.variant == "dasheng_tokenizer":
+        n, b = e.acoustic_mels, ENCODER_PREFIX
+        t += [
+            TensorSpec(b + ACOUSTIC_FRONT_END[1], (C.ACOUSTIC_N_FREQS, n), "acoustic_mel_fb", optional=True),
+            TensorSpec(b + ACOUSTIC_FRONT_END[0], (C.ACOUSTIC_N_FFT,), "acoustic_hann", optional=True),
+            TensorSpec(b + "patch_embed.weight", (D, 1, n, C.PATCH_FRAMES), "linear"),
+            TensorSpec(b + "patch_embed.bias", (D,), "bias"),
+            TensorSpec(b + "norm.weight", (D,), "norm_weight"),
+            TensorSpec(b + "norm.bias", (D,), "norm_bias"),
+        ]
     H, p = d.hidden_size, PROJECTOR_PREFIX
     t += [
         TensorSpec(p + "net.0.weight", (H, cfg.projector_in), "linear"),

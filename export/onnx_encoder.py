@@ -9,6 +9,12 @@ and shift, the patch embedding is a MatMul over 4-frame patches (quantizable lik
 layer), and ``freq_pos_embed`` is folded into the time table. The runtime derives ``n_keys``
 from the clip length (the ``floor(L/640)`` rule, see :func:`runtime.encoder.chunk_plan`).
 The projector graph maps stacked frames ``[N, 5*D]`` to ``[N, H]`` with exact (erf) GELU.
+
+A DashengTokenizer-style encoder (spec §6.4) exports the same way with two differences: ``mel``
+carries the chunk's acoustic mel under its 64 semantic rows (``[B, 64 + n, T]``), whose 4-frame
+patches go through the acoustic MatMul + LayerNorm inside the graph and are added to the
+semantic output; and a third input ``n_keep [B]`` says how many leading semantic rows survive
+(the rest are zeroed, as the reference does for masked rows in chunks after the first).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from ..runtime import quiet_third_party
 from ..runtime.errors import MdlEdgeError
 from ..runtime.onnx_meta import ENCODER_FILE, FRAMES_AXIS, PROJECTOR_FILE, write_metadata
 from .checkpoint import Checkpoint
-from .reference_encoder import DashengEncoder
+from .reference_encoder import DashengEncoder, DashengTokenizerEncoder
 from .reference_model import load_audio_tower
 
 logger = logging.getLogger("mdl_edge")
@@ -54,10 +60,14 @@ class ChunkEncoder(nn.Module):
         self.norm = enc.norm
 
     def forward(self, mel: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
+        return self.semantic(mel, n_keys)
+
+    def semantic(self, mel: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
+        """The Dasheng ViT over the chunk's 64 semantic rows."""
         b = mel.shape[0]
         p = mel.shape[2] // C.PATCH_FRAMES
-        x = mel * self.bn_scale + self.bn_shift  # [B, 64, T]
-        x = x.reshape(b, C.N_MELS, p, C.PATCH_FRAMES).permute(0, 2, 1, 3).reshape(b, p, -1)
+        x = mel[:, : C.N_MELS] * self.bn_scale + self.bn_shift  # [B, 64, T]
+        x = _patches(x, C.N_MELS)
         x = self.patch(x) + self.pos[:p]  # positions restart at 0 in every chunk
         key_valid = torch.arange(p, device=mel.device)[None, :] < n_keys[:, None]
         # An additive mask (0 / float32 min) instead of SDPA's boolean one: the exporter turns a
@@ -68,6 +78,34 @@ class ChunkEncoder(nn.Module):
         for blk in self.blocks:
             x = _block(blk, x, bias)
         return self.norm(x)
+
+
+def _patches(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[B, rows, T]`` -> ``[B, T // 4, rows * 4]``: each 4-frame patch flattened (bin, frame) as
+    a Conv2d with kernel = stride = (rows, 4) reads it."""
+    b, p = x.shape[0], x.shape[2] // C.PATCH_FRAMES
+    return x.reshape(b, rows, p, C.PATCH_FRAMES).permute(0, 2, 1, 3).reshape(b, p, rows * C.PATCH_FRAMES)
+
+
+class TokenizerChunkEncoder(ChunkEncoder):
+    """One chunk of a DashengTokenizer-style encoder: the semantic ViT as :class:`ChunkEncoder`,
+    rows past ``n_keep`` zeroed, plus the acoustic patches (MatMul + LayerNorm)."""
+
+    def __init__(self, enc: DashengTokenizerEncoder) -> None:
+        super().__init__(enc.model)
+        self.acoustic_mels = int(enc.cfg.acoustic_mels or 0)
+        d = enc.patch_embed.out_channels
+        self.acoustic_patch = nn.Linear(self.acoustic_mels * C.PATCH_FRAMES, d)
+        self.acoustic_patch.weight.data.copy_(enc.patch_embed.weight.detach().reshape(d, -1))
+        self.acoustic_patch.bias.data.copy_(enc.patch_embed.bias.detach())
+        self.acoustic_norm = enc.norm
+
+    def forward(self, mel: torch.Tensor, n_keys: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        semantic = self.semantic(mel, n_keys)
+        p = semantic.shape[1]
+        keep = (torch.arange(p, device=mel.device)[None, :] < n_keep[:, None]).to(semantic.dtype)
+        acoustic = self.acoustic_norm(self.acoustic_patch(_patches(mel[:, C.N_MELS :], self.acoustic_mels)))
+        return semantic * keep[:, :, None] + acoustic
 
 
 def _block(blk: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -123,14 +161,20 @@ def export_audio_onnx(checkpoint_dir: str | Path, out_dir: str | Path) -> tuple[
     encoder, projector = load_audio_tower(ckpt)
     source = ckpt.source_hash()
     enc_path, proj_path = out / ENCODER_FILE, out / PROJECTOR_FILE
+    acoustic_mels = int(cfg.encoder.acoustic_mels or 0)
     with torch.no_grad():
-        chunk = ChunkEncoder(encoder).eval()
-        mel = torch.zeros(2, C.N_MELS, C.CHUNK_FRAMES)
+        mel = torch.zeros(2, C.N_MELS + acoustic_mels, C.CHUNK_FRAMES)
         n_keys = torch.tensor([C.CHUNK_PATCHES, 7])
         batch = torch.export.Dim("batch", min=1, max=1024)
         frames = C.PATCH_FRAMES * torch.export.Dim(FRAMES_AXIS, min=1, max=C.CHUNK_PATCHES)
-        _export(chunk, (mel, n_keys), enc_path, ["mel", "n_keys"], ["features"], ({0: batch, 2: frames}, {0: batch}),
-                {"mel": {2: FRAMES_AXIS}, "features": {1: "patches"}})
+        names = {"mel": {2: FRAMES_AXIS}, "features": {1: "patches"}}
+        if isinstance(encoder, DashengTokenizerEncoder):
+            chunk: ChunkEncoder = TokenizerChunkEncoder(encoder).eval()
+            _export(chunk, (mel, n_keys, torch.tensor([C.CHUNK_PATCHES, 5])), enc_path, ["mel", "n_keys", "n_keep"], ["features"],
+                    ({0: batch, 2: frames}, {0: batch}, {0: batch}), names)
+        else:
+            chunk = ChunkEncoder(encoder).eval()
+            _export(chunk, (mel, n_keys), enc_path, ["mel", "n_keys"], ["features"], ({0: batch, 2: frames}, {0: batch}), names)
         rows = torch.export.Dim("rows", min=1, max=1 << 20)
         stacked = torch.zeros(3, cfg.projector_in)
         _export(projector.net, (stacked,), proj_path, ["stacked"], ["embeddings"], ({0: rows},))
@@ -138,6 +182,7 @@ def export_audio_onnx(checkpoint_dir: str | Path, out_dir: str | Path) -> tuple[
     write_metadata(enc_path, {
         **common, "kind": "encoder", "depth": cfg.encoder.depth, "num_heads": cfg.encoder.num_heads,
         "n_mels": C.N_MELS, "chunk_frames": C.CHUNK_FRAMES, "chunk_patches": C.CHUNK_PATCHES, "hop_length": C.HOP_LENGTH,
+        "variant": cfg.encoder.variant, "acoustic_mels": acoustic_mels,
     })
     write_metadata(proj_path, {**common, "kind": "projector", "subsample": cfg.subsample_factor, "hidden_size": cfg.decoder.hidden_size})
     logger.info("exported %s and %s", enc_path, proj_path)

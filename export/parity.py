@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..runtime import constants as C
 from ..runtime.audio import demo_clip, load_audio
 from ..runtime.bundle import Bundle
 from ..runtime.decoder import Segment, split_prompt
@@ -110,12 +111,18 @@ def parity_report(checkpoint_dir: str | Path, bundle_dir: str | Path, *, device:
     refs = reference_clips(model, clips, max_new_tokens)
     audio_id = model.cfg.audio_token_id
     report: dict[str, Any] = {"device": device, "clips": [r.name for r in refs], "mel": [], "encoder": {}, "decoder": {}, "decoder_default": {}, "end_to_end": {}}
+    acoustic_mels = int(model.cfg.encoder.acoustic_mels or 0)
+    if acoustic_mels:
+        report["acoustic_mel"] = []
     for r in refs:
-        report["mel"].append(float(np.abs(log_mel(r.wave) - r.mel).max()))
+        err = np.abs(log_mel(r.wave, acoustic_mels=acoustic_mels) - r.mel)
+        report["mel"].append(float(err[: C.N_MELS].max()))
+        if acoustic_mels:
+            report["acoustic_mel"].append(float(err[C.N_MELS :].max()))
     encoders = {}
     for name, variant in bundle.manifest.encoder.variants.items():
         _, enc = bundle.load_encoder(name, threads=threads)
-        feats = [enc.encode_mels([log_mel(r.wave)], [r.wave.size])[0] for r in refs]
+        feats = [enc.encode_mels([enc.log_mel(r.wave)], [r.wave.size])[0] for r in refs]
         embs = [enc.project(f) for f in feats]
         fc = np.concatenate([_cos(f, r.feats) for f, r in zip(feats, refs)])
         ec = np.concatenate([_cos(e, r.emb) for e, r in zip(embs, refs)])
@@ -175,7 +182,8 @@ def _size(onnx_path: Path) -> int:
 def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of a parity report."""
     lines = [f"reference: PyTorch fp32 on {report['device']}; clips: {', '.join(report['clips'])}",
-             f"log-mel (C++) max |error| vs reference: {max(report['mel']):.2e} dB", "",
+             f"log-mel (C++) max |error| vs reference: {max(report['mel']):.2e} dB"
+             + (f"; acoustic mel {max(report['acoustic_mel']):.2e} (natural log)" if "acoustic_mel" in report else ""), "",
              "| encoder | feature cosine mean / min | feature rel. max error | embedding cosine mean / min | size MB |",
              "|---|---|---:|---|---:|"]
     for k, v in report["encoder"].items():

@@ -1,8 +1,11 @@
-"""Full-precision PyTorch Dasheng encoder and 5 Hz projector (spec §2-3), named like the checkpoint.
+"""Full-precision PyTorch audio encoders and the 5 Hz projector (spec §2-3, §6.4), named like
+the checkpoint.
 
-Module and parameter names equal the official tensor names below ``audio_encoder.`` and
-``audio_projector.``, so the checkpoint loads by name. This is the model the ONNX exporter
-traces, which is why a chunk (``forward_chunk``) is a method of its own.
+Two encoders: the plain Dasheng ViT (MiDashengLM-7B) and the DashengTokenizer-style one
+(MiDashengLM-0.6B): the same ViT under ``model.`` plus an acoustic branch over a second mel.
+Module and parameter names equal the canonical tensor names below ``audio_encoder.`` and
+``audio_projector.`` (see ``layout.py``), so the checkpoint loads by name. This is the model the
+ONNX exporter traces, which is why a chunk (``forward_chunk``) is a method of its own.
 """
 
 from __future__ import annotations
@@ -105,14 +108,54 @@ class DashengEncoder(nn.Module):
             x = blk(x, key_valid)
         return self.norm(x)
 
-    def forward(self, mel: torch.Tensor, n_samples: torch.Tensor) -> torch.Tensor:
-        """Encode a batch; ``n_samples`` [B] are the clip lengths in samples (for the key mask)."""
+    def forward(self, mel: torch.Tensor, n_samples: torch.Tensor, *, zero_masked_rows: bool = False) -> torch.Tensor:
+        """Encode a batch; ``n_samples`` [B] are the clip lengths in samples (for the key mask).
+
+        ``zero_masked_rows``: in every chunk after the first, set the output rows of patches
+        the key mask excludes (``patch >= floor(L / 640)``) to zero, as the DashengTokenizer
+        encoder does (its ``mask_to_zero``); the first chunk keeps them.
+        """
         x = self.embed(mel)
         out = []
         for start in range(0, x.shape[1], C.CHUNK_PATCHES):
             chunk = x[:, start : start + C.CHUNK_PATCHES]
-            out.append(self.forward_chunk(chunk, chunk_key_mask(n_samples, start, chunk.shape[1])))
+            y = self.forward_chunk(chunk, chunk_key_mask(n_samples, start, chunk.shape[1]))
+            if zero_masked_rows and start > 0:
+                idx = torch.arange(start, start + chunk.shape[1], device=mel.device)[None, :]
+                y = y * (idx < (n_samples // C.PATCH_HOP_SAMPLES)[:, None])[..., None]
+            out.append(y)
         return torch.cat(out, dim=1)
+
+
+class DashengTokenizerEncoder(nn.Module):
+    """Stacked log-mel ``[B, 64 + n, T]`` -> ``[B, T // 4, D]``: the semantic Dasheng encoder
+    (``model``, chunked, masked rows zeroed after the first chunk) plus the acoustic branch, a
+    Conv2d over (n bins x 4 frames) patches of the acoustic mel and a LayerNorm (eps 1e-5)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        if not cfg.acoustic_mels:
+            raise ValueError("DashengTokenizerEncoder needs a config with acoustic mel bins")
+        self.cfg = cfg
+        self.model = DashengEncoder(cfg)
+        n = cfg.acoustic_mels
+        self.patch_embed = nn.Conv2d(1, cfg.embed_dim, kernel_size=(n, C.PATCH_FRAMES), stride=(n, C.PATCH_FRAMES))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=C.ACOUSTIC_NORM_EPS)
+
+    def acoustic(self, mel: torch.Tensor) -> torch.Tensor:
+        """Acoustic mel ``[B, n, T]`` -> ``[B, T // 4, D]``: one linear map per 4-frame patch, then LayerNorm."""
+        x = self.patch_embed(mel[:, None])  # [B, D, 1, P]
+        return self.norm(x[:, :, 0, :].transpose(1, 2))
+
+    def forward(self, mel: torch.Tensor, n_samples: torch.Tensor) -> torch.Tensor:
+        semantic = self.model(mel[:, : C.N_MELS], n_samples, zero_masked_rows=True)
+        acoustic = self.acoustic(mel[:, C.N_MELS :])
+        return semantic[:, : acoustic.shape[1]] + acoustic
+
+
+def build_audio_encoder(cfg: EncoderConfig) -> DashengEncoder | DashengTokenizerEncoder:
+    """The reference encoder of ``cfg``'s variant."""
+    return DashengTokenizerEncoder(cfg) if cfg.variant == "dasheng_tokenizer" else DashengEncoder(cfg)
 
 
 class AudioProjector(nn.Module):

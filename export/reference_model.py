@@ -22,19 +22,24 @@ from ..runtime.config import DecoderConfig, ModelConfig
 from ..runtime.errors import CheckpointError, ConfigError
 from ..runtime.prompt import PromptFormat, user_message
 from .checkpoint import Checkpoint
-from .layout import DECODER_PREFIX, ENCODER_PREFIX, FRONT_END_BUFFERS, PROJECTOR_PREFIX
-from .reference_encoder import AudioProjector, DashengEncoder
+from .layout import DECODER_PREFIX, ENCODER_PREFIX, PROJECTOR_PREFIX, front_end_buffer_names
+from .reference_encoder import AudioProjector, DashengEncoder, DashengTokenizerEncoder, build_audio_encoder
 from .reference_mel import LogMel, batch_log_mel
 
 logger = logging.getLogger("mdl_edge")
 
 
-def load_audio_tower(ckpt: Checkpoint, encoder: DashengEncoder | None = None, projector: AudioProjector | None = None) -> tuple[DashengEncoder, AudioProjector]:
-    """The encoder and projector of a checkpoint in fp32 (the decoder is not read)."""
+AudioEncoderModule = DashengEncoder | DashengTokenizerEncoder
+
+
+def load_audio_tower(ckpt: Checkpoint, encoder: AudioEncoderModule | None = None,
+                     projector: AudioProjector | None = None) -> tuple[AudioEncoderModule, AudioProjector]:
+    """The encoder (of the checkpoint's variant) and projector in fp32 (the decoder is not read)."""
     cfg = ckpt.config
-    encoder = encoder or DashengEncoder(cfg.encoder)
+    encoder = encoder or build_audio_encoder(cfg.encoder)
     projector = projector or AudioProjector(cfg.encoder.embed_dim, cfg.decoder.hidden_size, cfg.subsample_factor)
-    state = {k: v for k, v in ckpt.load(ENCODER_PREFIX, dtype=torch.float32) if ENCODER_PREFIX + k not in FRONT_END_BUFFERS}
+    buffers = front_end_buffer_names(cfg)
+    state = {k: v for k, v in ckpt.load(ENCODER_PREFIX, dtype=torch.float32) if ENCODER_PREFIX + k not in buffers}
     encoder.load_state_dict(state, strict=True)
     projector.load_state_dict(dict(ckpt.load(PROJECTOR_PREFIX, dtype=torch.float32)), strict=True)
     return encoder.eval(), projector.eval()
@@ -116,8 +121,8 @@ class MiDashengLM(nn.Module):
     def __init__(self, cfg: ModelConfig, decoder: nn.Module, prompt: PromptFormat | None = None, *, bf16_buffers: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.front_end = LogMel(bf16_buffers=bf16_buffers)
-        self.audio_encoder = DashengEncoder(cfg.encoder)
+        self.front_end = LogMel(acoustic_mels=int(cfg.encoder.acoustic_mels or 0), bf16_buffers=bf16_buffers)
+        self.audio_encoder = build_audio_encoder(cfg.encoder)
         self.audio_projector = AudioProjector(cfg.encoder.embed_dim, cfg.decoder.hidden_size, cfg.subsample_factor)
         self.decoder = decoder
         self.prompt = prompt

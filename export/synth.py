@@ -12,6 +12,7 @@ never in memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from ..runtime import constants as C
 from ..runtime.config import ModelConfig
 from ..runtime.errors import ConfigError, MdlEdgeError
 from ..runtime.mel import hann_window, mel_filterbank
-from .layout import TensorSpec, official_tensors
+from .layout import NAME_LAYOUTS, TensorSpec, official_tensors
 from .synth_tokenizer import write_tokenizer_files
 from .toyworld import corpus as toy_corpus
 
@@ -37,9 +38,13 @@ logger = logging.getLogger("mdl_edge")
 OFFICIAL_SPECIAL_START = 151643  # <|endoftext|> in the Qwen2 / Qwen2.5-Omni vocabularies
 
 
-def _encoder_config(embed_dim: int, depth: int, num_heads: int) -> dict[str, Any]:
+def _encoder_config(embed_dim: int, depth: int, num_heads: int, acoustic_mels: int = 0) -> dict[str, Any]:
+    """``audio_encoder_config``: plain Dasheng, or with ``acoustic_mels`` a DashengTokenizer-style
+    encoder (its config's ``n_mels_patch``; ``hop_length`` is shared by both mels)."""
+    extra = {"n_mels_patch": acoustic_mels} if acoustic_mels else {}
     return {
-        "model_type": "midashenglm_dasheng_encoder",
+        "model_type": "dashengtokenizer" if acoustic_mels else "midashenglm_dasheng_encoder",
+        **extra,
         "embed_dim": embed_dim,
         "depth": depth,
         "num_heads": num_heads,
@@ -126,6 +131,7 @@ class Preset:
     max_shard_bytes: int
     description: str
     corpus: tuple[str, ...] = ()  # extra lines for the tokenizer's BPE training
+    layout: str = "midashenglm"  # the NameLayout row its tensor names are written in
 
 
 PRESETS: dict[str, Preset] = {
@@ -146,8 +152,20 @@ PRESETS: dict[str, Preset] = {
             tuple(toy_corpus()),
         ),
         Preset(
-            "0.6b", _encoder_config(1280, 32, 16), _qwen3(1024, 28, 16, 8, 128, 3072, 151936), 8000, OFFICIAL_SPECIAL_START,
-            torch.float32, 2**31, "Dasheng-0.6B encoder + Qwen3-0.6B decoder shapes, fp32 (about 5 GB)",
+            "tiny-tok", _encoder_config(64, 2, 4, acoustic_mels=100), _qwen3(64, 2, 4, 2, 16, 128, 1024), 1000, 1000, torch.float32,
+            2**31, "like tiny, with the 0.6B's DashengTokenizer-style encoder (100-bin acoustic branch), named as the public code names it",
+            layout="dashengtokenizer-sequential-bn",
+        ),
+        Preset(
+            "0.6b", _encoder_config(768, 12, 12, acoustic_mels=100), _qwen3(1024, 28, 16, 8, 128, 3072, 151936), 8000,
+            OFFICIAL_SPECIAL_START, torch.float32, 2**31,
+            "MiDashengLM-0.6B as best known: DashengTokenizer-style encoder (Dasheng-base 768-d, 12 layers, 12 heads + "
+            "100-bin acoustic branch), projector 3840 -> 1024 -> 1024, Qwen3-0.6B decoder; fp32 (about 3 GB)",
+            layout="dashengtokenizer-sequential-bn",
+        ),
+        Preset(
+            "0.6b-dasheng-1280", _encoder_config(1280, 32, 16), _qwen3(1024, 28, 16, 8, 128, 3072, 151936), 8000, OFFICIAL_SPECIAL_START,
+            torch.float32, 2**31, "the 7B's Dasheng-0.6B encoder (1280-d, 32 layers) + Qwen3-0.6B decoder shapes, fp32 (about 5 GB)",
         ),
         Preset(
             "7b", _encoder_config(1280, 32, 16), _qwen2_omni(3584, 28, 28, 4, 18944, 152064), 8000, OFFICIAL_SPECIAL_START,
@@ -209,15 +227,28 @@ def synthetic_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.T
         x = torch.from_numpy(mel_filterbank()).float()
     elif kind == "hann":
         x = torch.from_numpy(hann_window()).float()
+    elif kind == "acoustic_mel_fb":
+        x = torch.from_numpy(mel_filterbank(C.ACOUSTIC_N_FREQS, spec.shape[1])).float()
+    elif kind == "acoustic_hann":
+        x = torch.from_numpy(hann_window(C.ACOUSTIC_N_FFT)).float()
     else:
         raise ValueError(f"no initialiser for tensor kind {kind!r} ({spec.name})")
     return x.to(dtype).contiguous()
 
 
-def _written_tensors(cfg: ModelConfig) -> list[TensorSpec]:
-    # Official checkpoints carry the BN counter and (0804-fp32) the front-end buffers; a tied head
-    # is not stored.
-    return [s for s in official_tensors(cfg) if not (s.optional and s.name.endswith("lm_head.weight"))]
+def _written_tensors(cfg: ModelConfig, layout: str) -> list[TensorSpec]:
+    """What a preset stores, under the names of its layout: official checkpoints carry the BN
+    counter and (0804-fp32) the front-end buffers; a tied head is not stored."""
+    row = next(r for r in NAME_LAYOUTS if r.name == layout)
+    stored = {canon: stored for stored, canon in row.renames}
+
+    def spelled(name: str) -> str:
+        for canon, prefix in stored.items():
+            if name.startswith(canon):
+                return prefix + name[len(canon):]
+        return name
+
+    return [dataclasses.replace(s, name=spelled(s.name)) for s in official_tensors(cfg) if not (s.optional and s.name.endswith("lm_head.weight"))]
 
 
 def _plan_shards(specs: list[TensorSpec], dtype: torch.dtype, max_bytes: int) -> list[list[TensorSpec]]:
@@ -271,7 +302,7 @@ def write_synthetic_checkpoint(
         write_tokenizer_files(
             tmp, base_vocab=p.base_vocab, special_start=s0, seed=seed, model_max_length=cfg.decoder.max_position_embeddings, corpus=p.corpus
         )
-        shards = _plan_shards(_written_tensors(cfg), p.dtype, max_shard_bytes or p.max_shard_bytes)
+        shards = _plan_shards(_written_tensors(cfg, p.layout), p.dtype, max_shard_bytes or p.max_shard_bytes)
         weight_map: dict[str, str] = {}
         total = 0
         for k, shard in enumerate(shards, 1):

@@ -8,7 +8,7 @@ Variants (ONNX Runtime quantization, weights int8 per output channel):
   on generated audio; ORT fuses QDQ pairs into integer kernels. At real size no faster than
   dynamic int8 on an AVX2 CPU and slightly less accurate (per-frame cosine 0.9990 vs 0.9994).
 
-Both keep the patch-embedding MatMul in fp32 (see :func:`patch_embed_node`).
+Both keep the patch-embedding MatMuls in fp32 (see :func:`patch_embed_nodes`).
 
 The drift (per-frame cosine and relative error of the 25 Hz features against the fp32 graph on
 generated clips) is measured right after quantization and stored in the variant's metadata.
@@ -51,21 +51,20 @@ def calibration_clips(n: int = 4, seconds: float = 10.0, seed: int = 1234) -> li
     return clips
 
 
-def _chunks(clips: list[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+def _chunks(clips: list[np.ndarray], acoustic_mels: int) -> Iterator[dict[str, np.ndarray]]:
     from ..runtime.encoder import chunk_batch, chunk_plan
 
     for x in clips:
-        mel = log_mel(x)
+        mel = log_mel(x, acoustic_mels=acoustic_mels)
         for spec in chunk_plan(max(x.size, C.MIN_SAMPLES)):
-            batch, n_keys = chunk_batch([(mel, spec)])
-            yield {"mel": batch, "n_keys": n_keys}
+            yield chunk_batch([(mel, spec)], keep=acoustic_mels > 0)
 
 
 def measure_drift(model_dir: Path, variant: str, clips: list[np.ndarray]) -> dict[str, float]:
     """Per-frame cosine (mean, min) and relative max error of a variant's features vs fp32."""
     ref = AudioEncoder(model_dir, threads=None)
     var = AudioEncoder(model_dir, encoder_file=variant_file(variant))
-    mels = [log_mel(x) for x in clips]
+    mels = [ref.log_mel(x) for x in clips]
     lens = [x.size for x in clips]
     fa, fb = ref.encode_mels(mels, lens), var.encode_mels(mels, lens)
     a, b = np.concatenate(fa), np.concatenate(fb)
@@ -83,19 +82,27 @@ def measure_drift(model_dir: Path, variant: str, clips: list[np.ndarray]) -> dic
     }
 
 
-def patch_embed_node(model) -> str:
-    """Name of the patch-embedding MatMul: the graph's first MatMul with a weight initializer
-    (ONNX graphs are topologically sorted, and it is the first op on the log-mel).
+def patch_embed_nodes(model) -> list[str]:
+    """Names of the patch-embedding MatMuls: those reached from the ``mel`` input without
+    passing another MatMul (the semantic one, and the acoustic one of a DashengTokenizer-style
+    encoder).
 
-    It stays fp32 in every int8 variant: its input, the log-mel, spans ~120 dB, so 8-bit
-    activations lose most there (0.6b: per-frame cosine 0.9988 -> 0.9994 when it is kept fp32)
-    for 0.1% of the encoder's FLOPs.
+    They stay fp32 in every int8 variant: their input, the log-mel, spans ~120 dB, so 8-bit
+    activations lose most there (Dasheng-0.6B: per-frame cosine 0.9988 -> 0.9994 when it is
+    kept fp32) for 0.1% of the encoder's FLOPs.
     """
     weights = {i.name for i in model.graph.initializer}
-    for n in model.graph.node:
+    reached, found = {"mel"}, []
+    for n in model.graph.node:  # ONNX graphs are topologically sorted
+        if not reached.intersection(n.input) or n.op_type in ("Shape", "Size"):  # sizes lead everywhere
+            continue
         if n.op_type == "MatMul" and n.input[1] in weights:
-            return n.name
-    raise ConfigError("the encoder graph has no MatMul with a weight: not an encoder exported by mdl-edge")
+            found.append(n.name)
+        else:
+            reached.update(n.output)
+    if not found:
+        raise ConfigError("the encoder graph has no MatMul on its mel input: not an encoder exported by mdl-edge")
+    return found
 
 
 def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: list[np.ndarray] | None = None) -> Path:
@@ -111,7 +118,8 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
     for p in (dst, dst.with_name(dst.name + ".data")):
         p.unlink(missing_ok=True)
     graph = onnx.load(str(src), load_external_data=False)  # structure and metadata, no weights
-    keep_fp32 = [patch_embed_node(graph)]
+    keep_fp32 = patch_embed_nodes(graph)
+    acoustic_mels = int(model_metadata(graph, src).get("acoustic_mels", 0))
     if variant == "int8":
         with quiet_third_party():
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=True,
@@ -119,7 +127,7 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
     else:
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
-                self.it = _chunks(clips)
+                self.it = _chunks(clips, acoustic_mels)
 
             def get_next(self):  # noqa: ANN201 (onnxruntime's interface)
                 return next(self.it, None)

@@ -8,6 +8,7 @@ here with the key named, not deep inside a model constructor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +54,21 @@ def _pair(d: dict[str, Any], key: str, where: str, default: tuple[int, int]) -> 
     return (value[0], value[1])
 
 
+#: ``audio_encoder_config.model_type`` values that denote a DashengTokenizer-style encoder.
+TOKENIZER_MODEL_TYPES = frozenset({"dashengtokenizer", "dasheng_tokenizer", "midashenglm_dasheng_tokenizer"})
+#: the largest acoustic mel the C++ front end computes (the public tokenizers use 100 or 128)
+MAX_ACOUSTIC_MELS = 512
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Dasheng audio encoder hyper-parameters (``audio_encoder_config``)."""
+    """Audio encoder hyper-parameters (``audio_encoder_config``).
+
+    ``acoustic_mels`` tells the variant: 0 is the plain Dasheng encoder (the 7B's); ``n > 0`` a
+    DashengTokenizer-style encoder whose acoustic branch reads an ``n``-bin mel (spec §6.4,
+    MiDashengLM-0.6B); ``None`` the latter with the bin count not stated in the config (a
+    checkpoint reads it from its acoustic patch embedding).
+    """
 
     embed_dim: int
     depth: int
@@ -66,6 +79,18 @@ class EncoderConfig:
     patch_stride: tuple[int, int]
     n_mels: int
     target_length: int
+    acoustic_mels: int | None = 0
+
+    @property
+    def variant(self) -> Literal["dasheng", "dasheng_tokenizer"]:
+        """``"dasheng"`` (semantic ViT only) or ``"dasheng_tokenizer"`` (plus the acoustic branch)."""
+        return "dasheng" if self.acoustic_mels == 0 else "dasheng_tokenizer"
+
+    def with_acoustic_mels(self, n: int) -> "EncoderConfig":
+        """This configuration as a DashengTokenizer-style encoder with an ``n``-bin acoustic mel."""
+        if not 1 <= n <= MAX_ACOUSTIC_MELS:
+            raise ConfigError(f"acoustic mel bins must be in [1, {MAX_ACOUSTIC_MELS}], got {n}")
+        return dataclasses.replace(self, acoustic_mels=n)
 
     @property
     def head_dim(self) -> int:
@@ -114,6 +139,10 @@ class ModelConfig:
     def projector_in(self) -> int:
         return self.encoder.embed_dim * self.subsample_factor
 
+    def with_encoder(self, encoder: EncoderConfig) -> "ModelConfig":
+        """The same configuration with another encoder (e.g. the variant a checkpoint's tensors show)."""
+        return dataclasses.replace(self, encoder=encoder)
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         """Read ``model_dir/config.json``."""
@@ -148,6 +177,11 @@ class ModelConfig:
 
 
 def _parse_encoder(d: dict[str, Any], where: str) -> EncoderConfig:
+    # DashengTokenizer-style encoders: named by model_type or by their acoustic bin count.
+    n_ac = _get(d, "n_mels_patch", int, where, None)
+    tokenizer = n_ac is not None or _get(d, "model_type", str, where, "") in TOKENIZER_MODEL_TYPES
+    if n_ac is not None and not 1 <= n_ac <= MAX_ACOUSTIC_MELS:
+        raise ConfigError(f"{where}: n_mels_patch must be in [1, {MAX_ACOUSTIC_MELS}], got {n_ac}")
     enc = EncoderConfig(
         embed_dim=_get(d, "embed_dim", int, where),
         depth=_get(d, "depth", int, where),
@@ -158,6 +192,7 @@ def _parse_encoder(d: dict[str, Any], where: str) -> EncoderConfig:
         patch_stride=_pair(d, "patch_stride", where, (C.N_MELS, C.PATCH_FRAMES)),
         n_mels=_get(d, "n_mels", int, where, C.N_MELS),
         target_length=_get(d, "target_length", int, where, C.CHUNK_FRAMES),
+        acoustic_mels=n_ac if tokenizer else 0,
     )
     for key, value in (("embed_dim", enc.embed_dim), ("depth", enc.depth), ("num_heads", enc.num_heads)):
         if value <= 0:

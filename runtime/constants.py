@@ -26,6 +26,14 @@ LOG_FLOOR = 1e-10  # amin of AmplitudeToDB: 10*log10(1e-10) = -100 dB
 TOP_DB = 120.0  # per clip: values below (max - 120 dB) are raised to it
 MIN_SAMPLES = 3200  # shorter clips are zero-padded to this (0.2 s, one audio token)
 
+# The acoustic branch of DashengTokenizer-style encoders (MiDashengLM-0.6B, spec §6.4): a second,
+# Vocos-style mel on the same 160-sample hop (so the same 1 + L // 160 frames), magnitude rather
+# than power, natural log, no top_db; a Conv2d over (bins x 4 frames) patches + LayerNorm.
+ACOUSTIC_N_FFT = 1024  # window = n_fft (periodic Hann), centre padding by reflection
+ACOUSTIC_N_FREQS = ACOUSTIC_N_FFT // 2 + 1  # 513
+ACOUSTIC_LOG_FLOOR = 1e-7  # ln(max(mel, 1e-7))
+ACOUSTIC_NORM_EPS = 1e-5  # the acoustic LayerNorm (PyTorch's default eps)
+
 FRAMES_PER_SECOND = _exact_div(SAMPLE_RATE, HOP_LENGTH)  # 100
 PATCH_FRAMES = 4  # Conv2d stride along time
 PATCH_HOP_SAMPLES = HOP_LENGTH * PATCH_FRAMES  # 640: the reference key-mask divisor

@@ -1,6 +1,8 @@
 """The audio tower on ONNX Runtime: log-mel -> encoder chunks (1008-frame boundaries; a partial
-last chunk runs at its own length) -> stitched 25 Hz features -> 5 Hz embeddings from the projector. Identical (to float round-off) to the PyTorch
-reference's chunk-by-chunk result for every clip length; torch-free.
+last chunk runs at its own length) -> stitched 25 Hz features -> 5 Hz embeddings from the
+projector. Identical (to float round-off) to the PyTorch reference's chunk-by-chunk result for
+every clip length; torch-free. Both encoder variants run here: a DashengTokenizer-style graph
+(``acoustic_mels > 0`` in its metadata) reads the acoustic mel rows under the semantic ones.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ChunkSpec:
     first_frame: int
     n_real: int  # patches of the clip in this chunk (the rest is padding)
     n_keys: int  # leading patches that may be attended to
+    n_keep: int  # leading semantic rows a DashengTokenizer-style encoder keeps (the rest are zeroed)
 
 
 def chunk_plan(n_samples: int) -> list[ChunkSpec]:
@@ -38,6 +41,8 @@ def chunk_plan(n_samples: int) -> list[ChunkSpec]:
 
     Keys follow the reference's ``floor(L / 640)`` rule; a chunk holding only a lone masked
     last patch attends to its real patch (see ``export/reference_encoder.chunk_key_mask``).
+    A DashengTokenizer-style encoder zeroes the semantic rows of masked patches in every chunk
+    after the first (``n_keep``).
     """
     p, v = C.n_patches(n_samples), C.n_valid_keys(n_samples)
     plan = []
@@ -45,19 +50,23 @@ def chunk_plan(n_samples: int) -> list[ChunkSpec]:
         start = c * C.CHUNK_PATCHES
         real = min(C.CHUNK_PATCHES, p - start)
         valid = min(max(v - start, 0), C.CHUNK_PATCHES)
-        plan.append(ChunkSpec(c * C.CHUNK_FRAMES, real, valid if valid > 0 else real))
+        plan.append(ChunkSpec(c * C.CHUNK_FRAMES, real, valid if valid > 0 else real, real if c == 0 else min(valid, real)))
     return plan
 
 
-def chunk_batch(chunks: Sequence[tuple[np.ndarray, ChunkSpec]], *, frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder inputs for ``(mel, spec)`` pairs: ``mel [B, 64, frames]`` (each chunk's real
-    frames, zero-padded; ``frames`` defaults to the longest chunk's) and ``n_keys [B]``."""
+def chunk_batch(chunks: Sequence[tuple[np.ndarray, ChunkSpec]], *, frames: int | None = None, keep: bool = False) -> dict[str, np.ndarray]:
+    """Encoder inputs for ``(mel, spec)`` pairs: ``mel [B, rows, frames]`` (each chunk's real
+    frames, zero-padded; ``frames`` defaults to the longest chunk's), ``n_keys [B]`` and, with
+    ``keep`` (DashengTokenizer-style graphs), ``n_keep [B]``."""
     width = frames or max(spec.n_real for _, spec in chunks) * C.PATCH_FRAMES
-    batch = np.zeros((len(chunks), C.N_MELS, width), np.float32)
+    batch = np.zeros((len(chunks), chunks[0][0].shape[0], width), np.float32)
     for k, (mel, spec) in enumerate(chunks):
         piece = mel[:, spec.first_frame : spec.first_frame + spec.n_real * C.PATCH_FRAMES]
         batch[k, :, : piece.shape[1]] = piece
-    return batch, np.array([spec.n_keys for _, spec in chunks], np.int64)
+    feed = {"mel": batch, "n_keys": np.array([spec.n_keys for _, spec in chunks], np.int64)}
+    if keep:
+        feed["n_keep"] = np.array([spec.n_keep for _, spec in chunks], np.int64)
+    return feed
 
 
 def schedule(jobs: Sequence[tuple[int, ChunkSpec]], max_batch: int) -> list[list[tuple[int, ChunkSpec]]]:
@@ -161,6 +170,16 @@ class AudioEncoder:
         for key, want in (("n_mels", C.N_MELS), ("chunk_frames", C.CHUNK_FRAMES), ("hop_length", C.HOP_LENGTH)):
             if m.get(key) != want:
                 raise CheckpointError(f"{self.encoder_path}: {key} is {m.get(key)!r}, this runtime needs {want}")
+        # Graphs written before the DashengTokenizer variant existed carry no acoustic_mels: 0.
+        acoustic = m.get("acoustic_mels", 0)
+        if not isinstance(acoustic, int) or isinstance(acoustic, bool) or not 0 <= acoustic <= 512:
+            raise CheckpointError(f"{self.encoder_path}: acoustic_mels is {acoustic!r}, not a bin count")
+        self.acoustic_mels: int = acoustic
+        self.mel_rows = C.N_MELS + acoustic
+        inputs = [i.name for i in self.encoder.get_inputs()]
+        want_inputs = ["mel", "n_keys", "n_keep"] if acoustic else ["mel", "n_keys"]
+        if inputs != want_inputs:
+            raise CheckpointError(f"{self.encoder_path}: graph inputs {inputs}, expected {want_inputs} for its metadata")
         if m.get("source_hash") != pm.get("source_hash"):
             raise CheckpointError(
                 f"{self.encoder_path} and {self.projector_path} come from different checkpoints "
@@ -168,7 +187,7 @@ class AudioEncoder:
             )
         mel_in = self.encoder.get_inputs()[0]
         out = self.encoder.get_outputs()[0]
-        if mel_in.shape[1] != C.N_MELS or mel_in.shape[2] not in (C.CHUNK_FRAMES, FRAMES_AXIS) or out.shape[-1] != m.get("embed_dim"):
+        if mel_in.shape[1] != self.mel_rows or mel_in.shape[2] not in (C.CHUNK_FRAMES, FRAMES_AXIS) or out.shape[-1] != m.get("embed_dim"):
             raise CheckpointError(f"{self.encoder_path}: graph shapes {mel_in.shape} -> {out.shape} do not match its metadata")
         # None: each chunk at its own length; else every chunk is padded to this many frames
         self.chunk_frames: int | None = C.CHUNK_FRAMES if mel_in.shape[2] == C.CHUNK_FRAMES else None
@@ -189,20 +208,24 @@ class AudioEncoder:
         ``on_chunks(done, total)`` follows."""
         jobs: list[tuple[int, ChunkSpec]] = []
         for i, (mel, n) in enumerate(zip(mels, n_samples)):
-            if mel.ndim != 2 or mel.shape[0] != C.N_MELS:
-                raise ConfigError(f"mel of clip {i}: expected [{C.N_MELS}, frames], got {list(mel.shape)}")
+            if mel.ndim != 2 or mel.shape[0] != self.mel_rows:
+                raise ConfigError(f"mel of clip {i}: expected [{self.mel_rows}, frames], got {list(mel.shape)}")
             if mel.shape[1] < C.n_frames(max(n, C.MIN_SAMPLES)):
                 raise ConfigError(f"mel of clip {i}: {mel.shape[1]} frames, but {n} samples make {C.n_frames(max(n, C.MIN_SAMPLES))}")
             jobs += [(i, spec) for spec in chunk_plan(max(n, C.MIN_SAMPLES))]
         done = 0
         for group in schedule(jobs, self.max_batch):
-            batch, n_keys = chunk_batch([(mels[i], spec) for i, spec in group], frames=self.chunk_frames)
-            (feats,) = self.encoder.run(None, {"mel": batch, "n_keys": n_keys})
+            feed = chunk_batch([(mels[i], spec) for i, spec in group], frames=self.chunk_frames, keep=self.acoustic_mels > 0)
+            (feats,) = self.encoder.run(None, feed)
             for k, (i, spec) in enumerate(group):
                 yield i, spec.first_frame // C.CHUNK_FRAMES, feats[k, : spec.n_real]
             done += len(group)
             if on_chunks:
                 on_chunks(done, len(jobs))
+
+    def log_mel(self, wave: np.ndarray) -> np.ndarray:
+        """The log-mel this encoder reads: ``[64 + acoustic_mels, 1 + max(L, 3200) // 160]``."""
+        return log_mel(wave, acoustic_mels=self.acoustic_mels, n_threads=self.threads)
 
     def encode_mels(
         self, mels: Sequence[np.ndarray], n_samples: Sequence[int], *, on_chunks: Callable[[int, int], None] | None = None
@@ -258,7 +281,7 @@ class AudioEncoder:
     ) -> np.ndarray:
         """A 16 kHz mono clip -> its audio embeddings ``[((1 + L//160)//4)//5, H]``."""
         t0 = time.perf_counter()
-        mel = log_mel(wave, n_threads=self.threads)
+        mel = self.log_mel(wave)
         if timings is not None:
             timings["mel"] = time.perf_counter() - t0
         return self.embed_mel(mel, wave.shape[0], timings=timings, on_chunks=on_chunks)

@@ -156,7 +156,8 @@ class AudioLM:
         decode_s = [0.0]
         t0 = time.perf_counter()
         blocks = _TimedBlocks(iter_audio(audio, sample_rate=sample_rate), decode_s)
-        mel = log_mel_blocks(blocks, expected_samples=expected_samples(audio), n_threads=self.threads)
+        mel = log_mel_blocks(blocks, expected_samples=expected_samples(audio), acoustic_mels=self.encoder.acoustic_mels,
+                             n_threads=self.threads)
         n_samples = blocks.n_samples
         t.update(decode_audio=decode_s[0], mel=time.perf_counter() - t0 - decode_s[0])
         emb = self.encoder.embed_mel(mel, n_samples, timings=t, on_chunks=on_chunks)

@@ -56,6 +56,22 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny MiDashengLM-0.6B-style checkpoint: DashengTokenizer-style encoder (100-bin acoustic
+    branch), tensor names spelled as the public DashengTokenizer code spells them."""
+    from mdl_edge.export.synth import write_synthetic_checkpoint
+
+    return write_synthetic_checkpoint("tiny-tok", tmp_path_factory.mktemp("ckpt") / "tiny-tok", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_tok_model(tiny_tok_dir: Path):
+    from mdl_edge.export.reference_model import MiDashengLM
+
+    return MiDashengLM.from_pretrained(tiny_tok_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dir: Path):
     from mdl_edge.export.reference_model import MiDashengLM
 

@@ -14,9 +14,10 @@ from conftest import assert_close, rel_max_error, requires_cuda
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
 
-@pytest.mark.parametrize("which", ["tiny", "tiny_qwen2"])
+@pytest.mark.parametrize("which", ["tiny", "tiny_qwen2", "tiny_tok"])
 def test_reference_on_cuda_matches_cpu(which: str, request: pytest.FixtureRequest) -> None:
-    """Qwen3 and Qwen2 tiny models: log-mel, encoder, embeddings, teacher-forced logits, greedy tokens."""
+    """Qwen3 and Qwen2 tiny models and the DashengTokenizer-style encoder: log-mel (with the
+    acoustic mel), encoder, embeddings, teacher-forced logits, greedy tokens."""
     import torch
 
     from mdl_edge.export.reference_model import MiDashengLM
@@ -30,7 +31,7 @@ def test_reference_on_cuda_matches_cpu(which: str, request: pytest.FixtureReques
     mel_c, len_c = cpu.log_mel(clips)
     mel_g, len_g = gpu.log_mel(clips)
     assert torch.equal(len_c, len_g.cpu())
-    assert_close(mel_g, mel_c, atol=1e-3, what="log-mel cuda vs cpu (dB)")
+    assert_close(mel_g, mel_c, atol=1e-3, what="log-mel cuda vs cpu (dB; acoustic rows in natural log)")
     with torch.inference_mode():
         feats_c = cpu.audio_encoder(mel_c, len_c)
         feats_g = gpu.audio_encoder(mel_g, len_g)

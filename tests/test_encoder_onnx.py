@@ -155,14 +155,14 @@ def test_int8_variants_drift(onnx_dir, encoder, variant: str) -> None:
     README): 8-bit error grows with depth, so the floor holds for the deeper model too."""
     import onnx
 
-    from mdl_edge.quantize.encoder import patch_embed_node, variant_file
+    from mdl_edge.quantize.encoder import patch_embed_nodes, variant_file
 
     # every weighted MatMul is int8 except the patch embedding, which reads the raw log-mel
     fp32 = onnx.load(str(onnx_dir / "encoder.onnx"), load_external_data=False)
     q = onnx.load(str(onnx_dir / variant_file(variant)), load_external_data=False)
     weights = {i.name for i in q.graph.initializer}
     float_mm = [n.name for n in q.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    assert float_mm == [patch_embed_node(fp32)], float_mm
+    assert float_mm == patch_embed_nodes(fp32), float_mm
 
     var = AudioEncoder(onnx_dir, encoder_file=variant_file(variant))
     waves = [clip(int(25 * C.SAMPLE_RATE), seed=99), clip(int(3.3 * C.SAMPLE_RATE), seed=7) * 3]
@@ -258,7 +258,8 @@ def test_cuda_provider_without_cuda(onnx_dir) -> None:
 
 @pytest.mark.slow
 def test_real_size_chunk(tmp_path_factory) -> None:
-    """0.6b preset: one full chunk through ONNX fp32 vs the PyTorch reference encoder."""
+    """0.6b preset (the DashengTokenizer-style encoder): one full chunk and a partial one through
+    ONNX fp32 vs the PyTorch reference encoder."""
     from mdl_edge.export.checkpoint import Checkpoint
     from mdl_edge.export.onnx_encoder import export_audio_onnx
     from mdl_edge.export.reference_model import load_audio_tower
@@ -269,11 +270,13 @@ def test_real_size_chunk(tmp_path_factory) -> None:
     ckpt_dir = write_synthetic_checkpoint("0.6b", root / "ckpt")
     out = export_audio_onnx(ckpt_dir, root / "onnx")[0].parent
     wave = clip(int(10.08 * C.SAMPLE_RATE) + 800)
-    enc, _ = load_audio_tower(Checkpoint(ckpt_dir))
+    ckpt = Checkpoint(ckpt_dir)
+    enc, _ = load_audio_tower(ckpt)
     with torch.inference_mode():
-        mel, lengths = batch_log_mel(LogMel(), [wave])
+        mel, lengths = batch_log_mel(LogMel(acoustic_mels=ckpt.config.encoder.acoustic_mels), [wave])
         ref = enc(mel, lengths)[0].numpy()
-    (got,) = AudioEncoder(out).encode_mels([log_mel(wave)], [wave.size])
+    runtime = AudioEncoder(out)
+    (got,) = runtime.encode_mels([runtime.log_mel(wave)], [wave.size])
     assert rel_max_error(got, ref) <= 1e-4
 
 

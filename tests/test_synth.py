@@ -60,7 +60,15 @@ def test_tensor_names_follow_spec_table() -> None:
     small = {s.name: s.shape for s in official_tensors(ModelConfig.from_dict(preset_config("0.6b")))}
     assert small["decoder.model.layers.0.self_attn.q_norm.weight"] == (128,)
     assert small["decoder.model.layers.0.self_attn.q_proj.weight"] == (2048, 1024)
-    assert small["audio_projector.net.0.weight"] == (1024, 6400)
+    # MiDashengLM-0.6B as best known (spec §6.4): Dasheng-base semantic ViT under model., a
+    # 100-bin acoustic branch, projector 3840 -> 1024
+    assert small["audio_projector.net.0.weight"] == (1024, 3840)
+    assert small["audio_encoder.model.blocks.11.attn.qkv.weight"] == (2304, 768)
+    assert small["audio_encoder.patch_embed.weight"] == (768, 1, 100, 4)
+    assert small["audio_encoder.norm.weight"] == (768,)
+    assert not any(n.startswith("audio_encoder.blocks.") for n in small)
+    old = {s.name: s.shape for s in official_tensors(ModelConfig.from_dict(preset_config("0.6b-dasheng-1280")))}
+    assert old["audio_projector.net.0.weight"] == (1024, 6400) and old["audio_encoder.blocks.31.attn.qkv.weight"] == (3840, 1280)
 
 
 def test_full_size_tokenizer_has_official_special_ids() -> None:
