@@ -28,6 +28,7 @@ from torch import nn
 
 from ..runtime import constants as C
 from ..runtime import quiet_third_party
+from ..runtime.config import EncoderConfig
 from ..runtime.errors import MdlEdgeError
 from ..runtime.onnx_meta import ENCODER_FILE, FRAMES_AXIS, PROJECTOR_FILE, write_metadata
 from .checkpoint import Checkpoint
@@ -146,22 +147,24 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
 
 
 def export_audio_onnx(checkpoint_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``encoder.onnx`` (+ ``.data``) and ``projector.onnx`` (+ ``.data``) into ``out_dir``.
-
-    Both carry metadata (dimensions, chunking, opset, precision, source checkpoint hash) that the
-    runtime checks before use.
-    """
+    """Write ``encoder.onnx`` (+ ``.data``) and ``projector.onnx`` (+ ``.data``) of a checkpoint
+    into ``out_dir``. Both carry metadata (dimensions, chunking, opset, precision, source
+    checkpoint hash) that the runtime checks before use."""
     ckpt = Checkpoint(checkpoint_dir)
-    cfg = ckpt.config
+    encoder, projector = load_audio_tower(ckpt)
+    return write_audio_onnx(encoder, projector, ckpt.config.encoder, ckpt.config.decoder.hidden_size, ckpt.source_hash(), out_dir)
+
+
+def write_audio_onnx(encoder: nn.Module, projector: nn.Module, cfg: EncoderConfig, hidden_size: int, source_hash: str,
+                     out_dir: str | Path) -> tuple[Path, Path]:
+    """The ONNX encoder and projector of reference modules (from a checkpoint or an mmproj)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MdlEdgeError(f"{out}: cannot create the output folder: {e.strerror or e}") from e
-    encoder, projector = load_audio_tower(ckpt)
-    source = ckpt.source_hash()
     enc_path, proj_path = out / ENCODER_FILE, out / PROJECTOR_FILE
-    acoustic_mels = int(cfg.encoder.acoustic_mels or 0)
+    acoustic_mels = int(cfg.acoustic_mels or 0)
     with torch.no_grad():
         mel = torch.zeros(2, C.N_MELS + acoustic_mels, C.CHUNK_FRAMES)
         n_keys = torch.tensor([C.CHUNK_PATCHES, 7])
@@ -176,14 +179,14 @@ def export_audio_onnx(checkpoint_dir: str | Path, out_dir: str | Path) -> tuple[
             chunk = ChunkEncoder(encoder).eval()
             _export(chunk, (mel, n_keys), enc_path, ["mel", "n_keys"], ["features"], ({0: batch, 2: frames}, {0: batch}), names)
         rows = torch.export.Dim("rows", min=1, max=1 << 20)
-        stacked = torch.zeros(3, cfg.projector_in)
+        stacked = torch.zeros(3, cfg.embed_dim * C.SUBSAMPLE)
         _export(projector.net, (stacked,), proj_path, ["stacked"], ["embeddings"], ({0: rows},))
-    common = {"source_hash": source, "opset": OPSET, "embed_dim": cfg.encoder.embed_dim, "precision": "fp32"}
+    common = {"source_hash": source_hash, "opset": OPSET, "embed_dim": cfg.embed_dim, "precision": "fp32"}
     write_metadata(enc_path, {
-        **common, "kind": "encoder", "depth": cfg.encoder.depth, "num_heads": cfg.encoder.num_heads,
+        **common, "kind": "encoder", "depth": cfg.depth, "num_heads": cfg.num_heads,
         "n_mels": C.N_MELS, "chunk_frames": C.CHUNK_FRAMES, "chunk_patches": C.CHUNK_PATCHES, "hop_length": C.HOP_LENGTH,
-        "variant": cfg.encoder.variant, "acoustic_mels": acoustic_mels,
+        "variant": cfg.variant, "acoustic_mels": acoustic_mels,
     })
-    write_metadata(proj_path, {**common, "kind": "projector", "subsample": cfg.subsample_factor, "hidden_size": cfg.decoder.hidden_size})
+    write_metadata(proj_path, {**common, "kind": "projector", "subsample": C.SUBSAMPLE, "hidden_size": hidden_size})
     logger.info("exported %s and %s", enc_path, proj_path)
     return enc_path, proj_path

@@ -29,7 +29,7 @@ GGUF_TYPES = {
 
 
 def quantize_decoder(src: str | Path, dst: str | Path, variant: str, *, threads: int | None = None) -> Path:
-    """Quantize GGUF ``src`` (f32/f16/bf16) to ``variant`` (e.g. ``Q4_K_M``) at ``dst``
+    """Quantize GGUF ``src`` (f32/f16/bf16, or an already quantized file) to ``variant`` (e.g. ``Q4_K_M``) at ``dst``
     (``threads``: default all available cores)."""
     import ctypes
 
@@ -41,6 +41,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, variant: str, *, threads:
     params = L.llama_model_quantize_default_params()
     params.ftype = getattr(L, GGUF_TYPES[variant])
     params.nthread = resolve_threads(threads)
+    params.allow_requantize = True  # a text GGUF taken as it is may already be quantized (Q8_0)
     tmp = dst.with_name(dst.name + ".partial")
     rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
