@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("synth", help="write a synthetic checkpoint (random weights, official layout)")
-    s.add_argument("--preset", required=True, help="tiny | tiny-qwen2 | 0.6b | 7b")
+    s.add_argument("--preset", required=True, help="tiny | tiny-qwen2 | tiny-tok | toy | 0.6b | 0.6b-dasheng-1280 | 7b")
     s.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --force)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.set_defaults(func=_cmd_train_toy)
 
     e = sub.add_parser("export", help="turn a checkpoint into a runtime bundle (ONNX encoder + GGUF decoder)")
-    e.add_argument("model", help="checkpoint folder in the official Hugging Face layout")
+    e.add_argument("model", help="checkpoint folder in the official Hugging Face layout, or a folder with the official GGUF pair (text GGUF + mmproj)")
     e.add_argument("out", help="bundle folder to write")
     e.add_argument("--encoder", default="fp32,int8", help="encoder variants: fp32, int8, int8-static (default: %(default)s; the last is the default at load)")
     e.add_argument("--decoder", default="f16,Q4_K_M",
@@ -691,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.set_defaults(func=_cmd_reference_caption)
 
     d = sub.add_parser("demo", help="caption and transcribe a generated clip end to end with the built-in toy model")
-    d.add_argument("--preset", default="toy", help="toy (trained here, cached; default) or a random-weight preset: tiny, tiny-qwen2, 0.6b, 7b")
+    d.add_argument("--preset", default="toy", help="toy (trained here, cached; default) or a random-weight preset: tiny, tiny-qwen2, tiny-tok, 0.6b, 0.6b-dasheng-1280, 7b")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--seconds", type=float, default=10.0)
     d.add_argument("--device", default="cpu", help="with --reference: cpu or cuda")

@@ -228,3 +228,28 @@ def test_pairs_that_do_not_belong_together_are_refused(tiny_tok_dir: Path, tiny_
     (pair / "edited.gguf").replace(pair / "model-f32.gguf")
     with pytest.raises(CheckpointError, match=r"model-f32.gguf: the vocabulary has no <\|AUDIO\|> token"):
         export(pair)
+
+
+def test_pair_in_the_hugging_face_cache_layout(tiny_tok_dir: Path, tmp_path: Path) -> None:
+    """The repository folder of the cache (refs/main -> snapshots/<rev>, files as symlinks into
+    blobs/) and the snapshot folder itself both export, to the same decoder bytes."""
+    import hashlib
+    import shutil
+
+    from mdl_edge.export.bundle import export_bundle
+
+    pair = make_pair(tiny_tok_dir, tmp_path / "pair")
+    root = tmp_path / "hub" / "models--mispeech--midashenglm-0.6b-gguf"
+    snap = root / "snapshots" / "0123abcd"
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0123abcd")
+    snap.mkdir(parents=True)
+    for f in pair.iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, root / "blobs" / digest)
+        (snap / f.name).symlink_to(f"../../blobs/{digest}")
+    a = export_bundle(root, tmp_path / "a", encoders=["fp32"], decoders=["f32"], progress=lambda *_: None)
+    b = export_bundle(snap, tmp_path / "b", encoders=["fp32"], decoders=["f32"], progress=lambda *_: None)
+    assert (a / "decoder.f32.gguf").read_bytes() == (b / "decoder.f32.gguf").read_bytes()
+    assert json.loads((a / "manifest.json").read_text())["source_hash"] == json.loads((b / "manifest.json").read_text())["source_hash"]
