@@ -146,10 +146,10 @@ PRESETS: dict[str, Preset] = {
             "like tiny, with the 7B's Qwen2 decoder layout (untied head, q/k/v biases, Omni text config)",
         ),
         Preset(
-            "toy", _encoder_config(128, 3, 4), _qwen3(256, 3, 4, 2, 64, 768, 1024), 1000, 1000, torch.float32, 2**31,
-            "the trainable toy model's shapes (128-d 3-layer encoder, 256-d 3-layer Qwen3-style decoder); "
-            "`mdl-edge train-toy` trains it to hear the toy world",
-            tuple(toy_corpus()),
+            "toy", _encoder_config(128, 3, 4, acoustic_mels=100), _qwen3(256, 3, 4, 2, 64, 768, 1024), 1000, 1000, torch.float32, 2**31,
+            "the trainable toy model's shapes: MiDashengLM-0.6B's architecture at toy size (128-d 3-layer DashengTokenizer-style "
+            "encoder with a 100-bin acoustic branch, 256-d 3-layer Qwen3-style decoder); `mdl-edge train-toy` trains it to hear the toy world",
+            tuple(toy_corpus()), layout="dashengtokenizer",
         ),
         Preset(
             "tiny-tok", _encoder_config(64, 2, 4, acoustic_mels=100), _qwen3(64, 2, 4, 2, 16, 128, 1024), 1000, 1000, torch.float32,

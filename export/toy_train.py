@@ -1,8 +1,9 @@
 """Train the toy MiDashengLM: the ``toy`` preset's official layout, taught to caption and
 transcribe the toy world (``export/toyworld.py``) in minutes on two CPU cores.
 
-The model is the parity reference itself (``MiDashengLM``: Dasheng-style encoder, projector on
-the stitched 25 Hz sequence, transformers' Qwen3), trained end to end on both tasks with the real
+The model is the parity reference itself (``MiDashengLM``: the DashengTokenizer-style encoder of
+MiDashengLM-0.6B, a Dasheng ViT plus an acoustic branch, the projector on the stitched 25 Hz
+sequence, transformers' Qwen3), trained end to end on both tasks with the real
 prompts ("Caption the audio.", "Transcribe the speech into text") through the checkpoint's own
 chat template. The result is written back under the official tensor names, so it is an ordinary
 checkpoint for ``Checkpoint``, ``mdl-edge export`` and every runtime path.
@@ -32,7 +33,7 @@ from ..runtime import constants as C
 from ..runtime.mel import log_mel
 from ..runtime.prompt import CAPTION_PROMPT, TRANSCRIBE_PROMPT, user_message
 from . import toyworld
-from .reference_encoder import chunk_key_mask
+from .reference_encoder import DashengEncoder, DashengTokenizerEncoder, chunk_key_mask
 from .reference_model import MiDashengLM, cache_keyword
 from .synth import write_synthetic_checkpoint
 
@@ -104,9 +105,10 @@ def frame_labels(clip: toyworld.Clip) -> torch.Tensor:
     return torch.from_numpy(labels)
 
 
-def _examples(clips: list[toyworld.Clip], prompt, threads: int) -> list[dict]:
-    """Per clip: its log-mel, what is heard at each encoder position (for the training-only frame
-    head), and both tasks' prompt ids and target ids (one encoder pass serves both)."""
+def _examples(clips: list[toyworld.Clip], prompt, threads: int, acoustic_mels: int = 0) -> list[dict]:
+    """Per clip: its log-mel (with the acoustic rows the encoder reads), what is heard at each
+    encoder position (for the training-only frame head), and both tasks' prompt ids and target
+    ids (one encoder pass serves both)."""
     im_end = prompt.special.im_end
     out = []
     for c in clips:
@@ -114,21 +116,30 @@ def _examples(clips: list[toyworld.Clip], prompt, threads: int) -> list[dict]:
         for task, target in ((CAPTION_PROMPT, c.caption), (TRANSCRIBE_PROMPT, c.transcript)):
             ids = prompt.encode(user_message(task), [C.n_audio_tokens(c.wave.size)])
             tasks.append((ids, prompt.tokenizer.encode(target, add_special_tokens=False).ids + [im_end]))
-        out.append({"mel": torch.from_numpy(log_mel(c.wave, n_threads=threads)), "n": max(c.wave.size, C.MIN_SAMPLES),
+        out.append({"mel": torch.from_numpy(log_mel(c.wave, acoustic_mels=acoustic_mels, n_threads=threads)), "n": max(c.wave.size, C.MIN_SAMPLES),
                     "frames": frame_labels(c), "tasks": tasks})
     return out
 
 
-def _patch_embed(model: MiDashengLM, mel: torch.Tensor) -> torch.Tensor:
-    """``DashengEncoder.embed`` as a MatMul over 4-frame patches: the same arithmetic as its
-    Conv2d (kernel = stride = 64 x 4), whose CPU backward costs an eighth of a training step."""
+def semantic_encoder(model: MiDashengLM) -> DashengEncoder:
+    """The Dasheng ViT of either encoder variant."""
     enc = model.audio_encoder
-    x = enc.init_bn(mel[:, :, None, :])[:, :, 0, :]
-    b, n_mels, t = x.shape
+    return enc.model if isinstance(enc, DashengTokenizerEncoder) else enc
+
+
+def _patches(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """A Conv2d with kernel = stride = (rows, 4) over ``[B, rows, T]`` as a MatMul over 4-frame
+    patches: the same arithmetic, without the Conv2d's CPU backward (an eighth of a step)."""
+    b, rows, t = x.shape
     p = t // C.PATCH_FRAMES
-    x = x[:, :, : p * C.PATCH_FRAMES].reshape(b, n_mels, p, C.PATCH_FRAMES).permute(0, 2, 1, 3).reshape(b, p, -1)
-    conv = enc.patch_embed.proj
+    x = x[:, :, : p * C.PATCH_FRAMES].reshape(b, rows, p, C.PATCH_FRAMES).permute(0, 2, 1, 3).reshape(b, p, -1)
     return torch.nn.functional.linear(x, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+
+def _patch_embed(model: MiDashengLM, mel: torch.Tensor) -> torch.Tensor:
+    """``DashengEncoder.embed`` of the semantic rows (BatchNorm, then the patch MatMul)."""
+    enc = semantic_encoder(model)
+    return _patches(enc.init_bn(mel[:, : C.N_MELS, None, :])[:, :, 0, :], enc.patch_embed.proj)
 
 
 def _length_groups(lengths: list[int], groups: int) -> list[list[int]]:
@@ -159,14 +170,23 @@ def _cropped(e: dict, margin: int, rng: np.random.Generator) -> dict:
 
 def _encode(model: MiDashengLM, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded log-mels of a batch of clips -> 25 Hz features ``[B, P, D]`` and clip lengths."""
-    mel = torch.zeros(len(batch), C.N_MELS, max(e["mel"].shape[1] for e in batch))
+    mel = torch.zeros(len(batch), batch[0]["mel"].shape[0], max(e["mel"].shape[1] for e in batch))
     for i, e in enumerate(batch):
         mel[i, :, : e["mel"].shape[1]] = e["mel"]
     lengths = torch.tensor([e["n"] for e in batch])
     x = _patch_embed(model, mel)
-    chunks = [x[:, s : s + C.CHUNK_PATCHES] for s in range(0, x.shape[1], C.CHUNK_PATCHES)]
-    feats = torch.cat([model.audio_encoder.forward_chunk(c, chunk_key_mask(lengths, k * C.CHUNK_PATCHES, c.shape[1]))
-                       for k, c in enumerate(chunks)], dim=1)
+    sem = semantic_encoder(model)
+    parts = []
+    for k, s in enumerate(range(0, x.shape[1], C.CHUNK_PATCHES)):
+        c = x[:, s : s + C.CHUNK_PATCHES]
+        y = sem.forward_chunk(c, chunk_key_mask(lengths, s, c.shape[1]))
+        if k and isinstance(model.audio_encoder, DashengTokenizerEncoder):  # masked rows zeroed after the first chunk
+            y = y * (torch.arange(s, s + c.shape[1])[None, :] < (lengths // C.PATCH_HOP_SAMPLES)[:, None])[..., None]
+        parts.append(y)
+    feats = torch.cat(parts, dim=1)
+    enc = model.audio_encoder
+    if isinstance(enc, DashengTokenizerEncoder):
+        feats = feats + enc.norm(_patches(mel[:, C.N_MELS :], enc.patch_embed))
     return feats, lengths
 
 
@@ -303,10 +323,11 @@ def train_toy(out: str | Path, plan: TrainPlan = TrainPlan(), *, progress: Calla
         write_synthetic_checkpoint("toy", tmp, seed=plan.seed)
         model = MiDashengLM.from_pretrained(tmp)
         t = time.perf_counter()
-        train = _examples(list(toyworld.clips("train", plan.n_train, seed=plan.seed)), model.prompt, plan.threads)
+        acoustic_mels = int(model.cfg.encoder.acoustic_mels or 0)
+        train = _examples(list(toyworld.clips("train", plan.n_train, seed=plan.seed)), model.prompt, plan.threads, acoustic_mels)
         progress(f"generated {plan.n_train} training clips (espeak-ng speech, numpy events) in {time.perf_counter() - t:.0f} s")
         model.train()
-        model.audio_encoder.init_bn.eval()  # keep the checkpoint's log-mel statistics fixed
+        semantic_encoder(model).init_bn.eval()  # keep the checkpoint's log-mel statistics fixed
         rng = np.random.default_rng(plan.seed)
         pad = model.prompt.special.end_of_text
         # Training-only help: a head that names what is heard at each 25 Hz position (word and

@@ -157,9 +157,9 @@ def test_fast_training_losses_equal_the_plain_formulation(tmp_path) -> None:
     write_synthetic_checkpoint("toy", tmp_path / "ck", seed=0)
     model = MiDashengLM.from_pretrained(tmp_path / "ck")
     model.train()
-    model.audio_encoder.init_bn.eval()
+    T.semantic_encoder(model).init_bn.eval()
     head = torch.nn.Linear(model.cfg.encoder.embed_dim, T.FRAME_CLASSES)
-    batch = T._examples(list(toyworld.clips("train", 12, seed=2)), model.prompt, 1)
+    batch = T._examples(list(toyworld.clips("train", 12, seed=2)), model.prompt, 1, int(model.cfg.encoder.acoustic_mels or 0))
     pad = model.prompt.special.end_of_text
     params = dict(model.named_parameters()) | {f"head.{n}": p for n, p in head.named_parameters()}
 
