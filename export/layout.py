@@ -46,10 +46,18 @@ class NameLayout:
     seen_in: str
 
     def canonical(self, stored: str) -> str:
+        """The canonical name of a name as this layout stores it."""
         for prefix, canon in self.renames:
             if stored.startswith(prefix):
                 return canon + stored[len(prefix):]
         return stored
+
+    def stored(self, canonical: str) -> str:
+        """How this layout stores a canonical name (the inverse of :meth:`canonical`)."""
+        for prefix, canon in self.renames:
+            if canonical.startswith(canon):
+                return prefix + canonical[len(canon):]
+        return canonical
 
 
 NAME_LAYOUTS: tuple[NameLayout, ...] = (
@@ -63,6 +71,14 @@ NAME_LAYOUTS: tuple[NameLayout, ...] = (
         "the public DashengTokenizer code (init_bn = Sequential(Rearrange, BatchNorm2d, Rearrange))",
     ),
 )
+
+
+def name_layout(name: str) -> NameLayout:
+    """The row of :data:`NAME_LAYOUTS` called ``name``."""
+    for row in NAME_LAYOUTS:
+        if row.name == name:
+            return row
+    raise KeyError(f"no name layout {name!r}; known: {', '.join(r.name for r in NAME_LAYOUTS)}")
 
 
 def front_end_buffer_names(cfg: ModelConfig) -> dict[str, int]:

@@ -94,14 +94,15 @@ def measure(threads: int) -> MachinePeaks:
     return MachinePeaks(cpu_info(), threads, gemm_rate(False, threads), gemm_rate(True, threads), read_bandwidth(threads))
 
 
-def encoder_flops(embed_dim: int, depth: int, mlp_dim: int, patches: list[int]) -> float:
+def encoder_flops(embed_dim: int, depth: int, mlp_dim: int, patches: list[int], *, acoustic_mels: int = 0) -> float:
     """Operations (2 per multiply-add) of the encoder over chunks of ``patches`` patches each:
-    patch embedding, QKV, attention scores and values, output projection, MLP."""
+    patch embedding (and the acoustic one of a DashengTokenizer-style encoder), QKV, attention
+    scores and values, output projection, MLP."""
     d = embed_dim
     total = 0.0
     for n in patches:
         block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * mlp_dim
-        total += depth * block + 2 * n * 256 * d
+        total += depth * block + 2 * n * 256 * d + 2 * n * 4 * acoustic_mels * d
     return total
 
 

@@ -29,7 +29,7 @@ from ..runtime import constants as C
 from ..runtime.config import ModelConfig
 from ..runtime.errors import ConfigError, MdlEdgeError
 from ..runtime.mel import hann_window, mel_filterbank
-from .layout import NAME_LAYOUTS, TensorSpec, official_tensors
+from .layout import TensorSpec, name_layout, official_tensors
 from .synth_tokenizer import write_tokenizer_files
 from .toyworld import corpus as toy_corpus
 
@@ -239,16 +239,8 @@ def synthetic_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.T
 def _written_tensors(cfg: ModelConfig, layout: str) -> list[TensorSpec]:
     """What a preset stores, under the names of its layout: official checkpoints carry the BN
     counter and (0804-fp32) the front-end buffers; a tied head is not stored."""
-    row = next(r for r in NAME_LAYOUTS if r.name == layout)
-    stored = {canon: stored for stored, canon in row.renames}
-
-    def spelled(name: str) -> str:
-        for canon, prefix in stored.items():
-            if name.startswith(canon):
-                return prefix + name[len(canon):]
-        return name
-
-    return [dataclasses.replace(s, name=spelled(s.name)) for s in official_tensors(cfg) if not (s.optional and s.name.endswith("lm_head.weight"))]
+    row = name_layout(layout)
+    return [dataclasses.replace(s, name=row.stored(s.name)) for s in official_tensors(cfg) if not (s.optional and s.name.endswith("lm_head.weight"))]
 
 
 def _plan_shards(specs: list[TensorSpec], dtype: torch.dtype, max_bytes: int) -> list[list[TensorSpec]]:

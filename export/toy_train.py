@@ -58,6 +58,7 @@ class TrainPlan:
     encoder_groups: int = 4  # length-sorted sub-batches: the same loss, less padding computed
     groups: int = 2  # likewise in the joint phase's encoder pass
     threads: int = 2
+    acoustic_init: float = 0.1  # the acoustic branch's initial scale (DashengTokenizer-style encoders)
 
     def key(self) -> str:
         """Hash of the plan and of the code that shapes the model, its tokenizer and its data,
@@ -328,6 +329,12 @@ def train_toy(out: str | Path, plan: TrainPlan = TrainPlan(), *, progress: Calla
         progress(f"generated {plan.n_train} training clips (espeak-ng speech, numpy events) in {time.perf_counter() - t:.0f} s")
         model.train()
         semantic_encoder(model).init_bn.eval()  # keep the checkpoint's log-mel statistics fixed
+        if isinstance(model.audio_encoder, DashengTokenizerEncoder):
+            # The acoustic branch starts quiet (its LayerNorm scaled to a tenth), so the random
+            # features of an untrained branch do not drown the semantic ones the words are learnt from.
+            with torch.no_grad():
+                model.audio_encoder.norm.weight.mul_(plan.acoustic_init)
+                model.audio_encoder.norm.bias.mul_(plan.acoustic_init)
         rng = np.random.default_rng(plan.seed)
         pad = model.prompt.special.end_of_text
         # Training-only help: a head that names what is heard at each 25 Hz position (word and

@@ -46,17 +46,17 @@ def main() -> None:
     from mdl_edge.runtime import constants as C
     from mdl_edge.runtime.audio import demo_clip
     from mdl_edge.runtime.encoder import AudioEncoder, chunk_plan
-    from mdl_edge.runtime.mel import log_mel
 
     onnx_dir = Path(args.onnx)
     peaks = measure(args.threads)
     variants = [v for v in ("fp32", "int8", "int8-static") if (onnx_dir / variant_file(v)).is_file()]
     probe = AudioEncoder(onnx_dir, threads=args.threads)
     d, depth = probe.embed_dim, int(probe.meta["depth"])
+    log_mel = probe.log_mel  # the mel this encoder reads (with the acoustic rows of a DashengTokenizer-style one)
 
     def flops(n_samples: int, padded: bool = False) -> float:
         patches = [s.n_real for s in chunk_plan(max(n_samples, C.MIN_SAMPLES))]
-        return encoder_flops(d, depth, 4 * d, [C.CHUNK_PATCHES] * len(patches) if padded else patches)
+        return encoder_flops(d, depth, 4 * d, [C.CHUNK_PATCHES] * len(patches) if padded else patches, acoustic_mels=probe.acoustic_mels)
 
     def peak_of(variant: str) -> float:
         return peaks.int8_gops if variant.startswith("int8") else peaks.fp32_gflops
@@ -104,7 +104,7 @@ def main() -> None:
                           "worst_frame": int(cos.argmin())})
 
     print(peaks.header())
-    print(f"encoder: {d}-d, {depth} blocks; one full chunk = {flops(n_one) / 1e9:.0f} GFLOP\n")
+    print(f"encoder: {d}-d, {depth} blocks, acoustic mel bins {probe.acoustic_mels}; one full chunk = {flops(n_one) / 1e9:.0f} GFLOP\n")
     print("| what | clip (s) | time (s) | GFLOP/s (GOP/s) | fraction of this machine's peak for its precision |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
