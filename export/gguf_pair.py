@@ -13,15 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..runtime import gguf_meta as G
 from ..runtime.errors import CheckpointError, ConfigError
-from ..runtime.prompt import AUDIO_TOKEN, SPECIAL_TOKENS, PromptFormat
+from ..runtime.prompt import SPECIAL_TOKENS, PromptFormat
 from .synth_tokenizer import QWEN_SPLIT_PATTERN
 
 logger = logging.getLogger("mdl_edge")
@@ -173,18 +172,22 @@ def fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def copy_text_gguf(src: Path, dst: Path, extra: dict[str, tuple[Any, Any]]) -> Path:
-    """``src`` with ``extra`` keys (name -> (value, GGUFValueType)) added to its header; every
-    other key and every tensor is copied as it is."""
+def rewrite_gguf(src: Path, dst: Path, *, extra: dict[str, tuple[Any, Any]] | None = None, drop: Callable[[str], bool] = lambda key: False,
+                 tensors: Callable[[Any], list[tuple[str, Any, Any]]] | None = None) -> Path:
+    """``src`` rewritten to ``dst``: keys for which ``drop`` is true left out, ``extra`` keys (name
+    -> (value, GGUFValueType)) added or replacing theirs, every other key as it is; each tensor
+    copied byte for byte, or replaced by what ``tensors(reader_tensor)`` returns as
+    ``[(name, raw data, ggml type), ...]``."""
     import gguf
 
+    extra = extra or {}
     reader = gguf.GGUFReader(str(src))
     arch = str(reader.fields[G.KEY_ARCHITECTURE].contents())
     tmp = dst.with_name(dst.name + ".partial")
     w = gguf.GGUFWriter(str(tmp), arch)
     try:
         for field in reader.fields.values():
-            if field.name.startswith("GGUF.") or field.name in (G.KEY_ARCHITECTURE, *extra):
+            if field.name.startswith("GGUF.") or field.name in (G.KEY_ARCHITECTURE, *extra) or drop(field.name):
                 continue
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -193,7 +196,8 @@ def copy_text_gguf(src: Path, dst: Path, extra: dict[str, tuple[Any, Any]]) -> P
             sub = gguf.GGUFValueType.get_type(value[0]) if vtype == gguf.GGUFValueType.ARRAY and value else None
             w.add_key_value(key, value, vtype, sub_type=sub)
         for t in reader.tensors:
-            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+            for name, data, raw_type in tensors(t) if tensors else [(t.name, t.data, t.tensor_type)]:
+                w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw_type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -244,7 +248,7 @@ def export_bundle_from_pair(folder: str | Path, out_dir: str | Path, *, encoders
     write_audio_onnx(tower.encoder, tower.projector, tower.config, tower.hidden_size, source, out)
     progress(f"  mmproj ({tower.projector_type}) -> ONNX encoder + projector ({time.perf_counter() - t:.1f} s)")
     s = fmt.special
-    base = copy_text_gguf(pair.text, out / f"decoder.{base_name}.gguf", {
+    base = rewrite_gguf(pair.text, out / f"decoder.{base_name}.gguf", extra={
         G.KEY_SOURCE_HASH: (source, gguf.GGUFValueType.STRING),
         G.KEY_AUDIO_TOKEN_ID: (s.audio, gguf.GGUFValueType.UINT32),
         G.KEY_AUDIO_BOS_TOKEN_ID: (s.audio_bos, gguf.GGUFValueType.UINT32),

@@ -65,7 +65,6 @@ class ChunkEncoder(nn.Module):
 
     def semantic(self, mel: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
         """The Dasheng ViT over the chunk's 64 semantic rows."""
-        b = mel.shape[0]
         p = mel.shape[2] // C.PATCH_FRAMES
         x = mel[:, : C.N_MELS] * self.bn_scale + self.bn_shift  # [B, 64, T]
         x = _patches(x, C.N_MELS)

@@ -87,7 +87,6 @@ def _variants(text: str) -> list[str]:
 def _run_task(args: argparse.Namespace, task: str) -> int:
     import json
 
-    from . import constants as C
     from .audio import expected_samples
     from .options import GenerationOptions, SamplingOptions, whole_number
     from .pipeline import AudioLM, Request, Result
@@ -109,11 +108,7 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
     if task != "ask":
         segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window)
         mode = segmenting.resolved(task)
-        limit = (segmenting.max_segment if mode == "vad" else segmenting.window) * C.SAMPLE_RATE
-        lengths = [expected_samples(p) for p in args.audio]
-        # auto: files whose header announces more than one segment; an explicit vad/window: all
-        # files (a container whose length libsndfile cannot tell is answered whole under auto)
-        long_input = mode != "none" and (args.segment != "auto" or any(n is not None and n > limit for n in lengths))
+        long_input = any(segmenting.cuts(mode, expected_samples(p)) for p in args.audio)
         if args.format or args.output or long_input:
             return _run_segments(args, task, prompt, options, segmenting, mode)
     # streamed text of several files at once would interleave: one at a time then

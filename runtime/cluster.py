@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from . import constants as C
 from .errors import ConfigError, MdlEdgeError, one_line
 from .options import GenerationOptions, available_cores, default_parallel, whole_number
 from .segments import SegmentOptions, TimedSegment
@@ -168,11 +167,7 @@ class FileAnswerer:
     def _long(self, path: str) -> bool:
         from .audio import expected_samples
 
-        if self.mode == "none":
-            return False
-        limit = (self.segmenting.max_segment if self.mode == "vad" else self.segmenting.window) * C.SAMPLE_RATE
-        n = expected_samples(path)
-        return self.segmenting.mode != "auto" or (n is not None and n > limit)
+        return self.segmenting.cuts(self.mode, expected_samples(path))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         paths = [str(p) for p in batch["path"]]

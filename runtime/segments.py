@@ -1,10 +1,14 @@
 """Long recordings: voice activity, cut points, timed segments (torch-free).
 
-A recording is cut into segments the model handles well, each answered as its own clip:
-transcription cuts at pauses found by voice activity detection, a segment never longer than
-``max_segment`` seconds, a cut forced at the maximum only where no pause exists; captioning uses
-fixed windows. Audio arrives block by block (see ``runtime/audio.py``) and segments leave as soon
-as they close, so memory holds at most one segment and one block, whatever the duration.
+A recording is cut into segments the model handles well, each answered as its own clip. Under
+``auto`` a recording up to ``max_segment`` seconds (30: MiDashengLM is evaluated on clips of up
+to 30 s) is answered whole, for captions and transcripts alike; a longer one is cut: transcription
+at pauses found by voice activity detection, a segment never longer than ``max_segment``, a cut
+forced at the maximum only where no pause exists; captioning in windows of about ``window``
+seconds, each ended at the quietest moment of its last 40% rather than at a hard cut. Audio
+arrives block by block (see ``runtime/audio.py``) and segments leave as soon as they close, so
+memory holds at most one segment (or the first ``max_segment`` seconds) and one block, whatever
+the duration.
 
 Voice activity comes from WebRTC's VAD (``webrtcvad-wheels``: a small C library, no torch and no
 second copy of ggml beside llama.cpp's; see the README for the measurement behind the choice).
@@ -27,8 +31,9 @@ MODES = ("auto", "vad", "window", "none")
 @dataclass(frozen=True, kw_only=True)
 class SegmentOptions:
     """How a recording is cut. ``mode``: ``"vad"`` (at pauses, at most ``max_segment`` s),
-    ``"window"`` (fixed ``window`` s), ``"none"`` (the whole clip, as one request), ``"auto"``
-    (transcription: vad; captioning: window). A clip no longer than the maximum (or the window) is
+    ``"window"`` (windows of at most ``window`` s, each ended at a quiet moment), ``"none"`` (the
+    whole clip, as one request), ``"auto"`` (a recording up to ``max_segment`` s whole; longer
+    ones: transcription vad, captioning window). A clip no longer than :meth:`whole_seconds` is
     one segment, answered exactly as the whole clip. ``min_pause``: the shortest silence a vad cut
     may use; ``aggressiveness``: WebRTC VAD's 0-3 (higher calls less audio speech)."""
 
@@ -53,6 +58,27 @@ class SegmentOptions:
     def resolved(self, task: str) -> str:
         """The mode for a task (``"transcribe"`` or anything else)."""
         return ("vad" if task == "transcribe" else "window") if self.mode == "auto" else self.mode
+
+    def whole_seconds(self, mode: str) -> float:
+        """The longest recording answered whole under resolved ``mode``: ``max_segment`` under
+        ``auto`` (both tasks) and ``vad``, the window under an explicit ``window``; no limit for
+        ``none``. The CLI, the server and the cluster path all decide by it."""
+        if mode == "none":
+            return float("inf")
+        return self.window if mode == "window" and self.mode != "auto" else self.max_segment
+
+    def cuts(self, mode: str, n_samples: int | None) -> bool:
+        """Whether a recording of ``n_samples`` (None: its header does not tell) is segmented
+        under resolved ``mode``: never under ``none``; always under an explicit ``vad`` or
+        ``window`` (the answer is timed segments); under ``auto`` when it is longer than
+        :meth:`whole_seconds` (an unknown length is answered whole)."""
+        if mode == "none":
+            return False
+        return self.mode != "auto" or (n_samples is not None and n_samples > self.whole_seconds(mode) * C.SAMPLE_RATE)
+
+    def segment_seconds(self, mode: str) -> float:
+        """The longest segment a cut recording gets under resolved ``mode``."""
+        return self.window if mode == "window" else self.max_segment if mode == "vad" else float("inf")
 
 
 @dataclass(frozen=True)
@@ -102,14 +128,26 @@ def _cut_at_pause(speech: np.ndarray, min_frames: int) -> int | None:
     return best
 
 
+def _quiet_cut(samples: np.ndarray) -> int:
+    """Where a caption window of ``samples`` ends: the quietest 30 ms (lowest energy) among the
+    frame ends in its last 40%, the latest of equals (so silence is cut at the full window)."""
+    limit = samples.size
+    ends = np.arange(limit, int(limit * 0.6), -VAD_FRAME)  # from the full window backwards
+    energy = np.array([float(np.mean(np.square(samples[e - VAD_FRAME : e], dtype=np.float64))) for e in ends])
+    return int(ends[int(np.argmin(energy))])
+
+
 def segment_stream(blocks: Iterable[np.ndarray], options: SegmentOptions, mode: str) -> Iterator[tuple[int, np.ndarray]]:
     """Cut a stream of 16 kHz mono blocks into ``(first sample, samples)`` segments, yielded as
-    each closes. ``mode``: ``"vad"``, ``"window"`` or ``"none"`` (resolved already)."""
-    limit = int(round((options.max_segment if mode == "vad" else options.window) * C.SAMPLE_RATE))
+    each closes. ``mode``: ``"vad"``, ``"window"`` or ``"none"`` (resolved already); a recording
+    no longer than ``options.whole_seconds(mode)`` is one segment."""
+    limit = int(round(min(options.segment_seconds(mode), 1e6) * C.SAMPLE_RATE))
+    whole = int(round(min(options.whole_seconds(mode), 1e6) * C.SAMPLE_RATE))
     vad = VoiceActivity(options.aggressiveness) if mode == "vad" else None
     min_frames = max(1, int(round(options.min_pause * C.SAMPLE_RATE / VAD_FRAME)))
     buf = np.zeros(0, np.float32)
     start = 0
+    cutting = False  # set once the recording is known to be longer than `whole`
     speech = np.zeros(0, bool)  # per whole VAD frame of buf
     for block in blocks:
         buf = np.concatenate([buf, np.asarray(block, np.float32)])
@@ -117,12 +155,13 @@ def segment_stream(blocks: Iterable[np.ndarray], options: SegmentOptions, mode: 
             done = speech.size * VAD_FRAME
             new = vad.frames(buf[done : (buf.size // VAD_FRAME) * VAD_FRAME])
             speech = np.concatenate([speech, new])
-        while mode != "none" and buf.size > limit:
+        cutting = cutting or (mode != "none" and buf.size > whole)
+        while cutting and buf.size > limit:
             if vad is not None:
                 cut_frame = _cut_at_pause(speech[: limit // VAD_FRAME], min_frames)
                 cut = cut_frame * VAD_FRAME if cut_frame else limit
             else:
-                cut = limit
+                cut = _quiet_cut(buf[:limit])
             yield start, buf[:cut]
             start += cut
             buf = buf[cut:]

@@ -612,8 +612,9 @@ def create_app(lm: AudioLM, options: ServerOptions = ServerOptions()) -> Any:
             gen = GenerationOptions(sampling=SamplingOptions(temperature=temperature))
             source, seconds = await asyncio.to_thread(probe, data, name, options.max_audio_s)
             seg = options.segmenting
-            mode = "none" if seconds <= seg.max_segment else seg.resolved("transcribe")
-            longest = min(seconds, seg.max_segment if mode == "vad" else seg.window if mode == "window" else seconds)
+            mode = seg.resolved("transcribe")
+            mode = "none" if seconds <= seg.whole_seconds(mode) else mode
+            longest = min(seconds, seg.segment_seconds(mode))
             _check_context(state, [C.n_audio_tokens(int(longest * C.SAMPLE_RATE))], instruction, gen, None)
             if mode == "none":
                 job.submit(Request(audio=source, prompt=instruction, options=gen,

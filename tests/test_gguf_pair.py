@@ -33,45 +33,23 @@ CORPUS = [
 def foreign_text_gguf(src: Path, dst: Path) -> Path:
     """``src`` (an mdl-edge decoder GGUF) without mdl-edge's keys: a text GGUF as another
     converter writes it."""
-    import gguf
+    from mdl_edge.export.gguf_pair import rewrite_gguf
 
-    reader = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), str(reader.fields["general.architecture"].contents()))
-    for f in reader.fields.values():
-        if f.name.startswith(("GGUF.", "mdl_edge.")) or f.name == "general.architecture":
-            continue
-        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
-        w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    return rewrite_gguf(src, dst, drop=lambda key: key.startswith("mdl_edge."))
 
 
 def split_qkv(src: Path, dst: Path) -> Path:
     """An mmproj with ``attn_q/attn_k/attn_v`` instead of the fused ``attn_qkv``."""
-    import gguf
+    from mdl_edge.export.gguf_pair import rewrite_gguf
 
-    reader = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), "clip")
-    for f in reader.fields.values():
-        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
-            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
-        if ".attn_qkv." in t.name:
-            x = np.asarray(t.data)
-            for part, piece in zip("qkv", np.split(x, 3, axis=0)):  # rows stay whole in every type
-                piece = np.ascontiguousarray(piece)
-                w.add_tensor(t.name.replace("attn_qkv", f"attn_{part}"), piece, raw_shape=piece.shape, raw_dtype=t.tensor_type)
-        else:
-            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    def split(t):
+        if ".attn_qkv." not in t.name:
+            return [(t.name, t.data, t.tensor_type)]
+        # rows stay whole in every type, so the raw data splits along its first axis
+        return [(t.name.replace("attn_qkv", f"attn_{part}"), np.ascontiguousarray(piece), t.tensor_type)
+                for part, piece in zip("qkv", np.split(np.asarray(t.data), 3, axis=0))]
+
+    return rewrite_gguf(src, dst, tensors=split)
 
 
 def make_pair(ckpt: Path, folder: Path, *, mmproj_dtype: str = "f32", text_type: str = "f32", split: bool = False) -> Path:
@@ -222,9 +200,9 @@ def test_pairs_that_do_not_belong_together_are_refused(tiny_tok_dir: Path, tiny_
     tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
     del reader
     tokens = ["<|notaudio|>" if t == "<|AUDIO|>" else t for t in tokens]
-    from mdl_edge.export.gguf_pair import copy_text_gguf
+    from mdl_edge.export.gguf_pair import rewrite_gguf
 
-    copy_text_gguf(pair / "model-f32.gguf", pair / "edited.gguf", {"tokenizer.ggml.tokens": (tokens, gguf.GGUFValueType.ARRAY)})
+    rewrite_gguf(pair / "model-f32.gguf", pair / "edited.gguf", extra={"tokenizer.ggml.tokens": (tokens, gguf.GGUFValueType.ARRAY)})
     (pair / "edited.gguf").replace(pair / "model-f32.gguf")
     with pytest.raises(CheckpointError, match=r"model-f32.gguf: the vocabulary has no <\|AUDIO\|> token"):
         export(pair)

@@ -120,6 +120,50 @@ def test_windows_and_short_clips() -> None:
         SegmentOptions(mode="sentences")
 
 
+def _tone_with_gaps(seconds: float, gaps: list[float]) -> np.ndarray:
+    """A 440 Hz tone with 0.4 s of silence starting at each of ``gaps`` (seconds)."""
+    t = np.arange(int(seconds * C.SAMPLE_RATE)) / C.SAMPLE_RATE
+    x = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for g in gaps:
+        x[int(g * C.SAMPLE_RATE) : int((g + 0.4) * C.SAMPLE_RATE)] = 0.0
+    return x
+
+
+def test_auto_answers_up_to_max_segment_whole_for_both_tasks() -> None:
+    """Under auto a 13 s (or 30 s) recording is one segment whether captioned or transcribed;
+    only a longer one is cut."""
+    auto = SegmentOptions()
+    for seconds in (13.0, 30.0):
+        x = _tone_with_gaps(seconds, [6.0])
+        for task in ("caption", "transcribe"):
+            mode = auto.resolved(task)
+            segs = list(segment_stream(_blocks(x), auto, mode))
+            assert [(s, w.size) for s, w in segs] == [(0, x.size)], f"{task}, {seconds} s: {[(s, w.size) for s, w in segs]}"
+            assert not auto.cuts(mode, x.size)
+    assert auto.cuts("window", int(30.5 * C.SAMPLE_RATE)) and not auto.cuts("window", None)
+    assert SegmentOptions(mode="window").cuts("window", 16000) and not SegmentOptions(mode="none").cuts("none", 10**9)
+
+
+def test_caption_windows_end_at_quiet_moments() -> None:
+    """Past the whole-clip limit captions go in windows of at most 10 s, each ended at the
+    quietest moment of its last 40% (the gaps at 8.2 s and 17.0 s), not at a hard cut."""
+    x = _tone_with_gaps(40.0, [8.2, 17.0, 25.5, 33.9])
+    segs = list(segment_stream(_blocks(x), SegmentOptions(), "window"))
+    starts = [s / C.SAMPLE_RATE for s, _ in segs]
+    assert all(w.size <= 10 * C.SAMPLE_RATE for _, w in segs) and sum(w.size for _, w in segs) == x.size
+    for cut, gap in zip(starts[1:], (8.2, 17.0, 25.5, 33.9)):
+        assert gap <= cut <= gap + 0.4, f"a cut at {cut:.2f} s, the quiet moment is {gap}-{gap + 0.4} s ({starts})"
+
+
+def test_cli_captions_a_13_s_clip_whole(bundle, tmp_path, capsys) -> None:
+    """A 13 s file under the default --segment auto gets one caption, not two 10 s windows."""
+    path = tmp_path / "thirteen.wav"
+    sf.write(path, _tone_with_gaps(13.0, [6.0]), C.SAMPLE_RATE)
+    assert main(["caption", str(path), "--model", str(bundle), "--max-new-tokens", "4", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 1 and "index" not in lines[0] and lines[0]["file"] == str(path), lines
+
+
 def test_segments_equal_the_reference_on_their_samples(bundle, tiny_qwen2_model, speech) -> None:
     """Each segment's greedy tokens are the reference's on that segment's own samples, two
     segments decoded at a time; times are the segment's place in the recording."""
