@@ -18,6 +18,8 @@ _EXPORTS = {
     "Result": "mdl_edge.runtime.pipeline",
     "SegmentOptions": "mdl_edge.runtime.segments",
     "TimedSegment": "mdl_edge.runtime.segments",
+    "EncoderOptions": "mdl_edge.runtime.options",
+    "DecoderOptions": "mdl_edge.runtime.options",
     "GenerationOptions": "mdl_edge.runtime.options",
     "SamplingOptions": "mdl_edge.runtime.options",
     "MdlEdgeError": "mdl_edge.runtime.errors",

@@ -24,7 +24,7 @@ DEFAULT_CLIPS = "1,2,3,5,10,30,60,300"
 # What the runtime did before it ran partial chunks at their own length, fed the prompt in one
 # batch and turned flash attention on: kept as a configuration so that each gain is a ratio
 # measured in the same run.
-LEGACY = {"static_frames": True, "one_batch": False, "flash_attn": False}
+LEGACY = {"encoder": {"static_frames": True}, "decoder": {"one_batch": False, "flash_attn": False}}  # option fields
 # Goals of the int8 + Q4_K_M runtime on MiDashengLM-0.6B's shapes: at least 2.5x the reference end
 # to end and time to first token at most half the reference's (AVX-512 machines) on 3, 10 and 30 s
 # clips; peak RSS at most 1.2 GB on the 30 s clip.
@@ -69,12 +69,14 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     else:
         import numpy as np
 
-        from ..runtime.options import GenerationOptions
+        from ..runtime.options import DecoderOptions, EncoderOptions, GenerationOptions
         from ..runtime.pipeline import AudioLM
         from ..runtime.prompt import CAPTION_PROMPT
 
         enc, dec = job["variants"]
-        lm = AudioLM(job["bundle"], encoder=enc, decoder=dec, threads=threads, **job["options"])
+        fields = job["options"]
+        lm = AudioLM(job["bundle"], threads=threads, encoder=EncoderOptions(variant=enc, **fields.get("encoder", {})),
+                     decoder=DecoderOptions(variant=dec, **fields.get("decoder", {})))
         load = time.perf_counter() - t
         lm.generate(np.zeros(16000, np.float32), "Hi", GenerationOptions(max_new_tokens=2, ignore_eos=True), sample_rate=16000)  # warm-up
         options = GenerationOptions(max_new_tokens=tokens, ignore_eos=True)
@@ -235,11 +237,12 @@ PARALLEL_GOALS = {"decode_4": 2.0, "decode_8": 2.5, "files_4": 1.6, "rss_4_gb": 
 def _parallel_worker(job: dict[str, Any]) -> dict[str, Any]:
     """One decoder variant at one parallelism: every (clip, new tokens) workload, each over
     ``files`` copies of the clip (stop tokens ignored, so all do the same work)."""
-    from ..runtime.options import GenerationOptions
+    from ..runtime.options import DecoderOptions, GenerationOptions
     from ..runtime.pipeline import AudioLM, Request
 
     rows = []
-    with AudioLM(job["bundle"], encoder="int8", decoder=job["decoder"], threads=job["threads"], extra_bufts=job.get("extra_bufts", False)) as lm:
+    decoder = DecoderOptions(variant=job["decoder"], extra_bufts=job.get("extra_bufts", False))
+    with AudioLM(job["bundle"], encoder="int8", decoder=decoder, threads=job["threads"]) as lm:
         warm = [Request(audio=job["clips"][0], options=GenerationOptions(max_new_tokens=2, ignore_eos=True))]
         list(lm.run(warm, parallel=job["parallel"]))
         for clip, files in zip(job["clips"], job["files"]):

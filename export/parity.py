@@ -22,6 +22,7 @@ from ..runtime.audio import demo_clip, load_audio
 from ..runtime.bundle import Bundle
 from ..runtime.decoder import Segment, split_prompt
 from ..runtime.mel import log_mel
+from ..runtime.options import DecoderOptions, EncoderOptions
 from ..runtime.prompt import CAPTION_PROMPT, user_message
 from .reference_model import MiDashengLM
 
@@ -121,7 +122,7 @@ def parity_report(checkpoint_dir: str | Path, bundle_dir: str | Path, *, device:
             report["acoustic_mel"].append(float(err[C.N_MELS :].max()))
     encoders = {}
     for name, variant in bundle.manifest.encoder.variants.items():
-        _, enc = bundle.load_encoder(name, threads=threads)
+        _, enc = bundle.load_encoder(EncoderOptions(variant=name), threads=threads)
         feats = [enc.encode_mels([enc.log_mel(r.wave)], [r.wave.size])[0] for r in refs]
         embs = [enc.project(f) for f in feats]
         fc = np.concatenate([_cos(f, r.feats) for f, r in zip(feats, refs)])
@@ -152,10 +153,10 @@ def parity_report(checkpoint_dir: str | Path, bundle_dir: str | Path, *, device:
 
     for dname in bundle.manifest.decoder.variants:
         # the runtime's default speed settings (f16 KV cache, flash attention) next to parity mode
-        _, fast = bundle.load_decoder(dname, n_ctx=n_ctx, threads=threads)
+        _, fast = bundle.load_decoder(DecoderOptions(variant=dname, n_ctx=n_ctx), threads=threads)
         with fast:
             fast_drift = drift(fast)
-        _, dec = bundle.load_decoder(dname, n_ctx=n_ctx, threads=threads, f32_kv=True)
+        _, dec = bundle.load_decoder(DecoderOptions(variant=dname, n_ctx=n_ctx, f32_kv=True), threads=threads)
         with dec:
             report["decoder"][dname] = drift(dec)  # parity mode: f32 KV, no flash attention
             report["decoder_default"][dname] = fast_drift

@@ -17,6 +17,7 @@ from . import gguf_meta as G
 from .errors import CheckpointError, ConfigError, OptionError
 from .manifest import MANIFEST, Manifest, check_file_name
 from .prompt import PromptFormat
+from .options import DecoderOptions, EncoderOptions
 
 if TYPE_CHECKING:
     from .decoder import LlamaDecoder
@@ -69,15 +70,17 @@ class Bundle:
         return name, self.file(section.variants[name].file)
 
     # -- loading checked pieces --------------------------------------------------------------
-    def load_encoder(self, name: str | None = None, **options: object) -> tuple[str, "AudioEncoder"]:
-        """An encoder variant with the bundle's projector, checked against the manifest;
-        ``options`` go to :class:`~mdl_edge.runtime.encoder.AudioEncoder`."""
+    def load_encoder(self, options: EncoderOptions = EncoderOptions(), *, threads: int | None = None) -> tuple[str, "AudioEncoder"]:
+        """The encoder variant ``options`` name (default: the manifest's) with the bundle's
+        projector, checked against the manifest."""
         from .encoder import AudioEncoder
 
-        name, path = self.variant("encoder", name)
+        name, path = self.variant("encoder", options.variant)
         m = self.manifest
         self.file(m.projector.file)
-        enc = AudioEncoder(self.dir, encoder_file=m.encoder.variants[name].file, projector_file=m.projector.file, **options)  # type: ignore[arg-type]
+        enc = AudioEncoder(self.dir, encoder_file=m.encoder.variants[name].file, projector_file=m.projector.file, threads=threads,
+                           max_batch=options.max_batch, provider=options.provider, static_frames=options.static_frames,
+                           precise_int8=options.precise_int8)
         if enc.source_hash != m.source_hash:
             raise CheckpointError(f"{path}: made from another checkpoint than this bundle (source hash {enc.source_hash} vs {m.source_hash})")
         if enc.embed_dim != m.encoder.embed_dim or enc.hidden_size != m.projector.hidden_size or m.projector.hidden_size != m.decoder.hidden_size:
@@ -102,11 +105,12 @@ class Bundle:
         if meta.get(G.KEY_AUDIO_TOKEN_ID) != m.tokens.audio:
             raise CheckpointError(f"{self.dir}: the tokenizer, decoder and manifest disagree on the <|AUDIO|> token id")
 
-    def load_decoder(self, name: str | None = None, **options: object) -> tuple[str, "LlamaDecoder"]:
-        """A decoder variant, its header checked against the manifest before llama.cpp loads it;
-        ``options`` go to :class:`~mdl_edge.runtime.decoder.LlamaDecoder`."""
+    def load_decoder(self, options: DecoderOptions = DecoderOptions(), *, threads: int | None = None) -> tuple[str, "LlamaDecoder"]:
+        """The decoder variant ``options`` name (default: the manifest's), its header checked
+        against the manifest before llama.cpp loads it."""
         from .decoder import LlamaDecoder
 
-        name, path = self.variant("decoder", name)
+        name, path = self.variant("decoder", options.variant)
         self.check_decoder(path, G.read_gguf_metadata(path))
-        return name, LlamaDecoder(path, **options)  # type: ignore[arg-type]
+        return name, LlamaDecoder(path, n_ctx=options.n_ctx, threads=threads, n_batch=options.n_batch, f32_kv=options.f32_kv,
+                                  flash_attn=options.flash_attn, extra_bufts=options.extra_bufts, one_batch=options.one_batch)

@@ -9,10 +9,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import ConfigError, MdlEdgeError, OptionError
-from .options import DEFAULT_MAX_NEW_TOKENS, default_parallel
+from .options import DEFAULT_MAX_NEW_TOKENS, DecoderOptions, EncoderOptions, default_parallel
+
+if TYPE_CHECKING:
+    from .pipeline import AudioLM
 
 EXPORT_HINT = "this command needs the export extra (PyTorch, transformers): pip install 'mdl-edge[export]'"
 
@@ -89,7 +92,7 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
 
     from .audio import expected_samples
     from .options import GenerationOptions, SamplingOptions, whole_number
-    from .pipeline import AudioLM, Request, Result
+    from .pipeline import Request, Result
     from .segments import SegmentOptions
     from .progress import Progress
     from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt
@@ -136,9 +139,7 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
         else:
             print(f"{path}: {res.text}", flush=True)
 
-    with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder, provider=args.provider,
-                 max_batch=args.max_batch, n_ctx=args.n_ctx, n_batch=args.n_batch, flash_attn=args.flash_attn,
-                 extra_bufts=_extra_bufts(args, parallel)) as lm:
+    with _audio_lm(args, parallel) as lm:
         if parallel == 1:
             for n_done, path in enumerate(args.audio):
                 bar.update(n_done, Path(path).name)
@@ -189,15 +190,32 @@ def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object) 
                              batch_size=args.batch_size, parallel=args.parallel, retries=args.retries, retry_errors=args.retry_errors)
     segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window) if task != "ask" \
         else SegmentOptions(mode="none")
-    lm_options = {k: v for k, v in dict(encoder=args.encoder, decoder=args.decoder, provider=args.provider, max_batch=args.max_batch,
-                                        n_ctx=args.n_ctx, n_batch=args.n_batch, flash_attn=args.flash_attn,
-                                        extra_bufts=_extra_bufts(args, args.parallel)).items() if v is not None}
+    encoder, decoder = _load_options(args, args.parallel)
     summary = answer_files(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options, segmenting=segmenting,  # type: ignore[arg-type]
-                           cluster=cluster, lm_options=lm_options,
+                           cluster=cluster, encoder=encoder, decoder=decoder,
                            on_row=None if args.no_progress else lambda r: print(f"{r['file']}: {r.get('error') or r['text']}", file=sys.stderr))
     print(f"mdl-edge: {summary.inputs} input(s): {summary.skipped} already in {summary.out}, {summary.answered} answered, "
           f"{summary.failed} failed ({summary.files_per_second:.2f} files/s over {summary.seconds:.1f} s)", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _load_options(args: argparse.Namespace, parallel: int) -> tuple[EncoderOptions, DecoderOptions]:
+    """The load-time options of a runtime command, built (and validated) once from its arguments;
+    a command without an option's flag gets the option's own default."""
+    enc, dec = EncoderOptions(), DecoderOptions()
+    encoder = EncoderOptions(variant=args.encoder, provider=getattr(args, "provider", enc.provider),
+                             max_batch=getattr(args, "max_batch", enc.max_batch))
+    decoder = DecoderOptions(variant=args.decoder, n_ctx=getattr(args, "n_ctx", dec.n_ctx), n_batch=getattr(args, "n_batch", dec.n_batch),
+                             flash_attn=getattr(args, "flash_attn", dec.flash_attn), extra_bufts=_extra_bufts(args, parallel))
+    return encoder, decoder
+
+
+def _audio_lm(args: argparse.Namespace, parallel: int) -> AudioLM:
+    """The one place a runtime command builds its :class:`AudioLM`."""
+    from .pipeline import AudioLM
+
+    encoder, decoder = _load_options(args, parallel)
+    return AudioLM(args.model, threads=args.threads, encoder=encoder, decoder=decoder)
 
 
 def _extra_bufts(args: argparse.Namespace, parallel: int) -> bool:
@@ -226,8 +244,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel, max_queue=args.max_queue,
                             max_upload_mb=args.max_upload_mb, max_audio_s=args.max_audio_s, model_id=args.model_id,
                             segmenting=SegmentOptions(max_segment=args.max_segment), n_ctx=args.n_ctx)
-    serve(args.model, options, threads=args.threads, encoder=args.encoder, decoder=args.decoder,
-          extra_bufts=_extra_bufts(args, args.parallel))
+    encoder, decoder = _load_options(args, args.parallel)
+    serve(args.model, options, threads=args.threads, encoder=encoder, decoder=decoder)
     return 0
 
 
@@ -237,7 +255,6 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
     one output per input)."""
     from . import constants as C
     from .audio import expected_samples
-    from .pipeline import AudioLM
     from .progress import Progress
     from .writers import SegmentWriter
 
@@ -247,9 +264,7 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
     if out is not None and many and not out.is_dir():
         raise OptionError("output", f"{out} must be an existing folder when several files are given (one output per input)")
     failed: list[str] = []
-    with AudioLM(args.model, threads=args.threads, encoder=args.encoder, decoder=args.decoder, provider=args.provider,
-                 max_batch=args.max_batch, n_ctx=args.n_ctx, n_batch=args.n_batch, flash_attn=args.flash_attn,
-                 extra_bufts=_extra_bufts(args, args.parallel)) as lm:
+    with _audio_lm(args, args.parallel) as lm:
         for path in args.audio:
             target = out / f"{Path(path).stem}.{fmt}" if out is not None and out.is_dir() else out
             stream = open(target, "w", encoding="utf-8") if target is not None else sys.stdout
@@ -257,7 +272,7 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
                 print(f"==> {path} <==", flush=True)
             writer = SegmentWriter(stream, fmt, source=str(path))
             n = expected_samples(path)
-            seg_s = segmenting.max_segment if mode == "vad" else segmenting.window  # type: ignore[attr-defined]
+            seg_s = segmenting.segment_seconds(mode)  # type: ignore[attr-defined]
             bar = Progress(max(1, -(-n // int(seg_s * C.SAMPLE_RATE))) if n else 1, "segments", enabled=not args.no_progress)
             error = None
             try:
@@ -608,13 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "the cores, at most 8, at most 2 under 8 GB of memory; 1 with --stream)")
         perf.add_argument("--threads", type=int, help="CPU threads (default: all available)")
         perf.add_argument("--n-ctx", type=int, help="decoder context in positions (default: sized to each request)")
-        perf.add_argument("--n-batch", type=int, default=512, help="prompt positions per llama.cpp batch (default: %(default)s)")
+        perf.add_argument("--n-batch", type=int, default=DecoderOptions().n_batch, help="prompt positions per llama.cpp batch (default: %(default)s)")
         perf.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=None,
                           help="llama.cpp flash attention (default: on; faster prompts, logits differ by round-off)")
         perf.add_argument("--extra-bufts", action=argparse.BooleanOptionalAction, default=None,
                           help="let llama.cpp repack weights for this CPU (faster decoding, +0.2 GB; default: on when several "
                                "sequences decode together and the build has no AMX)")
-        perf.add_argument("--provider", default="cpu", help="encoder execution provider: cpu or cuda (default: %(default)s)")
+        perf.add_argument("--provider", default=EncoderOptions().provider, help="encoder execution provider: cpu or cuda (default: %(default)s)")
         perf.add_argument("--max-batch", type=int, help="encoder chunks per ONNX run (default: 1 on cpu, 8 on cuda)")
         t.set_defaults(func=lambda a, task=task: _run_task(a, task), parser=t)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .errors import ConfigError, MdlEdgeError, one_line
-from .options import GenerationOptions, available_cores, default_parallel, whole_number
+from .options import DecoderOptions, EncoderOptions, GenerationOptions, available_cores, default_parallel, whole_number
 from .segments import SegmentOptions, TimedSegment
 
 logger = logging.getLogger("mdl_edge")
@@ -151,11 +151,12 @@ class FileAnswerer:
     """
 
     def __init__(self, model: str, *, prompt: str, task: str, options: GenerationOptions, segmenting: SegmentOptions,
-                 parallel: int, threads: int, lm_options: dict[str, Any] | None = None, crash_once: tuple[str, str] | None = None) -> None:
+                 parallel: int, threads: int, encoder: EncoderOptions = EncoderOptions(), decoder: DecoderOptions = DecoderOptions(),
+                 crash_once: tuple[str, str] | None = None) -> None:
         from .engine import Engine
         from .pipeline import AudioLM
 
-        self.lm = AudioLM(model, threads=threads, **(lm_options or {}))
+        self.lm = AudioLM(model, threads=threads, encoder=encoder, decoder=decoder)
         self.engine = Engine(self.lm, parallel=parallel)
         self.prompt, self.task, self.options, self.segmenting, self.parallel = prompt, task, options, segmenting, parallel
         self.mode = segmenting.resolved(task)
@@ -223,7 +224,8 @@ def answer_files(
     options: GenerationOptions = GenerationOptions(),
     segmenting: SegmentOptions = SegmentOptions(),
     cluster: ClusterOptions = ClusterOptions(),
-    lm_options: dict[str, Any] | None = None,
+    encoder: EncoderOptions = EncoderOptions(),
+    decoder: DecoderOptions = DecoderOptions(),
     on_row: Callable[[dict[str, Any]], None] | None = None,
     crash_once: tuple[str, str] | None = None,
 ) -> JobSummary:
@@ -231,7 +233,8 @@ def answer_files(
 
     ``inputs``: paths, globs and list files (see :func:`expand_inputs`), or a Ray Dataset with a
     ``path`` column. ``model``: a bundle folder every worker can read (shared storage, or shipped
-    with ``cluster.runtime_env``). Inputs already answered in ``out`` are skipped. ``on_row``
+    with ``cluster.runtime_env``). ``encoder`` / ``decoder``: each worker's load options. Inputs
+    already answered in ``out`` are skipped. ``on_row``
     sees each row as it is written. Ctrl-C stops the job and leaves ``out`` valid."""
     import ray
 
@@ -278,7 +281,7 @@ def answer_files(
                 compute=ActorPoolStrategy(size=cluster.workers, max_tasks_in_flight_per_actor=CALLS_PER_ACTOR,
                                           max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True),
                 fn_constructor_kwargs=dict(model=str(model), prompt=prompt, task=task, options=options, segmenting=segmenting,
-                                           parallel=cluster.parallel, threads=cpus, lm_options=lm_options, crash_once=crash_once),
+                                           parallel=cluster.parallel, threads=cpus, encoder=encoder, decoder=decoder, crash_once=crash_once),
                 num_cpus=cpus, max_restarts=-1, max_task_retries=cluster.retries, udf_modifying_row_count=True,
             )
         seen: set[str] = set()

@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, TokenEmbeddings, read_gguf_header
-from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, resolve_threads, whole_number
+from .options import DEFAULT_MAX_NEW_TOKENS, MIN_CTX, SamplingOptions, resolve_threads, whole_number
 
 logger = logging.getLogger("mdl_edge")
 _llama_logger = logging.getLogger("mdl_edge.llama_cpp")
@@ -201,7 +201,6 @@ def _init_backend() -> object:
     return llama_cpp
 
 
-MIN_CTX = 64  # smallest context accepted (llama.cpp itself rounds small sizes up to 256)
 
 
 def extra_bufts_safe() -> bool:

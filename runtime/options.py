@@ -1,9 +1,11 @@
 """What a caller can choose, as frozen dataclasses validated where they are built, and the one
 place that turns "threads: default" into a number (torch-free).
 
-``GenerationOptions`` travels from the command line (built once per run) or a Python caller,
-typed, through :class:`~mdl_edge.runtime.pipeline.AudioLM` to the decoder. Per-call callbacks
-(streamed text, encoder progress) are arguments of the call, not options.
+Load-time options (``EncoderOptions``, ``DecoderOptions``) are taken by
+:class:`~mdl_edge.runtime.pipeline.AudioLM` and built the same way by the command line, the
+server and the cluster path; ``GenerationOptions`` travels from the command line (built once per
+run) or a Python caller, typed, through ``AudioLM`` to the decoder. Per-call callbacks (streamed
+text, encoder progress) are arguments of the call, not options.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from .errors import OptionError
 
 #: Product decision 4: at most this many new tokens unless the caller says otherwise.
 DEFAULT_MAX_NEW_TOKENS = 256
+#: The smallest decoder context accepted (llama.cpp itself rounds small sizes up to 256).
+MIN_CTX = 64
+PROVIDERS = ("cpu", "cuda")
 
 
 def available_cores() -> int:
@@ -115,3 +120,75 @@ class GenerationOptions:
         if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
             raise OptionError("stop", f"must be a sequence of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
+
+
+def _flag(name: str, value: object, *, optional: bool = False) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise OptionError(name, f"must be true or false{' (or unset)' if optional else ''}, got {value!r}")
+
+
+def _variant(name: str, value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise OptionError(name, f"must be a variant name of the bundle, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderOptions:
+    """How the audio encoder is loaded. ``variant``: a name from the bundle's manifest (default:
+    its default); ``provider``: ``"cpu"`` or ``"cuda"`` (ONNX Runtime); ``max_batch``: chunks per
+    ONNX run (default 1 on the CPU, 8 on CUDA); ``static_frames``: pad every partial chunk to
+    1008 frames (static-shape backends); ``precise_int8``: ONNX Runtime's exact u8 x u8 int8
+    kernels (default: on exactly where the u8 x s8 ones can saturate). See
+    :class:`~mdl_edge.runtime.encoder.AudioEncoder`."""
+
+    variant: str | None = None
+    provider: str = "cpu"
+    max_batch: int | None = None
+    static_frames: bool = False
+    precise_int8: bool | None = None
+
+    def __post_init__(self) -> None:
+        _variant("encoder", self.variant)
+        if self.provider not in PROVIDERS:
+            raise OptionError("provider", f"must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        if self.max_batch is not None:
+            whole_number("max_batch", self.max_batch)
+        _flag("static_frames", self.static_frames)
+        _flag("precise_int8", self.precise_int8, optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderOptions:
+    """How the llama.cpp decoder is loaded. ``variant``: a name from the bundle's manifest;
+    ``n_ctx``: context in positions (default: automatic, sized to each request); ``n_batch``:
+    prompt positions per llama.cpp batch; ``f32_kv``: f32 KV cache (parity); ``flash_attn``:
+    default on, off in parity mode (``f32_kv``); ``extra_bufts``: llama.cpp's repacked weights;
+    ``one_batch``: the whole prompt in one batch. See :class:`~mdl_edge.runtime.decoder.LlamaDecoder`."""
+
+    variant: str | None = None
+    n_ctx: int | None = None
+    n_batch: int = 512
+    f32_kv: bool = False
+    flash_attn: bool | None = None
+    extra_bufts: bool = False
+    one_batch: bool = True
+
+    def __post_init__(self) -> None:
+        _variant("decoder", self.variant)
+        if self.n_ctx is not None:
+            whole_number("n_ctx", self.n_ctx, MIN_CTX, hint=" positions")
+        whole_number("n_batch", self.n_batch)
+        _flag("f32_kv", self.f32_kv)
+        _flag("flash_attn", self.flash_attn, optional=True)
+        _flag("extra_bufts", self.extra_bufts)
+        _flag("one_batch", self.one_batch)
+
+
+def encoder_options(value: "str | EncoderOptions | None") -> EncoderOptions:
+    """A variant name (or nothing) as :class:`EncoderOptions`; options as they are."""
+    return value if isinstance(value, EncoderOptions) else EncoderOptions(variant=value)
+
+
+def decoder_options(value: "str | DecoderOptions | None") -> DecoderOptions:
+    """A variant name (or nothing) as :class:`DecoderOptions`; options as they are."""
+    return value if isinstance(value, DecoderOptions) else DecoderOptions(variant=value)

@@ -28,7 +28,7 @@ from .batching import NOT_READY, DecodeRequest, Failed, generate_many
 from .decoder import Segment, Stream, split_prompt
 from .errors import AudioError, MdlEdgeError
 from .mel import log_mel_blocks
-from .options import GenerationOptions, resolve_threads, whole_number
+from .options import DecoderOptions, EncoderOptions, GenerationOptions, decoder_options, encoder_options, resolve_threads, whole_number
 from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt, user_message
 from .segments import SegmentOptions, TimedSegment, segment_stream
 
@@ -70,14 +70,12 @@ class Result:
 class AudioLM:
     """MiDashengLM on a CPU from a bundle made by ``mdl-edge export``.
 
-    Keyword options: ``threads`` (default: the cores available), ``encoder`` / ``decoder``
-    (variant names from the bundle's manifest; default: the manifest's defaults);
-    for the encoder ``provider`` (``"cpu"`` or ``"cuda"``), ``max_batch`` (chunks per ONNX
-    run), ``static_frames`` and ``precise_int8`` (see :class:`~mdl_edge.runtime.encoder.AudioEncoder`);
-    for the decoder ``n_ctx`` (context in positions; default: automatic, sized to each
-    request), ``n_batch`` (prompt positions per llama.cpp batch), ``f32_kv`` (f32 KV cache, for
-    parity), ``flash_attn`` (default on, off in parity mode: ``f32_kv=True``), ``extra_bufts``
-    (repacked weights), ``one_batch`` (see :class:`~mdl_edge.runtime.decoder.LlamaDecoder`).
+    Keyword options: ``threads`` (default: the cores available); ``encoder``: an
+    :class:`~mdl_edge.runtime.options.EncoderOptions` or just a variant name from the bundle's
+    manifest (provider, chunks per ONNX run, static frames, exact int8 kernels); ``decoder``: a
+    :class:`~mdl_edge.runtime.options.DecoderOptions` or a variant name (context size, prompt
+    batch, f32 KV cache for parity, flash attention, repacked weights). Unset: the manifest's
+    default variants with default options.
 
     One instance is safe to share between threads: generations take turns on the one llama.cpp
     context. A stream holds the context until it is read to the end or closed.
@@ -88,29 +86,15 @@ class AudioLM:
         path: str | Path,
         *,
         threads: int | None = None,
-        encoder: str | None = None,
-        decoder: str | None = None,
-        provider: str = "cpu",
-        max_batch: int | None = None,
-        n_ctx: int | None = None,
-        n_batch: int = 512,
-        f32_kv: bool = False,
-        flash_attn: bool | None = None,
-        extra_bufts: bool = False,
-        one_batch: bool = True,
-        static_frames: bool = False,
-        precise_int8: bool | None = None,
+        encoder: str | EncoderOptions | None = None,
+        decoder: str | DecoderOptions | None = None,
     ) -> None:
         threads = resolve_threads(threads)
         self.bundle = Bundle.open(path)
         self.prompt = self.bundle.prompt
-        self.encoder_variant, self.encoder = self.bundle.load_encoder(
-            encoder, threads=threads, max_batch=max_batch, provider=provider, static_frames=static_frames, precise_int8=precise_int8
-        )
-        self.decoder_variant, self.decoder = self.bundle.load_decoder(
-            decoder, n_ctx=n_ctx, threads=threads, n_batch=n_batch, f32_kv=f32_kv, flash_attn=flash_attn, extra_bufts=extra_bufts,
-            one_batch=one_batch,
-        )
+        self.encoder_options, self.decoder_options = encoder_options(encoder), decoder_options(decoder)
+        self.encoder_variant, self.encoder = self.bundle.load_encoder(self.encoder_options, threads=threads)
+        self.decoder_variant, self.decoder = self.bundle.load_decoder(self.decoder_options, threads=threads)
         self.threads = threads
         # Recent clips' embeddings, for follow-up questions: source key -> (embeddings, samples).
         self._cache: OrderedDict[bytes, tuple[np.ndarray, int]] = OrderedDict()

@@ -21,6 +21,7 @@ probabilities (``avg_logprob`` and the like are null); ``audio_url`` parts must 
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at run
 # time, and the handlers' Request type is imported inside create_app (the extra is optional).
+import dataclasses
 import asyncio
 import base64
 import binascii
@@ -44,7 +45,7 @@ from . import constants as C
 from .audio import AudioSource, expected_samples, iter_audio
 from .engine import Engine, Ticket
 from .errors import AudioError, ConfigError, MdlEdgeError, OptionError, one_line
-from .options import GenerationOptions, SamplingOptions, default_parallel, whole_number
+from .options import DecoderOptions, EncoderOptions, GenerationOptions, SamplingOptions, decoder_options, default_parallel, whole_number
 from .pipeline import AudioLM, Request, Result
 from .prompt import CAPTION_PROMPT, transcribe_prompt
 from .segments import SegmentOptions, TimedSegment
@@ -834,15 +835,26 @@ def _transcript_response(payload: Result | list[TimedSegment], fmt: str, seconds
 
 
 # -- running it ---------------------------------------------------------------------------------
+def _load(model: str | Path, options: ServerOptions, threads: int | None, encoder: str | EncoderOptions | None,
+          decoder: str | DecoderOptions | None) -> AudioLM:
+    """The server's model: the decoder's context sized for the requests decoding together unless
+    the decoder options say otherwise."""
+    dec = decoder_options(decoder)
+    if dec.n_ctx is None:
+        dec = dataclasses.replace(dec, n_ctx=options.context_size)
+    return AudioLM(model, threads=threads, encoder=encoder, decoder=dec)
+
+
 class Server:
     """A server on a background thread (embedding apps, tests): ``with Server(model_dir) as s:``
-    then talk to ``s.url``. ``lm_options`` go to :class:`AudioLM` (``threads``, ``decoder``, ...);
-    ``port=0`` picks a free port."""
+    then talk to ``s.url``. ``threads``, ``encoder`` and ``decoder`` are :class:`AudioLM`'s load
+    options; ``port=0`` picks a free port."""
 
-    def __init__(self, model: str | Path | AudioLM, options: ServerOptions = ServerOptions(), **lm_options: Any) -> None:
+    def __init__(self, model: str | Path | AudioLM, options: ServerOptions = ServerOptions(), *, threads: int | None = None,
+                 encoder: str | EncoderOptions | None = None, decoder: str | DecoderOptions | None = None) -> None:
         import uvicorn
 
-        self.lm = model if isinstance(model, AudioLM) else AudioLM(model, **{"n_ctx": options.context_size, **lm_options})
+        self.lm = model if isinstance(model, AudioLM) else _load(model, options, threads, encoder, decoder)
         self._own_lm = not isinstance(model, AudioLM)
         self.options = options
         self.app = create_app(self.lm, options)
@@ -886,13 +898,14 @@ class Server:
         self.stop()
 
 
-def serve(model: str | Path, options: ServerOptions = ServerOptions(), **lm_options: Any) -> None:
+def serve(model: str | Path, options: ServerOptions = ServerOptions(), *, threads: int | None = None,
+          encoder: str | EncoderOptions | None = None, decoder: str | DecoderOptions | None = None) -> None:
     """Serve a bundle in the foreground until interrupted (``mdl-edge serve``)."""
     import uvicorn
 
     if not options.local and options.api_key is None:
         logger.warning("serving on %s without --api-key: anyone who can reach this address can use the model", options.host)
-    lm = AudioLM(model, **{"n_ctx": options.context_size, **lm_options})
+    lm = _load(model, options, threads, encoder, decoder)
     try:
         app = create_app(lm, options)
         logger.info("serving %s on http://%s:%d (%d decoded together in %d positions, %d waiting at most)", Path(model).name,

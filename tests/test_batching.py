@@ -16,6 +16,7 @@ from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.options import SamplingOptions
 from mdl_edge.runtime.pipeline import AudioLM, Request
 from mdl_edge.runtime.prompt import CAPTION_PROMPT, user_message
+from mdl_edge.runtime.options import DecoderOptions
 
 SECONDS = [0.5, 1.0, 2.5, 4.0, 7.0, 12.0]
 
@@ -115,7 +116,7 @@ def test_audiolm_run_many_files(bundle, tmp_path, overlap: bool) -> None:
     bad.write_bytes(b"RIFF0000WAVEnot really")
     paths.insert(2, bad)
     options = G(max_new_tokens=12)
-    with AudioLM(bundle, encoder="fp32", decoder="f32", f32_kv=True) as lm:
+    with AudioLM(bundle, encoder="fp32", decoder=DecoderOptions(variant="f32", f32_kv=True)) as lm:
         single = {p: lm.caption(p, options) for p in paths if p != bad}
         pieces: dict[Path, list[str]] = {p: [] for p in paths}
         reqs = [Request(audio=p, options=options, tag=p, on_text=pieces[p].append) for p in paths]
@@ -175,7 +176,7 @@ def test_stop_strings_cancel_and_same_clip_prefix(bundle) -> None:
     """Stop strings end single and batched answers alike; a request whose cancelled() is true ends
     before any work; questions about one clip (audio first) share its decoded prompt start."""
     clip = chirp(3.0, 7)
-    with AudioLM(bundle, encoder="fp32", decoder="f32", f32_kv=True) as lm:
+    with AudioLM(bundle, encoder="fp32", decoder=DecoderOptions(variant="f32", f32_kv=True)) as lm:
         full = lm.generate(clip, "What is heard?", G(max_new_tokens=16), sample_rate=C.SAMPLE_RATE).text
         stop = full[6:9]
         assert stop.strip()

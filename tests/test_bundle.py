@@ -26,6 +26,7 @@ from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.options import SamplingOptions, resolve_threads
 from mdl_edge.runtime.pipeline import AudioLM
 from mdl_edge.runtime.prompt import CAPTION_PROMPT
+from mdl_edge.runtime.options import DecoderOptions, EncoderOptions
 
 
 def _clip(seconds: float, seed: int = 0) -> np.ndarray:
@@ -280,17 +281,33 @@ def test_cli_usage_errors_name_the_option(bundle, wav, capsys, args, flag) -> No
     assert flag in err and "usage: mdl-edge" in err, err
 
 
-def test_cli_usage_errors_found_after_loading_name_the_option(bundle, wav, capsys) -> None:
+def test_cli_load_option_errors_name_the_option(bundle, wav, capsys) -> None:
+    """Load-time options are validated where their objects are built (before the model loads);
+    a variant the bundle lacks is found when it opens. Each exits 2 naming the flag."""
     assert main(["caption", str(wav), "--model", str(bundle), "--n-ctx", "8"]) == 2
-    assert "argument --n-ctx: n_ctx must be at least 64" in capsys.readouterr().err
+    assert "argument --n-ctx: must be a whole number >= 64 positions, got 8" in capsys.readouterr().err
     assert main(["caption", str(wav), "--model", str(bundle), "--decoder", "Q2_K"]) == 2
     assert "argument --decoder:" in capsys.readouterr().err
     assert main(["caption", str(wav), "--model", str(bundle), "--max-batch", "0"]) == 2
     assert "argument --max-batch: must be a whole number >= 1, got 0" in capsys.readouterr().err
+    assert main(["caption", str(wav), "--model", str(bundle), "--provider", "tpu"]) == 2
+    assert "argument --provider: must be one of cpu, cuda, got 'tpu'" in capsys.readouterr().err
+
+
+def test_load_options_are_validated_where_built() -> None:
+    from mdl_edge.runtime.errors import OptionError
+
+    for build, match in ((lambda: DecoderOptions(n_ctx=8), "n_ctx"), (lambda: DecoderOptions(n_batch=0), "n_batch"),
+                         (lambda: DecoderOptions(f32_kv="yes"), "f32_kv"), (lambda: EncoderOptions(max_batch=0), "max_batch"),
+                         (lambda: EncoderOptions(provider="tpu"), "provider"), (lambda: EncoderOptions(variant=""), "encoder")):
+        with pytest.raises(OptionError, match=match):
+            build()
+    with pytest.raises(TypeError):
+        AudioLM("/nonexistent", n_ctx=1024)  # the knobs travel in option objects only
 
 
 def test_knobs_reach_the_encoder_and_decoder(bundle, wav, capsys) -> None:
-    with AudioLM(bundle, threads=1, max_batch=3, n_ctx=1024, n_batch=64, flash_attn=True) as lm:
+    with AudioLM(bundle, threads=1, encoder=EncoderOptions(max_batch=3), decoder=DecoderOptions(n_ctx=1024, n_batch=64, flash_attn=True)) as lm:
         assert lm.encoder.max_batch == 3 and lm.encoder.threads == 1
         assert lm.decoder.n_ctx == 1024 and lm.decoder.n_batch == 64 and lm.decoder.threads == 1 and not lm.decoder.auto_ctx
         res = lm.caption(wav, G(max_new_tokens=3))

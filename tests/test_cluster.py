@@ -27,6 +27,7 @@ from mdl_edge.runtime.cli import main  # noqa: E402
 from mdl_edge.runtime.cluster import ClusterOptions, answer_files, answered_files, expand_inputs, rows_in  # noqa: E402
 from mdl_edge.runtime.options import GenerationOptions  # noqa: E402
 from mdl_edge.runtime.prompt import CAPTION_PROMPT  # noqa: E402
+from mdl_edge.runtime.options import DecoderOptions, EncoderOptions
 
 COMMON = ["--encoder", "fp32", "--decoder", "f32", "--max-new-tokens", "10", "--parallel", "2", "--no-progress"]
 
@@ -99,7 +100,7 @@ def test_a_killed_actor_is_replaced_and_its_files_answered(local_ray, bundle, cl
     out = tmp_path / "rows.parquet"
     summary = answer_files(good, bundle, out=out, prompt=CAPTION_PROMPT, options=GenerationOptions(max_new_tokens=10),
                            cluster=ClusterOptions(workers=2, cpus_per_worker=1, batch_size=2, parallel=2),
-                           lm_options=dict(encoder="fp32", decoder="f32"), crash_once=("clip07.wav", str(marker)))
+                           encoder=EncoderOptions(variant="fp32"), decoder=DecoderOptions(variant="f32"), crash_once=("clip07.wav", str(marker)))
     assert marker.is_file()  # an actor died (os._exit) holding clip07's batch
     assert (summary.answered, summary.failed) == (len(good), 0)
     rows = {r["file"]: r for r in rows_in(out)}  # Parquet, written when the job completed
@@ -156,7 +157,7 @@ def test_long_recordings_are_segmented_as_on_one_machine(local_ray, bundle, tmp_
     out = tmp_path / "rows.jsonl"
     answer_files([str(path)], bundle, out=out, prompt="Transcribe the speech into text", task="transcribe", options=options,
                  segmenting=segmenting, cluster=ClusterOptions(workers=1, cpus_per_worker=2, parallel=2),
-                 lm_options=dict(encoder="fp32", decoder="f32"))
+                 encoder=EncoderOptions(variant="fp32"), decoder=DecoderOptions(variant="f32"))
     rows = sorted(rows_in(out), key=lambda r: r["segment"])
     assert [(r["start"], r["end"], r["text"]) for r in rows] == [(round(s.start, 3), round(s.end, 3), s.text) for s in want]
     assert all(r["n_segments"] == len(want) for r in rows) and answered_files(out) == {str(path)}

@@ -13,13 +13,14 @@ from mdl_edge.runtime.engine import Engine
 from mdl_edge.runtime.errors import MdlEdgeError
 from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.pipeline import AudioLM, Request
+from mdl_edge.runtime.options import DecoderOptions
 
 
 
 
 @pytest.fixture(scope="module")
 def lm(bundle):
-    with AudioLM(bundle, encoder="fp32", decoder="f32", f32_kv=True, threads=2) as m:
+    with AudioLM(bundle, encoder="fp32", decoder=DecoderOptions(variant="f32", f32_kv=True), threads=2) as m:
         yield m
 
 

@@ -14,6 +14,7 @@ from mdl_edge.runtime.cli import main
 from mdl_edge.runtime.errors import CheckpointError, ConfigError
 from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.pipeline import AudioLM
+from mdl_edge.runtime.options import DecoderOptions
 
 
 def _clip(n: int) -> np.ndarray:
@@ -27,7 +28,7 @@ def test_runtime_greedy_equals_reference(bundle, tiny_qwen2_model, seconds: floa
     the same tokens as the PyTorch reference."""
     wave = _clip(int(seconds * C.SAMPLE_RATE))
     ref = tiny_qwen2_model.generate(wave, "Caption the audio.", max_new_tokens=24)
-    with AudioLM(bundle, encoder="fp32", decoder="f32", f32_kv=True) as lm:
+    with AudioLM(bundle, encoder="fp32", decoder=DecoderOptions(variant="f32", f32_kv=True)) as lm:
         got = lm.generate(wave, "Caption the audio.", G(max_new_tokens=24), sample_rate=C.SAMPLE_RATE)
     assert got.n_audio_tokens == ref.n_audio_tokens == C.n_audio_tokens(wave.size)
     assert got.token_ids == ref.token_ids, f"{seconds} s: runtime {got.token_ids[:10]} vs reference {ref.token_ids[:10]}"
@@ -67,12 +68,12 @@ def test_context_grows_to_fit_and_fixed_context_is_enforced(bundle) -> None:
         assert lm.decoder.n_ctx % AUTO_CTX_STEP == 0 and 1050 < lm.decoder.n_ctx < 1050 + 6 + 64 + AUTO_CTX_STEP
         again = lm.caption(wave[: 2 * C.SAMPLE_RATE], G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE)
     assert again.token_ids == short.token_ids  # a resized context starts from an empty cache
-    with AudioLM(bundle, encoder="fp32", decoder="f32", n_ctx=4096) as lm:
+    with AudioLM(bundle, encoder="fp32", decoder=DecoderOptions(variant="f32", n_ctx=4096)) as lm:
         assert lm.caption(wave, G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE).token_ids == grown.token_ids
-    with AudioLM(bundle, decoder="f32", n_ctx=512) as lm, pytest.raises(ConfigError, match="context holds 512"):
+    with AudioLM(bundle, decoder=DecoderOptions(variant="f32", n_ctx=512)) as lm, pytest.raises(ConfigError, match="context holds 512"):
         lm.caption(wave, G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE)
-    with pytest.raises(ConfigError, match="n_ctx must be at least 64"):
-        AudioLM(bundle, n_ctx=8)
+    with pytest.raises(ConfigError, match="n_ctx: must be a whole number >= 64"):
+        DecoderOptions(n_ctx=8)
 
 
 def test_swapped_decoder_is_refused(bundle, tiny_dir, tmp_path) -> None:
@@ -192,7 +193,7 @@ def test_cli_repacks_weights_for_batched_decoding_where_safe(bundle, tmp_path, m
         pass
 
     def fake(path, **kw):  # noqa: ANN001, ANN202
-        seen.append(kw["extra_bufts"])
+        seen.append(kw["decoder"].extra_bufts)
         raise Stop
 
     monkeypatch.setattr(pipeline, "AudioLM", fake)

@@ -18,6 +18,7 @@ from mdl_edge.runtime.pipeline import AudioLM
 from mdl_edge.runtime.prompt import transcribe_prompt
 from mdl_edge.runtime.segments import SegmentOptions, TimedSegment, segment_stream
 from mdl_edge.runtime.writers import SegmentWriter, timestamp
+from mdl_edge.runtime.options import DecoderOptions
 
 SENTENCES = [
     "the meeting starts at nine in the morning", "please open the window", "yesterday it rained all day long",
@@ -170,7 +171,7 @@ def test_segments_equal_the_reference_on_their_samples(bundle, tiny_qwen2_model,
     x = speech[0][15.0][: int(30 * C.SAMPLE_RATE)]
     opts = SegmentOptions(mode="vad", max_segment=8.0)
     want = [(s, w) for s, w in segment_stream(_blocks(x), opts, "vad")]
-    with AudioLM(bundle, encoder="fp32", decoder="f32", f32_kv=True) as lm:
+    with AudioLM(bundle, encoder="fp32", decoder=DecoderOptions(variant="f32", f32_kv=True)) as lm:
         got = list(lm.transcribe_segments(x, G(max_new_tokens=8), segmenting=opts, sample_rate=C.SAMPLE_RATE, parallel=2))
     assert [g.index for g in got] == list(range(len(want)))
     for g, (s, w) in zip(got, want):

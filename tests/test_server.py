@@ -28,8 +28,9 @@ from mdl_edge.runtime.pipeline import AudioLM  # noqa: E402
 from mdl_edge.runtime.prompt import CAPTION_PROMPT, TRANSCRIBE_PROMPT  # noqa: E402
 from mdl_edge.runtime.segments import SegmentOptions  # noqa: E402
 from mdl_edge.runtime.server import Server, ServerOptions  # noqa: E402
+from mdl_edge.runtime.options import DecoderOptions
 
-LM = dict(threads=2, encoder="fp32", decoder="f32", f32_kv=True)  # parity mode: the answers are compared token for token
+LM = dict(threads=2, encoder="fp32", decoder=DecoderOptions(variant="f32", f32_kv=True))  # parity mode: the answers are compared token for token
 KEY = "test-key-123"
 
 

@@ -116,7 +116,7 @@ def main() -> int:
     from mdl_edge.export.reference_model import MiDashengLM, load_audio_tower
     from mdl_edge.runtime.audio import demo_clip
     from mdl_edge.runtime.cpu import cpu_info
-    from mdl_edge.runtime.options import GenerationOptions
+    from mdl_edge.runtime.options import DecoderOptions, GenerationOptions
     from mdl_edge.runtime.pipeline import AudioLM
 
     work = args.work.resolve()
@@ -136,7 +136,7 @@ def main() -> int:
         write_mmproj(enc, proj, pair / f"mmproj-{mm_type}.gguf", dtype=mm_type)
         bundle = export_bundle(pair, root / f"bundle-{mm_type}", encoders=["fp32", "int8"], decoders=["f32"], progress=lambda *_: None)
         options = GenerationOptions(max_new_tokens=args.tokens)
-        with AudioLM(bundle, encoder="fp32", decoder="f32", f32_kv=True, flash_attn=False) as lm:
+        with AudioLM(bundle, encoder="fp32", decoder=DecoderOptions(variant="f32", f32_kv=True, flash_attn=False)) as lm:
             for s in CLIPS_S:
                 wave = demo_clip(s, seed=int(s * 100))[: int(s * C.SAMPLE_RATE)]
                 emb, _ = lm.embed(wave, sample_rate=C.SAMPLE_RATE)
