@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .errors import ConfigError, MdlEdgeError, OptionError
-from .options import DEFAULT_MAX_NEW_TOKENS, DecoderOptions, EncoderOptions, default_parallel
+from .options import DEFAULT_MAX_NEW_TOKENS, DecoderOptions, EncoderOptions, SamplingOptions, default_parallel
 
 if TYPE_CHECKING:
     from .pipeline import AudioLM
@@ -236,7 +236,13 @@ def _command_plugins() -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``mdl-edge`` (exposed for docs and tests)."""
+    """The argument parser of ``mdl-edge`` (exposed for docs and tests). Defaults come from the
+    option objects the commands build, stated there once."""
+    from .cluster import ClusterOptions
+    from .segments import SegmentOptions
+    from .server import ServerOptions
+
+    seg_d, cl_d, sv_d = SegmentOptions(), ClusterOptions(), ServerOptions()
     p = argparse.ArgumentParser(
         prog="mdl-edge",
         description="Run MiDashengLM (audio captioning, ASR, audio QA) on a CPU.",
@@ -266,17 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--encoder", help="encoder variant (default: the bundle's)")
         t.add_argument("--decoder", help="decoder variant (default: the bundle's)")
         t.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="new-token limit (default: %(default)s)")
-        t.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        t.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+        t.add_argument("--temperature", type=float, default=SamplingOptions().temperature, help="0 = greedy (default)")
+        t.add_argument("--seed", type=int, default=SamplingOptions().seed, help="sampling seed (with --temperature > 0)")
         t.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
         t.add_argument("--stream", action="store_true", help="print tokens as they are generated")
         if task != "ask":
             seg = t.add_argument_group("long recordings (files longer than a segment are cut and answered segment by segment)")
-            seg.add_argument("--segment", default="auto", choices=("auto", "vad", "window", "none"),
+            seg.add_argument("--segment", default=seg_d.mode, choices=("auto", "vad", "window", "none"),
                              help="auto (default): files longer than one segment are cut, at pauses to transcribe (vad), in fixed "
                                   "windows to caption; vad / window: every file; none: the whole file at once")
-            seg.add_argument("--max-segment", type=float, default=30.0, metavar="S", help="longest vad segment in seconds (default: %(default)s)")
-            seg.add_argument("--window", type=float, default=10.0, metavar="S", help="caption window in seconds (default: %(default)s)")
+            seg.add_argument("--max-segment", type=float, default=seg_d.max_segment, metavar="S", help="longest vad segment in seconds (default: %(default)s)")
+            seg.add_argument("--window", type=float, default=seg_d.window, metavar="S", help="caption window in seconds (default: %(default)s)")
             seg.add_argument("--format", choices=("txt", "json", "jsonl", "srt", "vtt"),
                              help="timed segments in this format (default for long files: txt; jsonl with --json)")
             seg.add_argument("-o", "--output", help="write there: a file, or for several inputs an existing folder (one output per input)")
@@ -285,11 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
         cl.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="local (default): this process; ray: a pool of Ray actors, rows appended to --out as they come")
         cl.add_argument("--out", help="with --engine ray: results as JSON Lines (or .parquet); a rerun with the same --out answers only what is missing")
-        cl.add_argument("--workers", type=int, default=1, help="with --engine ray: actors, each loading the bundle once (default: %(default)s)")
+        cl.add_argument("--workers", type=int, default=cl_d.workers, help="with --engine ray: actors, each loading the bundle once (default: %(default)s)")
         cl.add_argument("--cpus-per-worker", type=int, help="with --engine ray: CPUs (threads) per actor (default: a local instance's cores shared out)")
         cl.add_argument("--ray-address", help="with --engine ray: a running cluster (auto, ray://HOST:10001; default: start a local instance)")
-        cl.add_argument("--batch-size", type=int, default=8, help="with --engine ray: files per actor call (default: %(default)s)")
-        cl.add_argument("--retries", type=int, default=3, help="with --engine ray: tries again of a batch whose actor died (default: %(default)s)")
+        cl.add_argument("--batch-size", type=int, default=cl_d.batch_size, help="with --engine ray: files per actor call (default: %(default)s)")
+        cl.add_argument("--retries", type=int, default=cl_d.retries, help="with --engine ray: tries again of a batch whose actor died (default: %(default)s)")
         cl.add_argument("--retry-errors", action="store_true", help="with --engine ray: a rerun also retries files whose row is an error")
         perf = t.add_argument_group("performance")
         perf.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
@@ -311,16 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Serve a bundle through OpenAI's audio API: POST /v1/audio/transcriptions, POST "
                                     "/v1/chat/completions (input_audio parts), GET /v1/models, /health, /metrics, and a page at /.")
     sv.add_argument("--model", required=True, help="bundle folder made by `mdl-edge export`")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
-    sv.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
+    sv.add_argument("--host", default=sv_d.host, help="address to bind (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=int, default=sv_d.port, help="(default: %(default)s)")
     sv.add_argument("--api-key", default=os.environ.get("MDL_EDGE_API_KEY"),
                     help="require Authorization: Bearer KEY on /v1 and /metrics (default: $MDL_EDGE_API_KEY, else none)")
     sv.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
                     help="requests decoded together (default here: %(default)s)")
-    sv.add_argument("--max-queue", type=int, default=16, metavar="N", help="admitted requests waiting beyond those; more get 503 (default: %(default)s)")
-    sv.add_argument("--max-upload-mb", type=float, default=25.0, help="largest upload; more gets 413 (default: %(default)s)")
-    sv.add_argument("--max-audio-s", type=float, default=3600.0, help="longest recording; more gets 413 (default: %(default)s)")
-    sv.add_argument("--max-segment", type=float, default=30.0, metavar="S",
+    sv.add_argument("--max-queue", type=int, default=sv_d.max_queue, metavar="N", help="admitted requests waiting beyond those; more get 503 (default: %(default)s)")
+    sv.add_argument("--max-upload-mb", type=float, default=sv_d.max_upload_mb, help="largest upload; more gets 413 (default: %(default)s)")
+    sv.add_argument("--max-audio-s", type=float, default=sv_d.max_audio_s, help="longest recording; more gets 413 (default: %(default)s)")
+    sv.add_argument("--max-segment", type=float, default=sv_d.segmenting.max_segment, metavar="S",
                     help="longer transcriptions are cut at pauses into segments of at most S seconds (default: %(default)s)")
     sv.add_argument("--n-ctx", type=int, help="decoder positions shared by the requests decoding together, allocated at start "
                     "(default: 2048 per --parallel)")

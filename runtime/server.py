@@ -21,10 +21,10 @@ probabilities (``avg_logprob`` and the like are null); ``audio_url`` parts must 
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at run
 # time, and the handlers' Request type is imported inside create_app (the extra is optional).
-import dataclasses
 import asyncio
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import logging
