@@ -129,7 +129,7 @@ def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, token
     configs += [(f"runtime {e} + {d}", [e, d], {}) for e, d in variants]
     if legacy and variants:
         e, d = variants[-1]
-        configs.append((f"runtime {e} + {d}, as before #12 (padded chunks, 3-call prompt, no flash attention)", [e, d], LEGACY))
+        configs.append((f"runtime {e} + {d}, legacy (padded chunks, 3-call prompt, no flash attention)", [e, d], LEGACY))
     results = []
     for config, pair, options in configs:
         job = {"config": config, "variants": pair, "options": options, "model": str(model), "bundle": str(bundle),
@@ -224,12 +224,12 @@ def goal_lines(results: list[dict[str, Any]]) -> list[str]:
                    f"{verdict(r['peak_rss_gb'] <= GOALS['peak_rss_gb'])}), real-time factor {r['total'] / r['seconds']:.3f}")
     for s, r in sorted(by_len.items()):
         if s in old:
-            out.append(f"{fast['config']} vs as before #12, {s:g} s clip: time to first token {r['ttft'] / old[s]['ttft']:.2f}x, "
+            out.append(f"{fast['config']} vs legacy, {s:g} s clip: time to first token {r['ttft'] / old[s]['ttft']:.2f}x, "
                        f"prompt {r['prefill'] / old[s]['prefill']:.2f}x, encoder {r['encoder'] / old[s]['encoder']:.2f}x")
     return out
 
 
-# -- many sequences at once (issue #13) ------------------------------------------------------------
+# -- many sequences at once --------------------------------------------------------------------------
 PARALLEL = (1, 2, 4, 8)
 PARALLEL_GOALS = {"decode_4": 2.0, "decode_8": 2.5, "files_4": 1.6, "rss_4_gb": 0.3}
 

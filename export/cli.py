@@ -373,7 +373,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     b.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mdl-edge-bench"))
     b.add_argument("--clips", default=None, help="clip lengths in seconds (default: 1,2,3,5,10,30,60,300; 7b: 1,3,5,10,30)")
     b.add_argument("--no-reference", action="store_true", help="time the runtime only (always so for --preset 7b)")
-    b.add_argument("--no-legacy", action="store_true", help="leave out the configuration that runs as before issue #12")
+    b.add_argument("--no-legacy", action="store_true", help="leave out the legacy configuration (partial chunks padded to 1008 frames, the prompt in three calls, flash attention off)")
     b.add_argument("--parallel", nargs="?", const="1,2,4,8", metavar="N,N,...",
                    help="instead: aggregate decode rate and files/s at these numbers of sequences decoded together (default 1,2,4,8; "
                         "clips default 5,30; decoders Q4_K_M and f16, or those of --variants)")

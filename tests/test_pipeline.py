@@ -158,13 +158,13 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     table = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert [r["config"] for r in results][:3] == ["reference fp32 (PyTorch)", "runtime fp32 + f32", "runtime int8 + Q8_0"]
-    assert results[3]["config"].startswith("runtime int8 + Q8_0, as before #12") and len(results) == 4
+    assert results[3]["config"].startswith("runtime int8 + Q8_0, legacy") and len(results) == 4
     assert all(len(r["clips"]) == 2 and all(c["peak_rss_gb"] > 0 for c in r["clips"]) for r in results)
     assert table.startswith("CPU: ") and "fp32 GEMM" in table.splitlines()[1] and "memory read" in table.splitlines()[1]
     # the goals name the configuration they judge (int8 + Q4_K_M when timed, else the last one)
     assert "goal (runtime int8 + Q8_0, 3 s clip): total" in table and "time to first token" in table
     assert "goal (runtime int8 + Q8_0, 30 s clip): peak RSS" in table
-    assert "vs as before #12, 3 s clip" in table
+    assert "vs legacy, 3 s clip" in table
     row = next(line for line in table.splitlines() if line.startswith("| runtime int8 + Q8_0 | 3 s"))
     assert row.count("%") == 3, row  # encoder, prompt and decoding each as a fraction of the machine's rate
 

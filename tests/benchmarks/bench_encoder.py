@@ -11,7 +11,7 @@ checkpoint (``mdl-edge synth --preset 0.6b``). Measured in one run:
 - one full 1008-frame chunk per path, its achieved rate and the fraction of the peak of its
   precision;
 - 1, 3, 5, 10 and 12 s clips per ONNX variant, each partial chunk at its own length and (as
-  before issue #12) padded to 1008 frames, with the ratios of the goals (3 s vs 10 s, 12 s vs 10 s);
+  as the legacy runtime did) padded to 1008 frames, with the ratios of the goals (3 s vs 10 s, 12 s vs 10 s);
 - int8 per-frame cosine to fp32 on a 30 s clip, with and without ONNX Runtime's exact int8
   kernels (``session.x64quantprecision``), and which one this CPU gets by default.
 """
@@ -88,7 +88,7 @@ def main() -> None:
             e = AudioEncoder(onnx_dir, encoder_file=variant_file(v), threads=args.threads, max_batch=1, static_frames=padded)
             for sec, w in clips.items():
                 s = best_of(lambda: e.encode_mels([mels[sec]], [w.size]), args.repeats, warmup=True)
-                rows.append({"what": f"ORT {v}, {'padded to 1008 frames (before #12)' if padded else 'own length'}", "variant": v, "padded": padded,
+                rows.append({"what": f"ORT {v}, {'padded to 1008 frames (legacy)' if padded else 'own length'}", "variant": v, "padded": padded,
                              "seconds": sec, "s": s, "gops": flops(w.size, padded) / s / 1e9})
 
     drift = []
@@ -114,7 +114,7 @@ def main() -> None:
         t = {(r["seconds"], r.get("padded")): r["s"] for r in rows if r["what"].startswith(f"ORT {v},") and "full chunk" not in r["what"]}
         for padded in (False, True):
             short, long_ = t[(3.0, padded)] / t[(10.0, padded)], t[(12.0, padded)] / t[(10.0, padded)]
-            tag = "padded (before #12)" if padded else "own length"
+            tag = "padded (legacy)" if padded else "own length"
             print(f"{v}, {tag}: 3 s / 10 s = {short:.2f} (goal <= {GOALS['short_vs_10s']}: {'met' if short <= GOALS['short_vs_10s'] else 'NOT met'}), "
                   f"12 s / 10 s = {long_:.2f} (goal <= {GOALS['long_vs_10s']}: {'met' if long_ <= GOALS['long_vs_10s'] else 'NOT met'}), "
                   f"1 s / 10 s = {t[(1.0, padded)] / t[(10.0, padded)]:.2f}")
