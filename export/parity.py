@@ -61,7 +61,7 @@ def reference_clips(model: MiDashengLM, clips: list[tuple[str, np.ndarray]], max
         with torch.inference_mode():
             mel, lengths = model.log_mel([wave])
             feats = model.audio_encoder(mel, lengths)
-            (emb,) = model._project(feats, lengths)
+            (emb,) = model.project(feats, lengths)
             ids = model.prompt.encode(user_message(CAPTION_PROMPT), [emb.shape[0]])
             embeds = model.embed_prompt(ids, [emb])
             tokens, _, _ = model.generate_from_embeds(embeds, max_new_tokens=max_new_tokens, stop_ids=model.prompt.stop_ids)

@@ -169,9 +169,11 @@ class MiDashengLM(nn.Module):
         """Each clip -> its audio embeddings ``[N_i, hidden]``, ``N_i = ((1 + L//160)//4)//5``."""
         mel, lengths = self.log_mel(waves)
         feats = self.audio_encoder(mel, lengths)
-        return self._project(feats, lengths)
+        return self.project(feats, lengths)
 
-    def _project(self, feats: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    def project(self, feats: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Padded 25 Hz features ``[B, P, D]`` of clips of ``lengths`` samples -> each clip's audio
+        embeddings ``[N_i, hidden]``."""
         proj = self.audio_projector(feats)
         return [proj[i, : C.n_audio_tokens(int(n))] for i, n in enumerate(lengths)]
 
@@ -237,7 +239,7 @@ class MiDashengLM(nn.Module):
         timings["encoder"] = time.perf_counter() - t
         t = time.perf_counter()
         with torch.inference_mode():
-            (audio,) = self._project(feats, lengths)
+            (audio,) = self.project(feats, lengths)
         timings["projector"] = time.perf_counter() - t
         ids = self.prompt.encode(messages or user_message(text, audio_first=audio_first), [audio.shape[0]])
         with torch.inference_mode():

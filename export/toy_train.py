@@ -228,7 +228,7 @@ def _lm_loss(model: MiDashengLM, encoded: list[tuple[list[dict], torch.Tensor, t
     cache_kw = cache_keyword(decoder)
     by_task: dict[int, list[tuple[list[int], list[int], torch.Tensor]]] = {}
     for part, feats, lengths in encoded:
-        for e, audio in zip(part, model._project(feats, lengths)):
+        for e, audio in zip(part, model.project(feats, lengths)):
             for t, (ids, target) in enumerate(e["tasks"]):
                 by_task.setdefault(t, []).append((ids, target, audio))
     total, count = 0.0, 0
@@ -269,7 +269,7 @@ def plain_lm_loss(model: MiDashengLM, batch: list[dict], pad_id: int) -> torch.T
     use it; ``tests/test_toy.py`` checks the fast losses and gradients against it and
     ``tests/benchmarks/bench_toy_train.py`` times both."""
     feats, lengths = _encode(model, batch)
-    audio = model._project(feats, lengths)
+    audio = model.project(feats, lengths)
     rows = [(i, ids, target) for i, e in enumerate(batch) for ids, target in e["tasks"]]
     width = max(len(ids) + len(t) for _, ids, t in rows)
     ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)

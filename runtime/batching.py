@@ -19,16 +19,15 @@ longer than the model's training length is refused alone.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, TextPieces, _same
+from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, SequenceStep, same_segment
 from .errors import ConfigError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, whole_number
 
@@ -97,12 +96,9 @@ class _Seq:
     req: DecodeRequest
     seq_id: int
     rows: np.ndarray  # the prompt as embedding rows [n_prompt, n_embd]
-    sampler: Any
+    step: SequenceStep  # sampling, stop rules and text of the answer
     n_done: int = 0  # prompt positions in the KV cache
     n_shared: int = 0  # of them copied from another sequence
-    tokens: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    pieces: TextPieces = field(default_factory=TextPieces)
     t_start: float = 0.0
     t_prefilled: float = 0.0
     share_from: "_Seq | None" = None  # waits for this sequence to evaluate the shared prompt start
@@ -110,7 +106,7 @@ class _Seq:
 
     @property
     def n_past(self) -> int:
-        return self.n_done + len(self.tokens)
+        return self.n_done + len(self.step.tokens)
 
     @property
     def prefilling(self) -> bool:
@@ -170,26 +166,22 @@ class BatchRun:
     # -- the loop ---------------------------------------------------------------------------
     def _run(self) -> Iterator[DecodeEvent]:
         dec = self._dec
-        with dec._lock:
+        with dec.exclusive():
             self._prepare()
             try:
                 yield from self._loop()
             finally:
-                L = dec._L
                 for seq in self._running:
-                    L.llama_sampler_free(seq.sampler)
-                L.llama_memory_clear(L.llama_get_memory(dec._ctx), True)
-                dec._cached, dec._n_past = [], 0
+                    seq.step.close()
+                dec.clear()
 
     def _prepare(self) -> None:
         dec = self._dec
         if dec.n_seq < self._slots or (dec.auto_ctx and dec.n_ctx < self._slots * AUTO_CTX_STEP):
             size = max(dec.n_ctx, self._slots * AUTO_CTX_STEP) if dec.auto_ctx else dec.n_ctx
-            dec._new_context(size, self._slots)
+            dec.resize(size, self._slots)
         else:
-            L = dec._L
-            L.llama_memory_clear(L.llama_get_memory(dec._ctx), True)
-        dec._cached, dec._n_past = [], 0
+            dec.clear()
         self._running: list[_Seq] = []
         self._free = list(range(self._slots))
 
@@ -253,16 +245,15 @@ class BatchRun:
                     return  # wait for cells to free
                 size = -(-need // AUTO_CTX_STEP) * AUTO_CTX_STEP * self._slots
                 logger.info("growing the decoder context from %d to %d cells", dec.n_ctx, size)
-                dec._new_context(size, self._slots)
+                dec.resize(size, self._slots)
             waiting.popleft()
             try:
-                rows = dec._embeddings(req.segments) if any(s.embeddings is not None for s in req.segments) \
-                    else dec._token_embd.rows([t for s in req.segments for t in s.tokens])
+                rows = dec.prompt_rows(req.segments)
             except MdlEdgeError as e:
                 yield DecodeEvent(req.key, error=e)
                 continue
-            seq = _Seq(req, self._free.pop(0), rows, dec._sampler(req.sampling), pieces=TextPieces(req.stop_strings),
-                       t_start=time.perf_counter())
+            step = SequenceStep(dec, req.sampling, req.stop_ids, req.stop_strings, req.max_new_tokens)
+            seq = _Seq(req, self._free.pop(0), rows, step, t_start=time.perf_counter())
             self._share_prefix(seq)
             self._running.append(seq)
 
@@ -288,8 +279,7 @@ class BatchRun:
         if src not in self._running:  # it ended before evaluating the shared start: evaluate it here
             seq.share_from = None
         elif src.n_done >= n:
-            L = self._dec._L
-            L.llama_memory_seq_cp(L.llama_get_memory(self._dec._ctx), src.seq_id, seq.seq_id, 0, n)
+            self._dec.copy_cells(src.seq_id, seq.seq_id, n)
             seq.n_done = seq.n_shared = n
             seq.share_from = None
 
@@ -318,12 +308,13 @@ class BatchRun:
 
     def _decode(self, plan: list[tuple[_Seq, int, int, bool]]) -> None:
         dec = self._dec
-        L = dec._L
-        b = dec._batch(True)
-        last = [s.tokens[-1] for s, start, _, _ in plan if start < 0]
-        token_rows = dec._token_embd.rows(last) if last else None
+        last = [s.step.tokens[-1] for s, start, _, _ in plan if start < 0]
+        token_rows = dec.token_rows(last) if last else None
         n = sum(k for _, _, k, _ in plan)
         buf = np.empty((n, dec.n_embd), np.float32)
+        positions: list[int] = []
+        seq_ids: list[int] = []
+        want: list[bool] = []
         i = j = 0
         for s, start, k, logits in plan:
             if start < 0:
@@ -333,21 +324,14 @@ class BatchRun:
             else:
                 buf[i : i + k] = s.rows[start : start + k]
                 pos0 = start
-            for r in range(k):
-                b.pos[i + r] = pos0 + r
-                b.n_seq_id[i + r] = 1
-                b.seq_id[i + r][0] = s.seq_id
-                b.logits[i + r] = logits and r == k - 1
+            positions += range(pos0, pos0 + k)
+            seq_ids += [s.seq_id] * k
+            want += [logits and r == k - 1 for r in range(k)]
             i += k
-        b.n_tokens = n
-        ctypes.memmove(b.embd, buf.ctypes.data, buf.nbytes)
-        rc = L.llama_decode(dec._ctx, b)
-        if rc != 0:
-            raise MdlEdgeError(f"llama_decode failed (code {rc}) on a batch of {n} rows from {len(plan)} sequences")
+        dec.decode_rows(buf, positions, seq_ids, want)
 
     def _sample(self, plan: list[tuple[_Seq, int, int, bool]]) -> Iterator[DecodeEvent]:
         dec = self._dec
-        L = dec._L
         row = 0
         for s, start, k, logits in plan:
             row += k
@@ -356,30 +340,18 @@ class BatchRun:
                 if not logits:
                     continue
                 s.t_prefilled = time.perf_counter()
-            tok = int(L.llama_sampler_sample(s.sampler, dec._ctx, row - 1))
-            stop = tok in s.req.stop_ids
-            if not stop:
-                s.tokens.append(tok)
-                piece = s.pieces.push(dec.piece(tok))
-                if piece:
-                    s.text.append(piece)
-                    yield DecodeEvent(s.req.key, text=piece)
-            if stop or s.pieces.stopped or len(s.tokens) >= s.req.max_new_tokens:
-                tail = s.pieces.flush()
-                if tail:
-                    s.text.append(tail)
-                    yield DecodeEvent(s.req.key, text=tail)
+            for piece in s.step.take(dec.sample(s.step.sampler, row - 1)):
+                yield DecodeEvent(s.req.key, text=piece)
+            if s.step.reason is not None:
                 self._finish(s)
                 now = time.perf_counter()
                 yield DecodeEvent(s.req.key, result=DecodeResult(
-                    "".join(s.text), tuple(s.tokens), "stop_token" if stop else "stop_string" if s.pieces.stopped else "max_new_tokens",
-                    s.req.n_prompt,
+                    "".join(s.step.text), tuple(s.step.tokens), s.step.reason, s.req.n_prompt,
                     s.req.n_prompt - s.n_shared, s.t_prefilled - s.t_start, now - s.t_prefilled))
 
     def _finish(self, seq: _Seq) -> None:
-        L = self._dec._L
-        L.llama_memory_seq_rm(L.llama_get_memory(self._dec._ctx), seq.seq_id, -1, -1)
-        L.llama_sampler_free(seq.sampler)
+        self._dec.drop_sequence(seq.seq_id)
+        seq.step.close()
         self._running.remove(seq)
         self._free.append(seq.seq_id)
         self._free.sort()
@@ -406,7 +378,7 @@ def _common_prefix(a: Sequence[Segment], b: Sequence[Segment]) -> int:
             n += k
             if k < len(x) or k < len(y):
                 return n
-        elif x.embeddings is not None and y.embeddings is not None and _same(x, y):
+        elif x.embeddings is not None and y.embeddings is not None and same_segment(x, y):
             n += len(x)
         else:
             return n

@@ -262,6 +262,52 @@ def split_prompt(ids: Sequence[int], audio: Sequence[np.ndarray], audio_token_id
 
 
 
+class SequenceStep:
+    """One answer as it is generated, the per-token step the single stream and the batched path
+    share: a sampled token -> a stop id ends it; else its text piece (a UTF-8 character split
+    across tokens waits for its last byte, text that may begin a stop string is held back) -> a
+    stop string or the token limit ends it. Owns its llama.cpp sampler until :meth:`close`."""
+
+    def __init__(self, dec: "LlamaDecoder", sampling: SamplingOptions, stop_ids: Sequence[int], stop_strings: Sequence[str],
+                 max_new_tokens: int) -> None:
+        self._dec = dec
+        self.sampler = dec.new_sampler(sampling)
+        self.stop_ids = frozenset(stop_ids)
+        self.pieces = TextPieces(stop_strings)
+        self.max_new_tokens = max_new_tokens
+        self.tokens: list[int] = []
+        self.text: list[str] = []
+        self.reason: str | None = None  # set when the answer ends: stop_token, stop_string, max_new_tokens
+
+    def take(self, tok: int) -> list[str]:
+        """Add the sampled ``tok``; the text pieces it completes (the held-back tail too, when
+        the answer ends here)."""
+        out = []
+        if tok in self.stop_ids:
+            self.reason = "stop_token"
+        else:
+            self.tokens.append(tok)
+            piece = self.pieces.push(self._dec.piece(tok))
+            if piece:
+                out.append(piece)
+            if self.pieces.stopped:
+                self.reason = "stop_string"
+            elif len(self.tokens) >= self.max_new_tokens:
+                self.reason = "max_new_tokens"
+        if self.reason is not None:
+            tail = self.pieces.flush()
+            if tail:
+                out.append(tail)
+        self.text += out
+        return out
+
+    def close(self) -> None:
+        """Give the sampler back (idempotent)."""
+        if self.sampler is not None:
+            self._dec.free_sampler(self.sampler)
+            self.sampler = None
+
+
 class LlamaDecoder:
     """A GGUF decoder in one llama.cpp context: one generation at a time (concurrent callers wait
     for the context's lock).
@@ -485,7 +531,7 @@ class LlamaDecoder:
             raise ConfigError(f"the prompt has {total} positions but the context holds {self.n_ctx} (raise n_ctx)")
         keep, pos = 0, 0
         for old, new in zip(self._cached, segments):
-            if _same(old, new):
+            if same_segment(old, new):
                 keep += 1
                 pos += len(new)
             else:
@@ -549,6 +595,68 @@ class LlamaDecoder:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(opts.seed & 0xFFFFFFFF))
         return chain
 
+    # -- the context for many sequences at once (runtime/batching.py) -----------------------
+    def exclusive(self) -> _ContextLock:
+        """The context for one caller at a time (``with dec.exclusive(): ...``); the methods below
+        expect their caller to hold it."""
+        return self._lock
+
+    def clear(self) -> None:
+        """Empty every sequence's KV cells."""
+        self._L.llama_memory_clear(self._L.llama_get_memory(self._ctx), True)
+        self._cached, self._n_past = [], 0
+
+    def resize(self, n_ctx: int, n_seq: int) -> None:
+        """A new, empty context of ``n_ctx`` cells shared by up to ``n_seq`` sequences."""
+        self._new_context(n_ctx, n_seq)
+
+    def prompt_rows(self, segments: Sequence[Segment]) -> np.ndarray:
+        """A prompt as the ``[n, n_embd]`` rows it feeds the model (text tokens as their
+        ``token_embd`` rows, audio as its embeddings)."""
+        if any(s.embeddings is not None for s in segments):
+            return self._embeddings(segments)
+        return self.token_rows([t for s in segments for t in s.tokens])
+
+    def token_rows(self, tokens: Sequence[int]) -> np.ndarray:
+        """The ``token_embd`` rows of ``tokens``, ``[len(tokens), n_embd]`` float32."""
+        return self._token_embd.rows(list(tokens))
+
+    def decode_rows(self, rows: np.ndarray, positions: Sequence[int], seq_ids: Sequence[int], want_logits: Sequence[bool]) -> None:
+        """One ``llama_decode`` of ``rows`` (``[n, n_embd]``, n <= ``n_batch``), row ``i`` at
+        position ``positions[i]`` of sequence ``seq_ids[i]``; logits kept where ``want_logits``."""
+        n = rows.shape[0]
+        b = self._batch(True)
+        for i in range(n):
+            b.pos[i] = positions[i]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_ids[i]
+            b.logits[i] = bool(want_logits[i])
+        b.n_tokens = n
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        ctypes.memmove(b.embd, rows.ctypes.data, rows.nbytes)
+        rc = self._L.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise MdlEdgeError(f"llama_decode failed (code {rc}) on a batch of {n} rows")
+
+    def new_sampler(self, sampling: SamplingOptions) -> object:
+        """A llama.cpp sampler chain for ``sampling``; give it back with :meth:`free_sampler`."""
+        return self._sampler(sampling)
+
+    def free_sampler(self, sampler: object) -> None:
+        self._L.llama_sampler_free(sampler)
+
+    def sample(self, sampler: object, row: int) -> int:
+        """The next token from the logits of batch row ``row`` of the last decode."""
+        return int(self._L.llama_sampler_sample(sampler, self._ctx, row))
+
+    def copy_cells(self, src: int, dst: int, n: int) -> None:
+        """Copy sequence ``src``'s KV cells of positions ``[0, n)`` to sequence ``dst``."""
+        self._L.llama_memory_seq_cp(self._L.llama_get_memory(self._ctx), src, dst, 0, n)
+
+    def drop_sequence(self, seq: int) -> None:
+        """Free every KV cell of sequence ``seq``."""
+        self._L.llama_memory_seq_rm(self._L.llama_get_memory(self._ctx), seq, -1, -1)
+
     # -- generation -----------------------------------------------------------------------
     def generate(
         self,
@@ -575,49 +683,28 @@ class LlamaDecoder:
             t0 = time.perf_counter()
             evaluated = self._evaluate(segments)
             t1 = time.perf_counter()
-            tokens: list[int] = []
-            text: list[str] = []
-            stop_reason = yield from self._sample(tokens, text, max_new_tokens, stop_ids, stop_strings, sampling)
+            step = SequenceStep(self, sampling, stop_ids, stop_strings, max_new_tokens)
+            try:
+                yield from self._sample(step)
+            finally:
+                step.close()
             t2 = time.perf_counter()
-        return DecodeResult("".join(text), tuple(tokens), stop_reason, n_prompt, evaluated, t1 - t0, t2 - t1)
+        return DecodeResult("".join(step.text), tuple(step.tokens), step.reason or "max_new_tokens", n_prompt, evaluated, t1 - t0, t2 - t1)
 
-    def _sample(self, tokens: list[int], text: list[str], max_new_tokens: int, stop_ids: Sequence[int],
-                stop_strings: Sequence[str], sampling: SamplingOptions) -> Generator[str, None, str]:
-        """Sample from the last evaluated position on (the caller holds the lock): appends each
-        new id to ``tokens`` and each text piece to ``text``, yields the pieces, returns the
-        stop reason. Each token is appended to the KV cache as it is generated."""
-        L = self._L
-        smpl = self._sampler(sampling)
-        stop = set(stop_ids)
-        pieces = TextPieces(stop_strings)
-        try:
-            reason = "max_new_tokens"
-            for _ in range(max_new_tokens):
-                tok = int(L.llama_sampler_sample(smpl, self._ctx, -1))
-                if tok in stop:
-                    reason = "stop_token"
-                    break
-                tokens.append(tok)
-                piece = pieces.push(self.piece(tok))
-                if piece:
-                    text.append(piece)
-                    yield piece
-                if pieces.stopped:
-                    reason = "stop_string"
-                    break
-                if self._n_past + 1 >= self.n_ctx:
-                    raise ConfigError(f"generation reached the context size ({self.n_ctx}); raise n_ctx")
-                seg = Segment(tokens=(tok,))
-                self._decode(seg, self._n_past, want_logits=True)
-                self._n_past += 1
-                self._cached.append(seg)
-            tail = pieces.flush()
-            if tail:
-                text.append(tail)
-                yield tail
-            return reason
-        finally:
-            L.llama_sampler_free(smpl)
+    def _sample(self, step: SequenceStep) -> Generator[str, None, None]:
+        """Sample from the last evaluated position on (the caller holds the lock), yielding the
+        text pieces; each token is appended to the KV cache as it is generated."""
+        for _ in range(step.max_new_tokens):
+            tok = self.sample(step.sampler, -1)
+            yield from step.take(tok)
+            if step.reason in ("stop_token", "stop_string"):
+                return
+            if self._n_past + 1 >= self.n_ctx:
+                raise ConfigError(f"generation reached the context size ({self.n_ctx}); raise n_ctx")
+            seg = Segment(tokens=(tok,))
+            self._decode(seg, self._n_past, want_logits=True)
+            self._n_past += 1
+            self._cached.append(seg)
 
 
 @dataclass(frozen=True)
@@ -633,7 +720,9 @@ class DecodeResult:
     decode_s: float
 
 
-def _same(a: Segment, b: Segment) -> bool:
+def same_segment(a: Segment, b: Segment) -> bool:
+    """Whether two prompt segments put the same rows in the KV cache: the same text tokens, or
+    the same clip's embeddings."""
     if (a.embeddings is None) != (b.embeddings is None):
         return False
     if a.embeddings is None:
