@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..runtime.decoder import _init_backend
+from ..runtime.decoder import init_backend
 from ..runtime.errors import ConfigError, MdlEdgeError
 from ..runtime.gguf_meta import read_gguf_metadata
 from ..runtime.options import resolve_threads
@@ -37,7 +37,7 @@ def quantize_decoder(src: str | Path, dst: str | Path, variant: str, *, threads:
         raise ConfigError(f"unknown GGUF type {variant!r}; choose one of {', '.join(GGUF_TYPES)}")
     src, dst = Path(src), Path(dst)
     read_gguf_metadata(src)  # validate before llama.cpp reads it
-    L = _init_backend()
+    L = init_backend()
     params = L.llama_model_quantize_default_params()
     params.ftype = getattr(L, GGUF_TYPES[variant])
     params.nthread = resolve_threads(threads)

@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, SequenceStep, same_segment
+from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, context_steps, same_segment
+from .sampling import SequenceStep
 from .errors import ConfigError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, whole_number
 
@@ -243,7 +244,7 @@ class BatchRun:
             if used + need > dec.n_ctx:
                 if self._running or not dec.auto_ctx:
                     return  # wait for cells to free
-                size = -(-need // AUTO_CTX_STEP) * AUTO_CTX_STEP * self._slots
+                size = context_steps(need) * self._slots
                 logger.info("growing the decoder context from %d to %d cells", dec.n_ctx, size)
                 dec.resize(size, self._slots)
             waiting.popleft()

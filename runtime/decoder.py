@@ -28,6 +28,7 @@ import numpy as np
 from .errors import CheckpointError, ConfigError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, TokenEmbeddings, read_gguf_header
 from .options import DEFAULT_MAX_NEW_TOKENS, MIN_CTX, SamplingOptions, resolve_threads, whole_number
+from .sampling import SequenceStep
 
 logger = logging.getLogger("mdl_edge")
 _llama_logger = logging.getLogger("mdl_edge.llama_cpp")
@@ -38,6 +39,11 @@ R = TypeVar("R")
 # positions: a clip up to ~45 s plus 256 new tokens fits the first step, and the f16 KV cache of
 # Qwen3-0.6B costs 0.06 GB per step (0.47 GB for a fixed 4096).
 AUTO_CTX_STEP = 512
+
+
+def context_steps(positions: int) -> int:
+    """The automatic context size that holds ``positions``: whole :data:`AUTO_CTX_STEP` steps."""
+    return -(-positions // AUTO_CTX_STEP) * AUTO_CTX_STEP
 
 
 class Stream(Generic[R]):
@@ -110,72 +116,12 @@ class _ContextLock:
         self._lock.release()
 
 
-class Utf8Pieces:
-    """Joins token byte pieces into text, holding back an incomplete UTF-8 sequence."""
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def push(self, piece: bytes) -> str:
-        data = self._pending + piece
-        # keep up to 3 trailing bytes that may start a multi-byte character
-        for cut in range(len(data), max(len(data) - 4, -1), -1):
-            try:
-                text = data[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self._pending = data[cut:]
-            return text
-        self._pending = b""
-        return data.decode("utf-8", errors="replace")
-
-    def flush(self) -> str:
-        text, self._pending = self._pending.decode("utf-8", errors="replace"), b""
-        return text
-
-
-class TextPieces:
-    """An answer's text as it is generated: complete UTF-8 (see :class:`Utf8Pieces`), ended at
-    the first of the caller's stop strings. Text that could be the start of a stop string is held
-    back until the next piece tells; once a stop string appears, :attr:`stopped` is set and the
-    answer ends before it (the stop string is not part of it, as in OpenAI's API)."""
-
-    def __init__(self, stop: Sequence[str] = ()) -> None:
-        self._utf8 = Utf8Pieces()
-        self._stop = tuple(s for s in stop if s)
-        self._held = ""
-        self.stopped = False
-
-    def push(self, piece: bytes) -> str:
-        """The text that is now final, from one more token's bytes."""
-        return self._cut(self._held + self._utf8.push(piece), final=False)
-
-    def flush(self) -> str:
-        """Whatever is held back, at the end of generation."""
-        return self._cut(self._held + self._utf8.flush(), final=True)
-
-    def _cut(self, text: str, final: bool) -> str:
-        self._held = ""
-        if not self._stop or self.stopped:
-            return "" if self.stopped else text
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            return text[: min(hits)]
-        if not final:
-            keep = max((k for s in self._stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
-            if keep:
-                self._held = text[-keep:]
-                return text[:-keep]
-        return text
-
-
 _LOG_CALLBACK = None  # keep the ctypes callback alive for the process lifetime
 _BACKEND_LOCK = threading.Lock()
 _BACKEND_READY = False
 
 
-def _init_backend() -> object:
+def init_backend() -> object:
     """Import llama_cpp once, route llama.cpp's native log into Python logging (quiet unless
     the ``mdl_edge.llama_cpp`` logger is set to DEBUG), and initialise the backend."""
     global _LOG_CALLBACK, _BACKEND_READY
@@ -211,7 +157,7 @@ def extra_bufts_safe() -> bool:
     batch has more than one token (llama.cpp issue #20824), and a native build on an AMX Xeon
     compiles it in; without AMX the extra types only repack weights.
     """
-    info = _init_backend().llama_print_system_info().decode(errors="replace")
+    info = init_backend().llama_print_system_info().decode(errors="replace")
     return "AMX_INT8 = 1" not in info
 
 
@@ -260,52 +206,6 @@ def split_prompt(ids: Sequence[int], audio: Sequence[np.ndarray], audio_token_id
     return segments
 
 
-
-
-class SequenceStep:
-    """One answer as it is generated, the per-token step the single stream and the batched path
-    share: a sampled token -> a stop id ends it; else its text piece (a UTF-8 character split
-    across tokens waits for its last byte, text that may begin a stop string is held back) -> a
-    stop string or the token limit ends it. Owns its llama.cpp sampler until :meth:`close`."""
-
-    def __init__(self, dec: "LlamaDecoder", sampling: SamplingOptions, stop_ids: Sequence[int], stop_strings: Sequence[str],
-                 max_new_tokens: int) -> None:
-        self._dec = dec
-        self.sampler = dec.new_sampler(sampling)
-        self.stop_ids = frozenset(stop_ids)
-        self.pieces = TextPieces(stop_strings)
-        self.max_new_tokens = max_new_tokens
-        self.tokens: list[int] = []
-        self.text: list[str] = []
-        self.reason: str | None = None  # set when the answer ends: stop_token, stop_string, max_new_tokens
-
-    def take(self, tok: int) -> list[str]:
-        """Add the sampled ``tok``; the text pieces it completes (the held-back tail too, when
-        the answer ends here)."""
-        out = []
-        if tok in self.stop_ids:
-            self.reason = "stop_token"
-        else:
-            self.tokens.append(tok)
-            piece = self.pieces.push(self._dec.piece(tok))
-            if piece:
-                out.append(piece)
-            if self.pieces.stopped:
-                self.reason = "stop_string"
-            elif len(self.tokens) >= self.max_new_tokens:
-                self.reason = "max_new_tokens"
-        if self.reason is not None:
-            tail = self.pieces.flush()
-            if tail:
-                out.append(tail)
-        self.text += out
-        return out
-
-    def close(self) -> None:
-        """Give the sampler back (idempotent)."""
-        if self.sampler is not None:
-            self._dec.free_sampler(self.sampler)
-            self.sampler = None
 
 
 class LlamaDecoder:
@@ -363,7 +263,7 @@ class LlamaDecoder:
                 "this llama.cpp build has AMX, whose buffer type crashes on quantized weights for batches of more "
                 "than one token (llama.cpp issue #20824); rebuild with -DGGML_AMX_INT8=OFF or leave it off",
             )
-        L = _init_backend()
+        L = init_backend()
         self._L = L
         self._lock = _ContextLock()
         mparams = L.llama_model_default_params()
@@ -432,7 +332,7 @@ class LlamaDecoder:
         limit = self.max_positions
         if need > limit:
             raise ConfigError(f"this request needs {need} positions but the decoder was trained on {limit}; shorten the audio or max_new_tokens")
-        size = min(-(-need // AUTO_CTX_STEP) * AUTO_CTX_STEP, limit)
+        size = min(context_steps(need), limit)
         logger.info("growing the decoder context from %d to %d positions", self.n_ctx, size)
         self._new_context(size, self.n_seq)
 

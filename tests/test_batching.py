@@ -152,7 +152,7 @@ def test_parallelism_is_bounded(decoder, prompts) -> None:
 
 
 def test_text_pieces_end_at_stop_strings() -> None:
-    from mdl_edge.runtime.decoder import TextPieces
+    from mdl_edge.runtime.sampling import TextPieces
 
     def run(pieces: list[bytes], stop: tuple[str, ...]) -> tuple[str, bool]:
         tp = TextPieces(stop)
