@@ -10,7 +10,8 @@ import torch
 
 from mdl_edge.export.gguf_decoder import export_decoder_gguf
 from mdl_edge.runtime import constants as C
-from mdl_edge.runtime.decoder import LlamaDecoder, Segment, Utf8Pieces, split_prompt
+from mdl_edge.runtime.decoder import LlamaDecoder, Segment, split_prompt
+from mdl_edge.runtime.sampling import Utf8Pieces
 from mdl_edge.runtime.gguf_meta import KEY_SOURCE_HASH, read_gguf_metadata
 from mdl_edge.runtime.options import SamplingOptions
 from mdl_edge.runtime.errors import CheckpointError, ConfigError
