@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -84,6 +86,24 @@ def _vocab(model_dir: Path, n_vocab: int) -> tuple[list[str], list[int], list[st
     return filled, [int(t) for t in types], merges
 
 
+@contextmanager
+def gguf_output(dst: Path, arch: str) -> Iterator[Any]:
+    """A ``GGUFWriter`` for ``dst`` that writes to ``dst.partial`` and moves it into place when
+    the block ends, or removes it when the block fails: a GGUF appears complete or not at all."""
+    import gguf
+
+    tmp = dst.with_name(dst.name + ".partial")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield w
+        w.close()
+        tmp.replace(dst)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def export_decoder_gguf(checkpoint_dir: str | Path, out_path: str | Path, *, out_type: str = "f16") -> Path:
     """Write the decoder of ``checkpoint_dir`` as GGUF (``out_type``: f32, f16 or bf16)."""
     import gguf
@@ -94,61 +114,59 @@ def export_decoder_gguf(checkpoint_dir: str | Path, out_path: str | Path, *, out
     cfg, dec = ckpt.config, ckpt.config.decoder
     prompt = PromptFormat.from_dir(ckpt.dir)
     out = Path(out_path)
-    tmp = out.with_name(out.name + ".partial")
     arch = dec.arch
-    w = gguf.GGUFWriter(str(tmp), arch)
-    w.add_name(f"MiDashengLM decoder ({ckpt.dir.name})")
-    w.add_context_length(dec.max_position_embeddings)
-    w.add_embedding_length(dec.hidden_size)
-    w.add_block_count(dec.num_layers)
-    w.add_feed_forward_length(dec.intermediate_size)
-    w.add_head_count(dec.num_heads)
-    w.add_head_count_kv(dec.num_kv_heads)
-    w.add_rope_freq_base(dec.rope_theta)
-    w.add_layer_norm_rms_eps(dec.rms_norm_eps)
-    if arch == "qwen3" or dec.head_dim != dec.hidden_size // dec.num_heads:
-        w.add_key_length(dec.head_dim)
-        w.add_value_length(dec.head_dim)
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16}[out_type]
-    w.add_file_type(int(ftype))
-    tokens, types, merges = _vocab(ckpt.dir, dec.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    eot = prompt.special.im_end
-    w.add_bos_token_id(prompt.special.end_of_text)
-    w.add_eos_token_id(eot)
-    w.add_eot_token_id(eot)
-    w.add_pad_token_id(prompt.special.end_of_text)
-    w.add_add_bos_token(False)
-    w.add_chat_template(prompt.chat_template)
-    w.add_string(G.KEY_SOURCE_HASH, ckpt.source_hash())
-    w.add_uint32(G.KEY_AUDIO_TOKEN_ID, cfg.audio_token_id)
-    w.add_uint32(G.KEY_AUDIO_BOS_TOKEN_ID, prompt.special.audio_bos)
-    w.add_uint32(G.KEY_AUDIO_EOS_TOKEN_ID, prompt.special.audio_eos)
-    w.add_uint32(G.KEY_ENCODER_EMBED_DIM, cfg.encoder.embed_dim)
+    with gguf_output(out, arch) as w:
+        w.add_name(f"MiDashengLM decoder ({ckpt.dir.name})")
+        w.add_context_length(dec.max_position_embeddings)
+        w.add_embedding_length(dec.hidden_size)
+        w.add_block_count(dec.num_layers)
+        w.add_feed_forward_length(dec.intermediate_size)
+        w.add_head_count(dec.num_heads)
+        w.add_head_count_kv(dec.num_kv_heads)
+        w.add_rope_freq_base(dec.rope_theta)
+        w.add_layer_norm_rms_eps(dec.rms_norm_eps)
+        if arch == "qwen3" or dec.head_dim != dec.hidden_size // dec.num_heads:
+            w.add_key_length(dec.head_dim)
+            w.add_value_length(dec.head_dim)
+        ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16}[out_type]
+        w.add_file_type(int(ftype))
+        tokens, types, merges = _vocab(ckpt.dir, dec.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        eot = prompt.special.im_end
+        w.add_bos_token_id(prompt.special.end_of_text)
+        w.add_eos_token_id(eot)
+        w.add_eot_token_id(eot)
+        w.add_pad_token_id(prompt.special.end_of_text)
+        w.add_add_bos_token(False)
+        w.add_chat_template(prompt.chat_template)
+        w.add_string(G.KEY_SOURCE_HASH, ckpt.source_hash())
+        w.add_uint32(G.KEY_AUDIO_TOKEN_ID, cfg.audio_token_id)
+        w.add_uint32(G.KEY_AUDIO_BOS_TOKEN_ID, prompt.special.audio_bos)
+        w.add_uint32(G.KEY_AUDIO_EOS_TOKEN_ID, prompt.special.audio_eos)
+        w.add_uint32(G.KEY_ENCODER_EMBED_DIM, cfg.encoder.embed_dim)
 
-    names = [n for n in ckpt.tensors if n.startswith(DECODER_PREFIX)]
-    if dec.tie_word_embeddings:
-        names = [n for n in names if n != DECODER_PREFIX + "lm_head.weight"]
+        names = [n for n in ckpt.tensors if n.startswith(DECODER_PREFIX)]
+        if dec.tie_word_embeddings:
+            names = [n for n in names if n != DECODER_PREFIX + "lm_head.weight"]
 
-    def plan(name: str) -> tuple[np.dtype, "gguf.GGMLQuantizationType"]:
-        info = ckpt.tensors[name]
-        small = len(info.shape) < 2  # norms and biases
-        if out_type == "f32" or small:
-            return np.dtype(np.float32), gguf.GGMLQuantizationType.F32
-        if out_type == "f16":
-            return np.dtype(np.float16), gguf.GGMLQuantizationType.F16
-        return np.dtype(np.uint16), gguf.GGMLQuantizationType.BF16
+        def plan(name: str) -> tuple[np.dtype, "gguf.GGMLQuantizationType"]:
+            info = ckpt.tensors[name]
+            small = len(info.shape) < 2  # norms and biases
+            if out_type == "f32" or small:
+                return np.dtype(np.float32), gguf.GGMLQuantizationType.F32
+            if out_type == "f16":
+                return np.dtype(np.float16), gguf.GGMLQuantizationType.F16
+            return np.dtype(np.uint16), gguf.GGMLQuantizationType.BF16
 
-    for name in names:
-        shape = ckpt.tensors[name].shape
-        dtype, raw = plan(name)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        w.add_tensor_info(gguf_name(name[len(DECODER_PREFIX):]), shape, dtype, nbytes, raw_dtype=raw)
-    try:
+        for name in names:
+            shape = ckpt.tensors[name].shape
+            dtype, raw = plan(name)
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            w.add_tensor_info(gguf_name(name[len(DECODER_PREFIX):]), shape, dtype, nbytes, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -162,11 +180,5 @@ def export_decoder_gguf(checkpoint_dir: str | Path, out_path: str | Path, *, out
                 arr = t.to(torch.float32).numpy().astype(dtype, copy=False)
             w.write_tensor_data(np.ascontiguousarray(arr))
             del t, arr
-        w.close()
-        tmp.replace(out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     logger.info("wrote %s (%s, %d tensors)", out, out_type, len(names))
     return out

@@ -180,12 +180,11 @@ def rewrite_gguf(src: Path, dst: Path, *, extra: dict[str, tuple[Any, Any]] | No
     ``[(name, raw data, ggml type), ...]``."""
     import gguf
 
+    from .gguf_decoder import gguf_output
+
     extra = extra or {}
     reader = gguf.GGUFReader(str(src))
-    arch = str(reader.fields[G.KEY_ARCHITECTURE].contents())
-    tmp = dst.with_name(dst.name + ".partial")
-    w = gguf.GGUFWriter(str(tmp), arch)
-    try:
+    with gguf_output(dst, str(reader.fields[G.KEY_ARCHITECTURE].contents())) as w:
         for field in reader.fields.values():
             if field.name.startswith("GGUF.") or field.name in (G.KEY_ARCHITECTURE, *extra) or drop(field.name):
                 continue
@@ -201,12 +200,6 @@ def rewrite_gguf(src: Path, dst: Path, *, extra: dict[str, tuple[Any, Any]] | No
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        tmp.replace(dst)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return dst
 
 

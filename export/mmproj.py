@@ -104,59 +104,60 @@ def write_mmproj(encoder: torch.nn.Module, projector: AudioProjector, path: str 
     (``f32``, ``f16``, ``bf16`` or ``q8_0``), norms, biases and the folded tables in f32."""
     import gguf
 
+    from .gguf_decoder import gguf_output
+
     sem = _semantic(encoder)
     cfg: EncoderConfig = sem.cfg
     tok = isinstance(encoder, DashengTokenizerEncoder)
     ptype = "midashenglm_dasheng_tokenizer" if tok else "midashenglm"
-    w = gguf.GGUFWriter(str(path), "clip")
-    w.add_bool(KEY_HAS_AUDIO, True)
-    w.add_bool(KEY_HAS_VISION, False)
-    w.add_string(KEY_PROJECTOR_TYPE, ptype)
-    w.add_string(KEY_AUDIO_PROJECTOR_TYPE, ptype)
-    w.add_uint32(KEY_EMBED, cfg.embed_dim)
-    w.add_uint32(KEY_FFN, cfg.mlp_dim)
-    w.add_uint32(KEY_BLOCKS, cfg.depth)
-    w.add_uint32(KEY_HEADS, cfg.num_heads)
-    w.add_uint32(KEY_PROJ_DIM, projector.net[2].out_features)
-    w.add_float32(KEY_LN_EPS, 1e-6)
-    w.add_uint32(KEY_MELS, C.N_MELS)
-    w.add_uint32(KEY_STACK, projector.k)
-    w.add_uint32(KEY_TARGET, C.CHUNK_FRAMES)
-    w.add_array(KEY_PATCH_SIZE, list(cfg.patch_size))
-    w.add_array(KEY_PATCH_STRIDE, list(cfg.patch_stride))
-    if tok:
-        w.add_uint32(KEY_MELS_ACOUSTIC, int(cfg.acoustic_mels or 0))
-    state = {k: v.detach().float() for k, v in sem.state_dict().items()}
-    bn_scale = state["init_bn.weight"] / torch.sqrt(state["init_bn.running_var"] + BN_EPS)
-    tensors: dict[str, torch.Tensor] = {
-        "a.init_bn.scale": bn_scale,
-        "a.init_bn.shift": state["init_bn.bias"] - state["init_bn.running_mean"] * bn_scale,
-        "a.position_embd.weight": (state["time_pos_embed"][0, :, 0, :] + state["freq_pos_embed"][0, :, 0, :]).T,
-    }
-    proj = {f"projector.{k}": v.detach().float() for k, v in projector.state_dict().items()}
-    for fork, ours in TENSOR_NAMES.items():
-        for i in range(cfg.depth) if "{i}" in fork else [None]:
-            key = ours.format(i=i)
-            tensors[fork.format(i=i)] = proj[key] if key.startswith("projector.") else state[key]
-    if tok:
-        acoustic = {k: v.detach().float() for k, v in encoder.state_dict().items()}
-        tensors.update({fork: acoustic[ours] for fork, ours in ACOUSTIC_TENSOR_NAMES.items()})
-    for name, t in tensors.items():
-        arr = t.contiguous().numpy()
-        if arr.ndim < 2 or name in ("a.position_embd.weight",) or dtype == "f32":
-            w.add_tensor(name, arr.astype(np.float32))
-        elif dtype == "f16":
-            w.add_tensor(name, arr.astype(np.float16))
-        elif dtype == "bf16":
-            w.add_tensor(name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16), raw_dtype=gguf.GGMLQuantizationType.BF16)
-        elif dtype == "q8_0" and arr.shape[-1] % 32 == 0:
-            w.add_tensor(name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(name, arr.astype(np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    with gguf_output(Path(path), "clip") as w:
+        w.add_bool(KEY_HAS_AUDIO, True)
+        w.add_bool(KEY_HAS_VISION, False)
+        w.add_string(KEY_PROJECTOR_TYPE, ptype)
+        w.add_string(KEY_AUDIO_PROJECTOR_TYPE, ptype)
+        w.add_uint32(KEY_EMBED, cfg.embed_dim)
+        w.add_uint32(KEY_FFN, cfg.mlp_dim)
+        w.add_uint32(KEY_BLOCKS, cfg.depth)
+        w.add_uint32(KEY_HEADS, cfg.num_heads)
+        w.add_uint32(KEY_PROJ_DIM, projector.net[2].out_features)
+        w.add_float32(KEY_LN_EPS, 1e-6)
+        w.add_uint32(KEY_MELS, C.N_MELS)
+        w.add_uint32(KEY_STACK, projector.k)
+        w.add_uint32(KEY_TARGET, C.CHUNK_FRAMES)
+        w.add_array(KEY_PATCH_SIZE, list(cfg.patch_size))
+        w.add_array(KEY_PATCH_STRIDE, list(cfg.patch_stride))
+        if tok:
+            w.add_uint32(KEY_MELS_ACOUSTIC, int(cfg.acoustic_mels or 0))
+        state = {k: v.detach().float() for k, v in sem.state_dict().items()}
+        bn_scale = state["init_bn.weight"] / torch.sqrt(state["init_bn.running_var"] + BN_EPS)
+        tensors: dict[str, torch.Tensor] = {
+            "a.init_bn.scale": bn_scale,
+            "a.init_bn.shift": state["init_bn.bias"] - state["init_bn.running_mean"] * bn_scale,
+            "a.position_embd.weight": (state["time_pos_embed"][0, :, 0, :] + state["freq_pos_embed"][0, :, 0, :]).T,
+        }
+        proj = {f"projector.{k}": v.detach().float() for k, v in projector.state_dict().items()}
+        for fork, ours in TENSOR_NAMES.items():
+            for i in range(cfg.depth) if "{i}" in fork else [None]:
+                key = ours.format(i=i)
+                tensors[fork.format(i=i)] = proj[key] if key.startswith("projector.") else state[key]
+        if tok:
+            acoustic = {k: v.detach().float() for k, v in encoder.state_dict().items()}
+            tensors.update({fork: acoustic[ours] for fork, ours in ACOUSTIC_TENSOR_NAMES.items()})
+        for name, t in tensors.items():
+            arr = t.contiguous().numpy()
+            if arr.ndim < 2 or name in ("a.position_embd.weight",) or dtype == "f32":
+                w.add_tensor(name, arr.astype(np.float32))
+            elif dtype == "f16":
+                w.add_tensor(name, arr.astype(np.float16))
+            elif dtype == "bf16":
+                w.add_tensor(name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16), raw_dtype=gguf.GGMLQuantizationType.BF16)
+            elif dtype == "q8_0" and arr.shape[-1] % 32 == 0:
+                w.add_tensor(name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(name, arr.astype(np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
     return Path(path)
 
 
