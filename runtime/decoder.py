@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Generic, Sequence, TypeVar
+from typing import Generator, Sequence
 
 import numpy as np
 
@@ -29,11 +29,10 @@ from .errors import CheckpointError, ConfigError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, TokenEmbeddings, read_gguf_header
 from .options import DEFAULT_MAX_NEW_TOKENS, MIN_CTX, SamplingOptions, resolve_threads, whole_number
 from .sampling import SequenceStep
+from .stream import Stream
 
 logger = logging.getLogger("mdl_edge")
 _llama_logger = logging.getLogger("mdl_edge.llama_cpp")
-
-R = TypeVar("R")
 
 # With the automatic context size, the context starts at, and grows in steps of, this many
 # positions: a clip up to ~45 s plus 256 new tokens fits the first step, and the f16 KV cache of
@@ -44,56 +43,6 @@ AUTO_CTX_STEP = 512
 def context_steps(positions: int) -> int:
     """The automatic context size that holds ``positions``: whole :data:`AUTO_CTX_STEP` steps."""
     return -(-positions // AUTO_CTX_STEP) * AUTO_CTX_STEP
-
-
-class Stream(Generic[R]):
-    """One generation in progress: iterate it for text pieces as they are produced; when the
-    iteration ends, :meth:`result` gives the whole answer (token ids, stop reason, timings).
-
-    Closing it early (``close()``, leaving a ``with`` block, or breaking out of a ``for`` loop
-    over it, after which CPython finalizes it at once) stops the generation before the next
-    token and frees the decoder for the next call.
-    """
-
-    def __init__(self, gen: Generator[str, None, R]) -> None:
-        self._gen = gen
-        self._result: R | None = None
-        self._state = "running"
-
-    def __iter__(self) -> "Stream[R]":
-        return self
-
-    def __next__(self) -> str:
-        if self._state != "running":
-            raise StopIteration
-        try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self._result, self._state = stop.value, "done"
-            raise StopIteration from None
-        except BaseException:
-            self._state = "failed"
-            raise
-
-    def result(self) -> R:
-        """Run the generation to its end (if the caller has not) and return its result."""
-        for _ in self:
-            pass
-        if self._state != "done":
-            raise MdlEdgeError(f"the stream was {'closed' if self._state == 'closed' else 'stopped by an error'} before it finished; it has no result")
-        return self._result  # type: ignore[return-value]
-
-    def close(self) -> None:
-        """Stop the generation (idempotent)."""
-        if self._state == "running":
-            self._state = "closed"
-        self._gen.close()
-
-    def __enter__(self) -> "Stream[R]":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _ContextLock:

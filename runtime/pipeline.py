@@ -25,7 +25,8 @@ from . import constants as C
 from .audio import AudioSource, describe, expected_samples, iter_audio
 from .bundle import Bundle
 from .batching import NOT_READY, DecodeRequest, Failed, generate_many
-from .decoder import Segment, Stream, split_prompt
+from .decoder import Segment, split_prompt
+from .stream import Stream
 from .errors import AudioError, MdlEdgeError
 from .mel import log_mel_blocks
 from .options import DecoderOptions, EncoderOptions, GenerationOptions, decoder_options, encoder_options, resolve_threads, whole_number
