@@ -29,7 +29,7 @@ import numpy as np
 
 from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, context_steps, same_segment
 from .sampling import SequenceStep
-from .errors import ConfigError, MdlEdgeError, OptionError
+from .errors import ConfigError, ContextLengthError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, whole_number
 
 logger = logging.getLogger("mdl_edge")
@@ -237,7 +237,7 @@ class BatchRun:
             need = req.n_prompt + req.max_new_tokens + 1
             if need > limit:
                 waiting.popleft()
-                yield DecodeEvent(req.key, error=ConfigError(
+                yield DecodeEvent(req.key, error=ContextLengthError(
                     f"this request needs {need} positions but the decoder holds {limit} per sequence; shorten the audio or max_new_tokens"))
                 continue
             used = sum(s.need for s in self._running)

@@ -25,7 +25,7 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, MdlEdgeError, OptionError
+from .errors import CheckpointError, ConfigError, ContextLengthError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, TokenEmbeddings, read_gguf_header
 from .options import DEFAULT_MAX_NEW_TOKENS, MIN_CTX, SamplingOptions, resolve_threads, whole_number
 from .sampling import SequenceStep
@@ -280,7 +280,7 @@ class LlamaDecoder:
             return
         limit = self.max_positions
         if need > limit:
-            raise ConfigError(f"this request needs {need} positions but the decoder was trained on {limit}; shorten the audio or max_new_tokens")
+            raise ContextLengthError(f"this request needs {need} positions but the decoder was trained on {limit}; shorten the audio or max_new_tokens")
         size = min(context_steps(need), limit)
         logger.info("growing the decoder context from %d to %d positions", self.n_ctx, size)
         self._new_context(size, self.n_seq)
@@ -377,7 +377,7 @@ class LlamaDecoder:
         if total == 0:
             raise ConfigError("empty prompt")
         if total >= self.n_ctx:
-            raise ConfigError(f"the prompt has {total} positions but the context holds {self.n_ctx} (raise n_ctx)")
+            raise ContextLengthError(f"the prompt has {total} positions but the context holds {self.n_ctx} (raise n_ctx)")
         keep, pos = 0, 0
         for old, new in zip(self._cached, segments):
             if same_segment(old, new):
@@ -549,7 +549,7 @@ class LlamaDecoder:
             if step.reason in ("stop_token", "stop_string"):
                 return
             if self._n_past + 1 >= self.n_ctx:
-                raise ConfigError(f"generation reached the context size ({self.n_ctx}); raise n_ctx")
+                raise ContextLengthError(f"generation reached the context size ({self.n_ctx}); raise n_ctx")
             seg = Segment(tokens=(tok,))
             self._decode(seg, self._n_past, want_logits=True)
             self._n_past += 1

@@ -26,6 +26,10 @@ class OptionError(ConfigError):
         self.detail = message
 
 
+class ContextLengthError(ConfigError):
+    """A request needs more decoder positions (prompt, new tokens) than the context holds."""
+
+
 class CheckpointError(MdlEdgeError):
     """A model folder lacks files, or its tensors are missing, unexpected or mis-shaped."""
 

@@ -44,7 +44,7 @@ import numpy as np
 from . import constants as C
 from .audio import AudioSource, expected_samples, iter_audio
 from .engine import Engine, Ticket
-from .errors import AudioError, ConfigError, MdlEdgeError, OptionError, one_line
+from .errors import AudioError, ConfigError, ContextLengthError, MdlEdgeError, OptionError, one_line
 from .options import DecoderOptions, EncoderOptions, GenerationOptions, SamplingOptions, decoder_options, default_parallel, whole_number
 from .pipeline import AudioLM, Request, Result
 from .prompt import CAPTION_PROMPT, transcribe_prompt
@@ -133,8 +133,10 @@ def _from_runtime(e: MdlEdgeError, param: str | None = None) -> ApiError:
         return ApiError(400, one_line(e), param=param or "file", code="invalid_audio")
     if isinstance(e, OptionError):
         return ApiError(400, one_line(e), param=getattr(e, "option", None), code="invalid_value")
+    if isinstance(e, ContextLengthError):
+        return ApiError(400, one_line(e), code="context_length_exceeded")
     if isinstance(e, ConfigError):
-        return ApiError(400, one_line(e), code="context_length_exceeded" if "positions" in str(e) else "invalid_value")
+        return ApiError(400, one_line(e), code="invalid_value")
     return ApiError(500, one_line(e), type="server_error")
 
 

@@ -11,7 +11,7 @@ from conftest import chirp
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.batching import DecodeRequest, Failed, generate_many
 from mdl_edge.runtime.decoder import LlamaDecoder, Segment, split_prompt
-from mdl_edge.runtime.errors import MdlEdgeError
+from mdl_edge.runtime.errors import ContextLengthError, MdlEdgeError
 from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.options import SamplingOptions
 from mdl_edge.runtime.pipeline import AudioLM, Request
@@ -97,6 +97,7 @@ def test_failed_requests_pass_through_alone(decoder, prompts) -> None:
     got = _run(decoder, [DecodeRequest(prompts[0], key="a", max_new_tokens=8), Failed("bad.wav", MdlEdgeError("bad.wav: not audio")),
                          too_long, DecodeRequest(prompts[1], key="b", max_new_tokens=8)], slots=2)
     assert "bad.wav" in str(got["bad.wav"]) and "positions" in str(got["long"])
+    assert isinstance(got["long"], ContextLengthError)  # a typed error: the server answers context_length_exceeded
     assert got["a"].token_ids == _alone(decoder, prompts[0], 8) and got["b"].token_ids == _alone(decoder, prompts[1], 8)
 
 

@@ -11,7 +11,7 @@ import soundfile as sf
 
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.cli import main
-from mdl_edge.runtime.errors import CheckpointError, ConfigError
+from mdl_edge.runtime.errors import CheckpointError, ConfigError, ContextLengthError
 from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.pipeline import AudioLM
 from mdl_edge.runtime.options import DecoderOptions
@@ -70,7 +70,7 @@ def test_context_grows_to_fit_and_fixed_context_is_enforced(bundle) -> None:
     assert again.token_ids == short.token_ids  # a resized context starts from an empty cache
     with AudioLM(bundle, encoder="fp32", decoder=DecoderOptions(variant="f32", n_ctx=4096)) as lm:
         assert lm.caption(wave, G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE).token_ids == grown.token_ids
-    with AudioLM(bundle, decoder=DecoderOptions(variant="f32", n_ctx=512)) as lm, pytest.raises(ConfigError, match="context holds 512"):
+    with AudioLM(bundle, decoder=DecoderOptions(variant="f32", n_ctx=512)) as lm, pytest.raises(ContextLengthError, match="context holds 512"):
         lm.caption(wave, G(max_new_tokens=6), sample_rate=C.SAMPLE_RATE)
     with pytest.raises(ConfigError, match="n_ctx: must be a whole number >= 64"):
         DecoderOptions(n_ctx=8)
