@@ -67,7 +67,7 @@ def is_gguf_pair_dir(folder: str | Path) -> bool:
 def find_pair(folder: str | Path) -> GgufPair:
     """The text GGUF and the mmproj of ``folder``: exactly one of each (files are told apart by
     their ``general.architecture``), checked to belong together."""
-    from .mmproj import projector_type
+    from .mmproj import KEY_PROJ_DIM, projector_type
 
     d = _snapshot(Path(folder))
     files = sorted(d.glob("*.gguf"))
@@ -83,8 +83,6 @@ def find_pair(folder: str | Path) -> GgufPair:
     if pair.arch not in TEXT_ARCHS:
         raise CheckpointError(f"{pair.text}: {G.KEY_ARCHITECTURE} is {pair.arch!r}; MiDashengLM's decoders are {', '.join(TEXT_ARCHS)}")
     projector_type(pair.mmproj_meta, pair.mmproj)
-    from .mmproj import KEY_PROJ_DIM
-
     width = pair.text_meta.get(G.key_embedding_length(pair.arch))
     proj = pair.mmproj_meta.get(KEY_PROJ_DIM)
     if width != proj:
@@ -111,7 +109,7 @@ def gguf_tokenizer(path: str | Path) -> tuple[Any, str, list[int]]:
     ``qwen2`` pre-tokenizer); control tokens become special added tokens, user-defined ones
     plain added tokens, unused rows stay out of the vocabulary."""
     import gguf
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     p = Path(path)
     reader = gguf.GGUFReader(str(p))
@@ -135,18 +133,18 @@ def gguf_tokenizer(path: str | Path) -> tuple[Any, str, list[int]]:
     added = []
     for i, (t, k) in enumerate(zip(tokens, types)):
         if k in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
-            added.append((i, AddedToken(t, special=k == gguf.TokenType.CONTROL, normalized=False)))
+            added.append((i, t, k == gguf.TokenType.CONTROL))
     # tokenizers numbers added tokens after the vocabulary in the order given; the GGUF ids are
     # kept by adding them in id order over a vocabulary that already holds every lower id.
     data = json.loads(tok.to_str())
     data["added_tokens"] = [
-        {"id": i, "content": a.content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": a.special}
-        for i, a in added
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": special}
+        for i, t, special in added
     ]
     out = Tokenizer.from_str(json.dumps(data))
-    for i, a in added:
-        if out.token_to_id(a.content) != i:
-            raise CheckpointError(f"{p}: token {a.content!r} does not keep its id {i} (duplicate token text?)")
+    for i, t, _ in added:
+        if out.token_to_id(t) != i:
+            raise CheckpointError(f"{p}: token {t!r} does not keep its id {i} (duplicate token text?)")
     missing = [t for t in SPECIAL_TOKENS if out.token_to_id(t) is None]
     if missing:
         raise CheckpointError(f"{p}: the vocabulary has no {', '.join(missing)} token(s): not a MiDashengLM text GGUF")

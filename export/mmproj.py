@@ -167,8 +167,7 @@ def _field(reader: Any, key: str, path: Path, default: Any = ...) -> Any:
         if default is ...:
             raise CheckpointError(f"{path}: key {key!r} is missing (not an mmproj of MiDashengLM's audio tower)")
         return default
-    value = f.contents()
-    return value
+    return f.contents()
 
 
 def _int(reader: Any, key: str, path: Path, default: Any = ...) -> int:

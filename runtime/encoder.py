@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import constants as C
+from .config import MAX_ACOUSTIC_MELS
 from .cpu import cpu_info
 from .errors import CheckpointError, ConfigError, OptionError
 from .mel import log_mel
@@ -172,7 +173,7 @@ class AudioEncoder:
                 raise CheckpointError(f"{self.encoder_path}: {key} is {m.get(key)!r}, this runtime needs {want}")
         # Graphs written before the DashengTokenizer variant existed carry no acoustic_mels: 0.
         acoustic = m.get("acoustic_mels", 0)
-        if not isinstance(acoustic, int) or isinstance(acoustic, bool) or not 0 <= acoustic <= 512:
+        if not isinstance(acoustic, int) or isinstance(acoustic, bool) or not 0 <= acoustic <= MAX_ACOUSTIC_MELS:
             raise CheckpointError(f"{self.encoder_path}: acoustic_mels is {acoustic!r}, not a bin count")
         self.acoustic_mels: int = acoustic
         self.mel_rows = C.N_MELS + acoustic
