@@ -11,8 +11,8 @@ WORK = Path(tempfile.gettempdir()) / "mdl-edge-examples"
 
 def tiny_bundle() -> Path:
     """Synthesize and export a tiny model once (needs the export extra)."""
-    from mdl_edge.export.bundle import export_bundle
-    from mdl_edge.export.synth import write_synthetic_checkpoint
+    from mdl_edge.export.convert.bundle import export_bundle
+    from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
     from mdl_edge.runtime.manifest import FORMAT_VERSION
 
     bundle = WORK / f"bundle-v{FORMAT_VERSION}"

@@ -12,8 +12,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mdl_edge.export.reference_model import MiDashengLM
-from mdl_edge.export.synth import write_synthetic_checkpoint
+from mdl_edge.export.reference.model import MiDashengLM
+from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.audio import demo_clip, load_audio
 

@@ -29,7 +29,7 @@ def _need_export() -> None:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     _need_export()
-    from .synth import PRESETS, write_synthetic_checkpoint
+    from .synthetic.checkpoint import PRESETS, write_synthetic_checkpoint
 
     t = time.perf_counter()
     out = write_synthetic_checkpoint(args.preset, args.out, seed=args.seed, overwrite=args.force)
@@ -41,14 +41,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_train_toy(args: argparse.Namespace) -> int:
     _need_export()
-    from .toy_train import TrainPlan, cached_toy_model, default_cache, toy_model, train_toy
+    from .toy.train import TrainPlan, cached_toy_model, default_cache, toy_model, train_toy
 
     plan = TrainPlan(seed=args.seed)
     trains = bool(args.out) or not cached_toy_model(plan)[1]
     if trains:
         # The training time is only comparable across hosts (and across hours on a shared host)
         # beside the rate the host gives now: measured before and after.
-        from .machine import gemm_rate
+        from .bench.machine import gemm_rate
 
         before = gemm_rate(False, plan.threads)
     if args.out:
@@ -60,8 +60,8 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
         print(f"this host's fp32 GEMM rate ({plan.threads} threads): {before:.0f} GFLOP/s before training, "
               f"{gemm_rate(False, plan.threads):.0f} after")
     if args.evaluate:
-        from . import toyworld
-        from .reference_model import MiDashengLM
+        from .toy import world as toyworld
+        from .reference.model import MiDashengLM
 
         model = MiDashengLM.from_pretrained(out)
         clips = list(toyworld.clips("held-out", args.evaluate, seed=12345))
@@ -73,7 +73,7 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     _need_export()
-    from .bundle import export_bundle
+    from .convert.bundle import export_bundle
 
     t = time.perf_counter()
     print(f"exporting {args.model} -> bundle {args.out}")
@@ -90,11 +90,11 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     _need_export()
     import json
 
-    from .parity import format_report, parity_report
+    from .reference.parity import format_report, parity_report
 
     bundle = args.bundle
     if bundle is None:
-        from .bundle import export_bundle
+        from .convert.bundle import export_bundle
 
         bundle = Path(tempfile.mkdtemp(prefix="mdl-edge-parity-")) / "bundle"
         print(f"no --bundle: exporting one to {bundle} (fp32 + int8 encoders; f16, Q8_0, Q4_K_M decoders)", file=sys.stderr)
@@ -111,9 +111,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import soundfile as sf
 
-    from .bench import DEFAULT_CLIPS, format_bench, run_bench
-    from .bundle import export_bundle
-    from .synth import write_synthetic_checkpoint
+    from .bench.end_to_end import DEFAULT_CLIPS, format_bench, run_bench
+    from .convert.bundle import export_bundle
+    from .synthetic.checkpoint import write_synthetic_checkpoint
     from ..runtime import constants as C
     from ..runtime.audio import demo_clip
 
@@ -139,11 +139,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     pairs = tuple(tuple(v.split("+")) for v in args.variants.split(","))
     if any(len(p) != 2 for p in pairs):
         raise MdlEdgeError(f"--variants wants ENCODER+DECODER pairs, got {args.variants!r}")
-    from .machine import measure
+    from .bench.machine import measure
     from ..runtime.options import resolve_threads
 
     if args.parallel:
-        from .bench import format_parallel, run_parallel_bench
+        from .bench.end_to_end import format_parallel, run_parallel_bench
 
         peaks = measure(resolve_threads(args.threads))
         decoders = tuple(v.split("+")[1] for v in args.variants.split(",")) if args.variants_given else ("Q4_K_M", "f16")
@@ -179,7 +179,7 @@ def _print_result(name: str, result, load_s: float, decode_audio_s: float, durat
 
 def _cmd_reference_caption(args: argparse.Namespace) -> int:
     _need_export()
-    from .reference_model import MiDashengLM
+    from .reference.model import MiDashengLM
     from ..runtime import constants as C
     from ..runtime.audio import load_audio
 
@@ -206,7 +206,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return _demo_toy(args)
     import soundfile as sf
 
-    from .synth import write_synthetic_checkpoint
+    from .synthetic.checkpoint import write_synthetic_checkpoint
     from ..runtime import constants as C
     from ..runtime.audio import demo_clip
     from ..runtime.options import GenerationOptions
@@ -243,31 +243,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_bundle(model_dir: Path, bundle_dir: Path) -> None:
-    from .bundle import export_bundle
-
-    import hashlib
+    from .convert.bundle import export_bundle
 
     from .. import export as export_pkg
     from .. import quantize as quantize_pkg
+    from .code_key import code_key
 
     # a bundle made by another version of the exporters is made again
-    h = hashlib.sha256()
-    for pkg in (export_pkg, quantize_pkg):
-        for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
-            h.update(f.read_bytes())
+    key = code_key(f for pkg in (export_pkg, quantize_pkg) for f in Path(pkg.__file__).parent.rglob("*.py"))
     key_file = bundle_dir / ".exporter-key"
-    if (bundle_dir / "manifest.json").is_file() and key_file.is_file() and key_file.read_text() == h.hexdigest():
+    if (bundle_dir / "manifest.json").is_file() and key_file.is_file() and key_file.read_text() == key:
         print(f"3. reusing bundle {bundle_dir}")
         return
     t = time.perf_counter()
     print("3. exporting the bundle (ONNX encoder fp32 + int8, GGUF decoder f16 + Q4_K_M):")
     export_bundle(model_dir, bundle_dir, encoders=["fp32", "int8"], decoders=["f16", "Q4_K_M"], progress=print)
-    key_file.write_text(h.hexdigest())
+    key_file.write_text(key)
     print(f"   bundle {bundle_dir} in {time.perf_counter() - t:.1f} s")
 
 
 def _demo_reference(model_dir: Path, clip: Path, args: argparse.Namespace, prompts: Sequence[str] | None = None) -> None:
-    from .reference_model import MiDashengLM
+    from .reference.model import MiDashengLM
     from ..runtime import constants as C
     from ..runtime.audio import load_audio
 
@@ -293,8 +289,8 @@ def _demo_toy(args: argparse.Namespace) -> int:
     """The default demo: the toy model trained here (cached) hears a clip it never trained on."""
     import soundfile as sf
 
-    from . import toyworld
-    from .toy_train import TrainPlan, toy_model
+    from .toy import world as toyworld
+    from .toy.train import TrainPlan, toy_model
     from ..runtime import constants as C
     from ..runtime.options import GenerationOptions
     from ..runtime.pipeline import AudioLM

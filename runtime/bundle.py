@@ -1,5 +1,5 @@
 """Model bundles: a folder holding everything the runtime needs, described by ``manifest.json``
-(schema: ``runtime/manifest.py``), written by ``mdl-edge export`` (``export/bundle.py``).
+(schema: ``runtime/manifest.py``), written by ``mdl-edge export`` (``export/convert/bundle.py``).
 
 Every check that the pieces belong together lives here: the manifest against the tokenizer and
 chat template when the bundle is opened, each encoder and decoder file against the manifest

@@ -1,5 +1,5 @@
 """The GGUF decoder file as mdl-edge reads and writes it: the header reader (with GGUF's value-type
-table) and the ``mdl_edge.*`` metadata keys that ``export/gguf_decoder.py`` writes (torch-free).
+table) and the ``mdl_edge.*`` metadata keys that ``export/convert/gguf_decoder.py`` writes (torch-free).
 
 The header is validated before llama.cpp parses the file (magic, version, counts, and that every
 tensor's data fits in the file; cf. CVE-2024-21802 / CVE-2024-21836).

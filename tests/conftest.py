@@ -43,14 +43,14 @@ def rel_max_error(actual, expected) -> float:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mdl_edge.export.synth import write_synthetic_checkpoint
+    from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mdl_edge.export.synth import write_synthetic_checkpoint
+    from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint("tiny-qwen2", tmp_path_factory.mktemp("ckpt") / "tiny-qwen2", seed=1)
 
@@ -59,28 +59,28 @@ def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny MiDashengLM-0.6B-style checkpoint: DashengTokenizer-style encoder (100-bin acoustic
     branch), tensor names spelled as the public DashengTokenizer code spells them."""
-    from mdl_edge.export.synth import write_synthetic_checkpoint
+    from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
 
     return write_synthetic_checkpoint("tiny-tok", tmp_path_factory.mktemp("ckpt") / "tiny-tok", seed=3)
 
 
 @pytest.fixture(scope="session")
 def tiny_tok_model(tiny_tok_dir: Path):
-    from mdl_edge.export.reference_model import MiDashengLM
+    from mdl_edge.export.reference.model import MiDashengLM
 
     return MiDashengLM.from_pretrained(tiny_tok_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir: Path):
-    from mdl_edge.export.reference_model import MiDashengLM
+    from mdl_edge.export.reference.model import MiDashengLM
 
     return MiDashengLM.from_pretrained(tiny_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_model(tiny_qwen2_dir: Path):
-    from mdl_edge.export.reference_model import MiDashengLM
+    from mdl_edge.export.reference.model import MiDashengLM
 
     return MiDashengLM.from_pretrained(tiny_qwen2_dir)
 
@@ -88,7 +88,7 @@ def tiny_qwen2_model(tiny_qwen2_dir: Path):
 @pytest.fixture(scope="session")
 def bundle(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle of the tiny Qwen2 checkpoint: fp32 + int8 encoders, f32 + Q8_0 decoders."""
-    from mdl_edge.export.bundle import export_bundle
+    from mdl_edge.export.convert.bundle import export_bundle
 
     return export_bundle(tiny_qwen2_dir, tmp_path_factory.mktemp("bundle") / "b", encoders=["fp32", "int8"],
                          decoders=["f32", "Q8_0"], progress=lambda *_: None)
@@ -108,13 +108,13 @@ requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GP
 
 @pytest.fixture(scope="session")
 def toy_dir() -> Path:
-    """The toy model trained on the toy world (export/toy_train.py): trained on first use on a
+    """The toy model trained on the toy world (export/toy/train.py): trained on first use on a
     machine (minutes), then taken from the cache (~/.cache/mdl-edge or $MDL_EDGE_CACHE)."""
-    from mdl_edge.export import toyworld
+    from mdl_edge.export.toy import world as toyworld
 
     if not toyworld.espeak_available():
         pytest.skip("needs espeak-ng (apt-get install espeak-ng)")
-    from mdl_edge.export.toy_train import toy_model
+    from mdl_edge.export.toy.train import toy_model
 
     return toy_model(progress=lambda m: print(f"[toy model] {m}", flush=True))
 
@@ -122,7 +122,7 @@ def toy_dir() -> Path:
 @pytest.fixture(scope="session")
 def toy_bundle(toy_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained toy model exported: fp32 + int8 encoders, f32 + Q4_K_M decoders."""
-    from mdl_edge.export.bundle import export_bundle
+    from mdl_edge.export.convert.bundle import export_bundle
 
     return export_bundle(toy_dir, tmp_path_factory.mktemp("toy-bundle") / "b", encoders=["fp32", "int8"],
                          decoders=["f32", "Q4_K_M"], progress=lambda *_: None)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdl_edge.export.checkpoint import Checkpoint
-from mdl_edge.export.reference_model import MiDashengLM
+from mdl_edge.export.convert.checkpoint import Checkpoint
+from mdl_edge.export.reference.model import MiDashengLM
 from mdl_edge.runtime.config import ModelConfig
 from mdl_edge.runtime.errors import CheckpointError, ConfigError
 

@@ -139,7 +139,7 @@ def test_ctrl_c_leaves_a_valid_partial_output(bundle, clips, tmp_path) -> None:
 def test_long_recordings_are_segmented_as_on_one_machine(local_ray, bundle, tmp_path) -> None:
     """A recording longer than --max-segment is cut at its pauses inside the actor: its rows are
     the segments AudioLM.transcribe_segments gives in-process."""
-    from mdl_edge.export import toyworld
+    from mdl_edge.export.toy import world as toyworld
     from mdl_edge.runtime.pipeline import AudioLM
     from mdl_edge.runtime.segments import SegmentOptions
 

@@ -20,7 +20,7 @@ def test_reference_on_cuda_matches_cpu(which: str, request: pytest.FixtureReques
     acoustic mel), encoder, embeddings, teacher-forced logits, greedy tokens."""
     import torch
 
-    from mdl_edge.export.reference_model import MiDashengLM
+    from mdl_edge.export.reference.model import MiDashengLM
 
     cpu = request.getfixturevalue(f"{which}_model")
     gpu = MiDashengLM.from_pretrained(request.getfixturevalue(f"{which}_dir"), device="cuda")
@@ -93,8 +93,8 @@ def test_real_size_reference_on_cuda(tmp_path) -> None:
 
     import torch
 
-    from mdl_edge.export.reference_model import MiDashengLM
-    from mdl_edge.export.synth import write_synthetic_checkpoint
+    from mdl_edge.export.reference.model import MiDashengLM
+    from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
     from mdl_edge.runtime.audio import demo_clip
 
     ckpt = write_synthetic_checkpoint("0.6b", tmp_path / "m", seed=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdl_edge.export.gguf_decoder import export_decoder_gguf
+from mdl_edge.export.convert.gguf_decoder import export_decoder_gguf
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.decoder import LlamaDecoder, Segment, split_prompt
 from mdl_edge.runtime.sampling import Utf8Pieces

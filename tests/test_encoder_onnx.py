@@ -30,7 +30,7 @@ def clip(n: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_dir, tmp_path_factory) -> Path:
-    from mdl_edge.export.onnx_encoder import export_audio_onnx
+    from mdl_edge.export.convert.onnx_encoder import export_audio_onnx
     from mdl_edge.quantize.encoder import quantize_encoder
 
     out = tmp_path_factory.mktemp("onnx") / "tiny"
@@ -182,7 +182,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_encoder_from_another_checkpoint_is_refused(onnx_dir, tiny_qwen2_dir, tmp_path) -> None:
-    from mdl_edge.export.onnx_encoder import export_audio_onnx
+    from mdl_edge.export.convert.onnx_encoder import export_audio_onnx
 
     other = tmp_path / "other"
     export_audio_onnx(tiny_qwen2_dir, other)
@@ -260,11 +260,11 @@ def test_cuda_provider_without_cuda(onnx_dir) -> None:
 def test_real_size_chunk(tmp_path_factory) -> None:
     """0.6b preset (the DashengTokenizer-style encoder): one full chunk and a partial one through
     ONNX fp32 vs the PyTorch reference encoder."""
-    from mdl_edge.export.checkpoint import Checkpoint
-    from mdl_edge.export.onnx_encoder import export_audio_onnx
-    from mdl_edge.export.reference_model import load_audio_tower
-    from mdl_edge.export.reference_mel import LogMel, batch_log_mel
-    from mdl_edge.export.synth import write_synthetic_checkpoint
+    from mdl_edge.export.convert.checkpoint import Checkpoint
+    from mdl_edge.export.convert.onnx_encoder import export_audio_onnx
+    from mdl_edge.export.reference.model import load_audio_tower
+    from mdl_edge.export.reference.mel import LogMel, batch_log_mel
+    from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
 
     root = tmp_path_factory.mktemp("real")
     ckpt_dir = write_synthetic_checkpoint("0.6b", root / "ckpt")

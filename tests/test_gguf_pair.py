@@ -33,14 +33,14 @@ CORPUS = [
 def foreign_text_gguf(src: Path, dst: Path) -> Path:
     """``src`` (an mdl-edge decoder GGUF) without mdl-edge's keys: a text GGUF as another
     converter writes it."""
-    from mdl_edge.export.gguf_pair import rewrite_gguf
+    from mdl_edge.export.convert.gguf_pair import rewrite_gguf
 
     return rewrite_gguf(src, dst, drop=lambda key: key.startswith("mdl_edge."))
 
 
 def split_qkv(src: Path, dst: Path) -> Path:
     """An mmproj with ``attn_q/attn_k/attn_v`` instead of the fused ``attn_qkv``."""
-    from mdl_edge.export.gguf_pair import rewrite_gguf
+    from mdl_edge.export.convert.gguf_pair import rewrite_gguf
 
     def split(t):
         if ".attn_qkv." not in t.name:
@@ -53,10 +53,10 @@ def split_qkv(src: Path, dst: Path) -> Path:
 
 
 def make_pair(ckpt: Path, folder: Path, *, mmproj_dtype: str = "f32", text_type: str = "f32", split: bool = False) -> Path:
-    from mdl_edge.export.checkpoint import Checkpoint
-    from mdl_edge.export.gguf_decoder import export_decoder_gguf
-    from mdl_edge.export.mmproj import write_mmproj
-    from mdl_edge.export.reference_model import load_audio_tower
+    from mdl_edge.export.convert.checkpoint import Checkpoint
+    from mdl_edge.export.convert.gguf_decoder import export_decoder_gguf
+    from mdl_edge.export.convert.mmproj import write_mmproj
+    from mdl_edge.export.reference.model import load_audio_tower
 
     folder.mkdir(parents=True)
     ours = export_decoder_gguf(ckpt, folder / "ours.gguf", out_type=text_type)
@@ -106,7 +106,7 @@ def test_pair_tensor_types_and_split_qkv(tiny_tok_dir: Path, tiny_tok_model, tmp
     """Half-precision or quantized mmproj tensors are dequantized with gguf: F16 stays within the
     goal's 2e-3 of the fp32 reference (relative to the largest value); BF16 (8-bit mantissa) and
     Q8_0 weights cost more by their own rounding (measured 3e-3 for BF16)."""
-    from mdl_edge.export.bundle import export_bundle
+    from mdl_edge.export.convert.bundle import export_bundle
     from mdl_edge.runtime.pipeline import AudioLM
 
     pair = make_pair(tiny_tok_dir, tmp_path / "pair", mmproj_dtype=dtype, split=split)
@@ -123,7 +123,7 @@ def test_quantized_text_gguf_is_used_as_it_is(tiny_tok_dir: Path, tmp_path: Path
     Q4_K_M is requantized from it by llama.cpp."""
     import gguf
 
-    from mdl_edge.export.bundle import export_bundle
+    from mdl_edge.export.convert.bundle import export_bundle
     from mdl_edge.quantize.decoder import quantize_decoder
 
     pair = make_pair(tiny_tok_dir, tmp_path / "pair")
@@ -137,7 +137,7 @@ def test_quantized_text_gguf_is_used_as_it_is(tiny_tok_dir: Path, tmp_path: Path
 
 
 def test_tokenizer_from_gguf_matches_llama_cpp(tiny_tok_dir: Path, tmp_path: Path) -> None:
-    from mdl_edge.export.gguf_pair import gguf_tokenizer
+    from mdl_edge.export.convert.gguf_pair import gguf_tokenizer
     from mdl_edge.runtime.decoder import LlamaDecoder
     from mdl_edge.runtime.prompt import PromptFormat
 
@@ -159,11 +159,11 @@ def test_tokenizer_from_gguf_matches_llama_cpp(tiny_tok_dir: Path, tmp_path: Pat
 def test_pairs_that_do_not_belong_together_are_refused(tiny_tok_dir: Path, tiny_qwen2_dir: Path, tmp_path: Path) -> None:
     import gguf
 
-    from mdl_edge.export.bundle import export_bundle
-    from mdl_edge.export.checkpoint import Checkpoint
-    from mdl_edge.export.mmproj import write_mmproj
-    from mdl_edge.export.reference_encoder import AudioProjector
-    from mdl_edge.export.reference_model import load_audio_tower
+    from mdl_edge.export.convert.bundle import export_bundle
+    from mdl_edge.export.convert.checkpoint import Checkpoint
+    from mdl_edge.export.convert.mmproj import write_mmproj
+    from mdl_edge.export.reference.encoder import AudioProjector
+    from mdl_edge.export.reference.model import load_audio_tower
 
     def export(folder: Path) -> None:
         export_bundle(folder, tmp_path / f"out-{folder.name}", encoders=["fp32"], decoders=["f32"], progress=lambda *_: None)
@@ -200,7 +200,7 @@ def test_pairs_that_do_not_belong_together_are_refused(tiny_tok_dir: Path, tiny_
     tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
     del reader
     tokens = ["<|notaudio|>" if t == "<|AUDIO|>" else t for t in tokens]
-    from mdl_edge.export.gguf_pair import rewrite_gguf
+    from mdl_edge.export.convert.gguf_pair import rewrite_gguf
 
     rewrite_gguf(pair / "model-f32.gguf", pair / "edited.gguf", extra={"tokenizer.ggml.tokens": (tokens, gguf.GGUFValueType.ARRAY)})
     (pair / "edited.gguf").replace(pair / "model-f32.gguf")
@@ -214,7 +214,7 @@ def test_pair_in_the_hugging_face_cache_layout(tiny_tok_dir: Path, tmp_path: Pat
     import hashlib
     import shutil
 
-    from mdl_edge.export.bundle import export_bundle
+    from mdl_edge.export.convert.bundle import export_bundle
 
     pair = make_pair(tiny_tok_dir, tmp_path / "pair")
     root = tmp_path / "hub" / "models--mispeech--midashenglm-0.6b-gguf"

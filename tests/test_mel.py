@@ -57,7 +57,7 @@ KINDS = ["silence", "white_noise", "sine_50", "sine_440", "sine_3000", "sine_790
 
 @pytest.fixture(scope="module")
 def torch_front_ends():
-    from mdl_edge.export.reference_mel import LogMel
+    from mdl_edge.export.reference.mel import LogMel
 
     return {False: LogMel(bf16_buffers=False), True: LogMel(bf16_buffers=True)}
 
@@ -65,7 +65,7 @@ def torch_front_ends():
 def torch_reference(front_ends, wave: np.ndarray, bf16: bool) -> np.ndarray:
     import torch
 
-    from mdl_edge.export.reference_mel import batch_log_mel
+    from mdl_edge.export.reference.mel import batch_log_mel
 
     with torch.inference_mode():
         mel, _ = batch_log_mel(front_ends[bf16], [wave])

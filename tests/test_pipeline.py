@@ -77,7 +77,7 @@ def test_context_grows_to_fit_and_fixed_context_is_enforced(bundle) -> None:
 
 
 def test_swapped_decoder_is_refused(bundle, tiny_dir, tmp_path) -> None:
-    from mdl_edge.export.gguf_decoder import export_decoder_gguf
+    from mdl_edge.export.convert.gguf_decoder import export_decoder_gguf
 
     d = tmp_path / "b"
     shutil.copytree(bundle, d)

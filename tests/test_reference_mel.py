@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdl_edge.export.reference_mel import LogMel, batch_log_mel
+from mdl_edge.export.reference.mel import LogMel, batch_log_mel
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.errors import AudioError
 from mdl_edge.runtime.mel import bf16_round, front_end_buffers, log_mel_numpy, mel_filterbank

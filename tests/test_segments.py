@@ -33,7 +33,7 @@ def spoken_recording() -> tuple[dict[float, np.ndarray], list[tuple[float, float
     """Sentences spoken by espeak-ng, joined by pauses of known length, mixed with white noise at
     three SNRs; the pauses and the sentences as (start, end) seconds. (Also the recording of
     tests/benchmarks/bench_vad.py.)"""
-    from mdl_edge.export import toyworld
+    from mdl_edge.export.toy import world as toyworld
 
     parts, pauses, sentences, pos = [], [], [], 0
     for k, text in enumerate(SENTENCES):
@@ -56,7 +56,7 @@ def spoken_recording() -> tuple[dict[float, np.ndarray], list[tuple[float, float
 
 @pytest.fixture(scope="module")
 def speech() -> tuple[dict[float, np.ndarray], list[tuple[float, float]]]:
-    from mdl_edge.export import toyworld
+    from mdl_edge.export.toy import world as toyworld
 
     if not toyworld.espeak_available():
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")

@@ -44,7 +44,7 @@ def wav_bytes(x: np.ndarray, rate: int = C.SAMPLE_RATE) -> bytes:
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory) -> Path:
-    from mdl_edge.export import toyworld
+    from mdl_edge.export.toy import world as toyworld
 
     if not toyworld.espeak_available():
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")

@@ -50,7 +50,7 @@ def served(toy_bundle):
 
 @pytest.fixture(scope="module")
 def toy_files(tmp_path_factory):
-    from mdl_edge.export import toyworld
+    from mdl_edge.export.toy import world as toyworld
 
     d = tmp_path_factory.mktemp("page")
     clip = next(c for c in toyworld.clips("held-out", 20, seed=3) if c.transcript)

@@ -8,10 +8,10 @@ import math
 import pytest
 from safetensors import safe_open
 
-from mdl_edge.export.checkpoint import Checkpoint
-from mdl_edge.export.layout import official_tensors
-from mdl_edge.export.synth import preset_config, write_synthetic_checkpoint
-from mdl_edge.export.synth_tokenizer import build_tokenizer
+from mdl_edge.export.convert.checkpoint import Checkpoint
+from mdl_edge.export.convert.layout import official_tensors
+from mdl_edge.export.synthetic.checkpoint import preset_config, write_synthetic_checkpoint
+from mdl_edge.export.synthetic.tokenizer import build_tokenizer
 from mdl_edge.runtime.config import ModelConfig
 from mdl_edge.runtime.errors import ConfigError, MdlEdgeError
 from mdl_edge.runtime.prompt import SPECIAL_TOKENS
@@ -130,7 +130,7 @@ def test_unwritable_output_folder(tmp_path) -> None:
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch) -> None:
-    import mdl_edge.export.synth as synth
+    import mdl_edge.export.synthetic.checkpoint as synth
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -63,7 +63,7 @@ def test_acoustic_mel_matches_librosa(n: int) -> None:
 
 
 def test_reference_acoustic_mel_matches_librosa() -> None:
-    from mdl_edge.export.reference_mel import LogMel, batch_log_mel
+    from mdl_edge.export.reference.mel import LogMel, batch_log_mel
 
     clips = [chirp(1.3, 1), chirp(4.0, 2)]
     mel, _ = batch_log_mel(LogMel(acoustic_mels=N_AC), clips)
@@ -154,7 +154,7 @@ def test_masked_rows_are_zeroed_after_the_first_chunk_only(tok_model) -> None:
 def test_checkpoint_layouts_and_variant(tok_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from mdl_edge.export.checkpoint import Checkpoint
+    from mdl_edge.export.convert.checkpoint import Checkpoint
 
     ck = Checkpoint(tok_dir)
     assert ck.layout.name == "dashengtokenizer-sequential-bn"
@@ -204,7 +204,7 @@ def test_checkpoint_layouts_and_variant(tok_dir: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tok_onnx(tok_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mdl_edge.export.onnx_encoder import export_audio_onnx
+    from mdl_edge.export.convert.onnx_encoder import export_audio_onnx
     from mdl_edge.quantize.encoder import quantize_encoder
 
     out = tmp_path_factory.mktemp("tok-onnx")
@@ -271,7 +271,7 @@ def test_bundle_and_parity_end_to_end(tok_dir: Path, tmp_path: Path, capsys) -> 
     with AudioLM(out, encoder="fp32") as lm:
         emb, n = lm.embed(wave, sample_rate=C.SAMPLE_RATE)
         assert lm.encoder.acoustic_mels == N_AC
-    from mdl_edge.export.reference_model import MiDashengLM
+    from mdl_edge.export.reference.model import MiDashengLM
 
     want = MiDashengLM.from_pretrained(tok_dir).encode_audio([wave])[0].numpy()
     assert n == wave.size and rel_max_error(emb, want) <= 2e-5

@@ -1,6 +1,6 @@
 """The toy world and the toy model trained on it: a model that hears, so that tests can tell a
 pipeline that hears from one that scrambles the audio, and quantization costs show in task
-metrics. The model is trained once per machine (minutes) and cached (``export/toy_train.py``)."""
+metrics. The model is trained once per machine (minutes) and cached (``export/toy/train.py``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from mdl_edge.export import toyworld
+from mdl_edge.export.toy import world as toyworld
 from mdl_edge.runtime.options import GenerationOptions
 
 pytestmark = pytest.mark.skipif(not toyworld.espeak_available(), reason="needs espeak-ng (apt-get install espeak-ng)")
@@ -58,7 +58,7 @@ def test_a_clip_does_not_depend_on_how_many_or_how_they_are_made() -> None:
 def test_espeak_helper_speaks_as_the_program_does() -> None:
     """The in-process helper must give the program's samples bit for bit, in any order and on
     repeats (the engine carries state between utterances; the helper's fork per word discards it)."""
-    from mdl_edge.export import espeak
+    from mdl_edge.export.toy import espeak
 
     cases = [("seven", "en-us+f2", 190, 59), ("hello", "en-gb-scotland+m3", 130, 41), ("seven", "en-us+f2", 190, 59),
              ("purple", "en-029+m6", 160, 50), ("hello", "en-gb-scotland+m3", 130, 41)]
@@ -74,7 +74,7 @@ def test_espeak_helper_speaks_as_the_program_does() -> None:
 def test_espeak_helper_is_not_shared_with_a_forked_process() -> None:
     """A process forked after the helper started must start its own (the inherited one talks on
     the parent's pipes); both then speak as the program does."""
-    from mdl_edge.export import espeak
+    from mdl_edge.export.toy import espeak
 
     case = ("seven", "en-us+f2", 190, 59)
     want = espeak.synthesize(*case, use_helper=False)[0]
@@ -98,7 +98,7 @@ def test_espeak_helper_is_not_shared_with_a_forked_process() -> None:
 
 
 def test_espeak_errors_name_the_voice() -> None:
-    from mdl_edge.export import espeak
+    from mdl_edge.export.toy import espeak
     from mdl_edge.runtime.errors import MdlEdgeError
 
     for use_helper in (True, False):
@@ -150,9 +150,9 @@ def test_fast_training_losses_equal_the_plain_formulation(tmp_path) -> None:
     padded to its longest clip with transformers' own loss (a speed-up, not a change of model)."""
     import torch
 
-    from mdl_edge.export import toy_train as T
-    from mdl_edge.export.reference_model import MiDashengLM
-    from mdl_edge.export.synth import write_synthetic_checkpoint
+    from mdl_edge.export.toy import train as T
+    from mdl_edge.export.reference.model import MiDashengLM
+    from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
 
     write_synthetic_checkpoint("toy", tmp_path / "ck", seed=0)
     model = MiDashengLM.from_pretrained(tmp_path / "ck")
@@ -185,7 +185,7 @@ def test_encoder_phase_crop_keeps_what_is_heard_and_its_labels_aligned() -> None
     (fewer only at the clip's edge), and a sample count that gives exactly the kept patches."""
     import torch
 
-    from mdl_edge.export import toy_train as T
+    from mdl_edge.export.toy import train as T
     from mdl_edge.runtime import constants as C
     from mdl_edge.runtime.mel import log_mel
 
@@ -224,8 +224,8 @@ def test_scoring() -> None:
 
 # -- the trained model ---------------------------------------------------------------------------
 def test_trained_checkpoint_is_an_ordinary_official_checkpoint(toy_dir, tmp_path) -> None:
-    from mdl_edge.export.checkpoint import Checkpoint
-    from mdl_edge.export.synth import write_synthetic_checkpoint
+    from mdl_edge.export.convert.checkpoint import Checkpoint
+    from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
 
     trained = Checkpoint(toy_dir)
     fresh = Checkpoint(write_synthetic_checkpoint("toy", tmp_path / "init"))
@@ -269,7 +269,7 @@ def test_scrambled_audio_embeddings_are_not_heard(toy_bundle, held_out, monkeypa
 
 def test_runtime_equals_reference_on_the_trained_model(toy_dir, toy_bundle, held_out) -> None:
     """Trained logits have real margins: fp32 ONNX + f32 GGUF give the reference's greedy tokens."""
-    from mdl_edge.export.reference_model import MiDashengLM
+    from mdl_edge.export.reference.model import MiDashengLM
     from mdl_edge.runtime.pipeline import AudioLM
     from mdl_edge.runtime.prompt import CAPTION_PROMPT, TRANSCRIBE_PROMPT
 

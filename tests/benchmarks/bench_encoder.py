@@ -6,7 +6,7 @@ against this machine's own measured peaks.
 DIR holds ``mdl-edge export CKPT DIR --encoder fp32,int8,int8-static`` output of a real-size
 checkpoint (``mdl-edge synth --preset 0.6b``). Measured in one run:
 
-- this machine's fp32 and int8 GEMM rates and read bandwidth (``export/machine.py``); the table
+- this machine's fp32 and int8 GEMM rates and read bandwidth (``export/bench/machine.py``); the table
   header names the CPU and its SIMD features;
 - one full 1008-frame chunk per path, its achieved rate and the fraction of the peak of its
   precision;
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
-    from mdl_edge.export.machine import encoder_flops, measure
+    from mdl_edge.export.bench.machine import encoder_flops, measure
     from mdl_edge.quantize.encoder import variant_file
     from mdl_edge.runtime import constants as C
     from mdl_edge.runtime.audio import demo_clip
@@ -67,8 +67,8 @@ def main() -> None:
     if args.model:
         import torch
 
-        from mdl_edge.export.checkpoint import Checkpoint
-        from mdl_edge.export.reference_model import load_audio_tower
+        from mdl_edge.export.convert.checkpoint import Checkpoint
+        from mdl_edge.export.reference.model import load_audio_tower
 
         torch.set_num_threads(args.threads)
         enc, _ = load_audio_tower(Checkpoint(args.model))

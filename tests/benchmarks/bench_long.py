@@ -60,7 +60,7 @@ def write_flac(path: Path, seconds: float) -> None:
 
 
 def _worker(bundle: str, path: str, parallel: int, tokens: int) -> dict:
-    from mdl_edge.export.bench import _peak_rss
+    from mdl_edge.export.bench.end_to_end import _peak_rss
     from mdl_edge.runtime.options import GenerationOptions
     from mdl_edge.runtime.pipeline import AudioLM
 

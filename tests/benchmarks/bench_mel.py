@@ -43,7 +43,7 @@ def main() -> None:
     import torch
 
     from mdl_edge import _mel
-    from mdl_edge.export.reference_mel import LogMel
+    from mdl_edge.export.reference.mel import LogMel
     from mdl_edge.runtime import constants as C
     from mdl_edge.runtime.audio import expected_samples, iter_audio
     from mdl_edge.runtime.mel import log_mel, log_mel_blocks, log_mel_numpy

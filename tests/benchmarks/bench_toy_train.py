@@ -13,7 +13,7 @@ drifts, as shared 2-core machines do, drifts for both):
   prompt prefix computed once and passed on as a KV cache, the vocabulary projection only where
   an answer token is predicted); ``tests/test_toy.py`` checks that both give the same loss and
   gradients;
-- one espeak-ng word: the program per word vs the forking helper (``export/espeak.py``).
+- one espeak-ng word: the program per word vs the forking helper (``export/toy/espeak.py``).
 
 The header names the CPU and its fp32 GEMM rate, measured before and after (a step's time is
 comparable across hosts only beside it).
@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdl_edge.export import espeak, toyworld
-from mdl_edge.export import toy_train as T
-from mdl_edge.export.machine import gemm_rate
-from mdl_edge.export.reference_model import MiDashengLM
-from mdl_edge.export.synth import write_synthetic_checkpoint
+from mdl_edge.export.toy import espeak
+from mdl_edge.export.toy import world as toyworld
+from mdl_edge.export.toy import train as T
+from mdl_edge.export.bench.machine import gemm_rate
+from mdl_edge.export.reference.model import MiDashengLM
+from mdl_edge.export.synthetic.checkpoint import write_synthetic_checkpoint
 from mdl_edge.runtime.cpu import cpu_info
 
 

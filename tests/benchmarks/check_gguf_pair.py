@@ -8,7 +8,7 @@
 2. Its text GGUF made by llama.cpp's own ``convert_hf_to_gguf.py`` (from the llama-cpp-python sdist
    on PyPI, the version installed here; its tokenizer-hash check is told the pre-tokenizer is
    ``qwen2``, as it would be for the real Qwen3 vocabulary), plus an mmproj with the fork's keys and
-   names (``export/mmproj.py``, F16 and F32).
+   names (``export/convert/mmproj.py``, F16 and F32).
 3. ``mdl-edge export`` of that pair, compared with the PyTorch reference of the checkpoint on clips
    of 0.15-20 s: audio embeddings (relative to the largest value; goal 2e-3) and greedy tokens
    (decoder in parity mode: f32 KV cache, no flash attention).
@@ -61,8 +61,8 @@ def foreign_checkpoint(size: str, out: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from mdl_edge.export.synth import OFFICIAL_SPECIAL_START
-    from mdl_edge.export.synth_tokenizer import write_tokenizer_files
+    from mdl_edge.export.synthetic.checkpoint import OFFICIAL_SPECIAL_START
+    from mdl_edge.export.synthetic.tokenizer import write_tokenizer_files
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from test_reference_encoder import import_dasheng
@@ -110,10 +110,10 @@ def main() -> int:
     ap.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree with convert_hf_to_gguf.py (default: the sdist from PyPI)")
     ap.add_argument("--tokens", type=int, default=16)
     args = ap.parse_args()
-    from mdl_edge.export.bundle import export_bundle
-    from mdl_edge.export.checkpoint import Checkpoint
-    from mdl_edge.export.mmproj import write_mmproj
-    from mdl_edge.export.reference_model import MiDashengLM, load_audio_tower
+    from mdl_edge.export.convert.bundle import export_bundle
+    from mdl_edge.export.convert.checkpoint import Checkpoint
+    from mdl_edge.export.convert.mmproj import write_mmproj
+    from mdl_edge.export.reference.model import MiDashengLM, load_audio_tower
     from mdl_edge.runtime.audio import demo_clip
     from mdl_edge.runtime.cpu import cpu_info
     from mdl_edge.runtime.options import DecoderOptions, GenerationOptions

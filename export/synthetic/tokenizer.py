@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from ..runtime.prompt import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, END_OF_TEXT, FALLBACK_CHAT_TEMPLATE, IM_END, IM_START, SPECIAL_TOKENS
+from ...runtime.prompt import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, END_OF_TEXT, FALLBACK_CHAT_TEMPLATE, IM_END, IM_START, SPECIAL_TOKENS
 
 #: The Qwen2 / Qwen3 pre-tokenizer split pattern (the "qwen2" pre-tokenizer of llama.cpp).
 QWEN_SPLIT_PATTERN = (

@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..runtime import constants as C
-from ..runtime import quiet_third_party
-from ..runtime.config import EncoderConfig
-from ..runtime.errors import MdlEdgeError
-from ..runtime.onnx_meta import ENCODER_FILE, FRAMES_AXIS, PROJECTOR_FILE, write_metadata
+from ...runtime import constants as C
+from ...runtime import quiet_third_party
+from ...runtime.config import EncoderConfig
+from ...runtime.errors import MdlEdgeError
+from ...runtime.onnx_meta import ENCODER_FILE, FRAMES_AXIS, PROJECTOR_FILE, write_metadata
 from .checkpoint import Checkpoint
-from .reference_encoder import DashengEncoder, DashengTokenizerEncoder
-from .reference_model import load_audio_tower
+from ..reference.encoder import DashengEncoder, DashengTokenizerEncoder
+from ..reference.model import load_audio_tower
 
 logger = logging.getLogger("mdl_edge")
 

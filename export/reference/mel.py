@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..runtime import constants as C
-from ..runtime.mel import check_wave, front_end_buffers, pad_to_min_length
+from ...runtime import constants as C
+from ...runtime.mel import check_wave, front_end_buffers, pad_to_min_length
 
 
 class LogMel(torch.nn.Module):

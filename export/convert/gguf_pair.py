@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..runtime import gguf_meta as G
-from ..runtime.errors import CheckpointError, ConfigError
-from ..runtime.prompt import SPECIAL_TOKENS, PromptFormat
-from .synth_tokenizer import QWEN_SPLIT_PATTERN
+from ...runtime import gguf_meta as G
+from ...runtime.errors import CheckpointError, ConfigError
+from ...runtime.prompt import SPECIAL_TOKENS, PromptFormat
+from ..synthetic.tokenizer import QWEN_SPLIT_PATTERN
 
 logger = logging.getLogger("mdl_edge")
 
@@ -206,8 +206,8 @@ def export_bundle_from_pair(folder: str | Path, out_dir: str | Path, *, encoders
     decoder variant (named by its type) plus ``decoders`` quantized from it by llama.cpp."""
     import gguf
 
-    from ..quantize.decoder import GGUF_TYPES, quantize_decoder
-    from ..quantize.encoder import VARIANTS as ENCODER_VARIANTS
+    from ...quantize.decoder import GGUF_TYPES, quantize_decoder
+    from ...quantize.encoder import VARIANTS as ENCODER_VARIANTS
     from .bundle import finish_bundle
     from .mmproj import read_mmproj
     from .onnx_encoder import write_audio_onnx

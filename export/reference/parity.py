@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime import constants as C
-from ..runtime.audio import demo_clip, load_audio
-from ..runtime.bundle import Bundle
-from ..runtime.decoder import Segment, split_prompt
-from ..runtime.mel import log_mel
-from ..runtime.options import DecoderOptions, EncoderOptions
-from ..runtime.prompt import CAPTION_PROMPT, user_message
-from .reference_model import MiDashengLM
+from ...runtime import constants as C
+from ...runtime.audio import demo_clip, load_audio
+from ...runtime.bundle import Bundle
+from ...runtime.decoder import Segment, split_prompt
+from ...runtime.mel import log_mel
+from ...runtime.options import DecoderOptions, EncoderOptions
+from ...runtime.prompt import CAPTION_PROMPT, user_message
+from .model import MiDashengLM
 
 logger = logging.getLogger("mdl_edge")
 
@@ -86,9 +86,9 @@ def task_metrics(checkpoint_dir: str | Path, bundle_dir: str | Path, *, n_clips:
                  device: str = "cpu", model: MiDashengLM | None = None) -> dict[str, dict[str, float]]:
     """What each encoder x decoder pair costs in what users see: word accuracy, caption exact
     match and caption element accuracy on held-out toy-world clips, beside the reference's."""
-    from ..runtime.options import GenerationOptions
-    from ..runtime.pipeline import AudioLM
-    from . import toyworld
+    from ...runtime.options import GenerationOptions
+    from ...runtime.pipeline import AudioLM
+    from ..toy import world as toyworld
 
     clips = list(toyworld.clips("held-out", n_clips, seed=12345))
     model = model or MiDashengLM.from_pretrained(checkpoint_dir, device=device)

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..runtime import constants as C
+from ...runtime import constants as C
 from . import espeak
 
 SR = C.SAMPLE_RATE
@@ -103,7 +103,7 @@ def espeak_available() -> bool:
 
 def speak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     """espeak-ng's rendering of ``text``, 16 kHz mono float32."""
-    from ..runtime.audio import load_audio
+    from ...runtime.audio import load_audio
 
     samples, rate = espeak.synthesize(text, voice, speed, pitch)
     wave = load_audio(samples, sample_rate=rate)
@@ -324,7 +324,7 @@ def score(clips: list[Clip], captions: list[str], transcripts: list[str]) -> dic
 def evaluate(answer: Callable[[np.ndarray, str], str], clips: list[Clip]) -> dict[str, float]:
     """Score a model on ``clips``: ``answer(wave, prompt)`` returns its text for one 16 kHz clip
     and one of the two task prompts (the runtime's or the reference's generation)."""
-    from ..runtime.prompt import CAPTION_PROMPT, TRANSCRIBE_PROMPT
+    from ...runtime.prompt import CAPTION_PROMPT, TRANSCRIBE_PROMPT
 
     captions = [answer(c.wave, CAPTION_PROMPT) for c in clips]
     transcripts = [answer(c.wave, TRANSCRIBE_PROMPT) for c in clips]

@@ -19,9 +19,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..runtime import gguf_meta as G
-from ..runtime.errors import ConfigError, MdlEdgeError
-from ..runtime.prompt import PromptFormat
+from ...runtime import gguf_meta as G
+from ...runtime.errors import ConfigError, MdlEdgeError
+from ...runtime.prompt import PromptFormat
 from .checkpoint import Checkpoint
 from .layout import DECODER_PREFIX
 

@@ -1,4 +1,4 @@
-"""The espeak-ng helper process (standard library only; started by ``export/espeak.py`` as
+"""The espeak-ng helper process (standard library only; started by ``export/toy/espeak.py`` as
 ``python -I espeak_helper.py``) and the wire format both sides share.
 
 It initialises libespeak-ng once and loads the English tables, then for each request (a JSON

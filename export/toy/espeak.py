@@ -1,7 +1,7 @@
 """espeak-ng speech for the toy world, without starting the program once per word.
 
 The toy world speaks tens of thousands of single words; starting ``espeak-ng`` for each costs
-about 13 ms, nearly all of it start-up. A helper process (``export/espeak_helper.py``) keeps the
+about 13 ms, nearly all of it start-up. A helper process (``export/toy/espeak_helper.py``) keeps the
 engine (``libespeak-ng``, installed with the program by the Debian package) initialised and forks
 a fresh child per word, so each word is still spoken from a just-started engine and its samples
 are the program's own (``tests/test_toy.py`` compares them). Where no helper can run (no
@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..runtime.errors import MdlEdgeError
+from ...runtime.errors import MdlEdgeError
 from .espeak_helper import HEADER
 
 logger = logging.getLogger("mdl_edge")

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runtime import constants as C
-from ..runtime.config import DecoderConfig, ModelConfig
-from ..runtime.errors import CheckpointError, ConfigError
-from ..runtime.prompt import PromptFormat, user_message
-from .checkpoint import Checkpoint
-from .layout import DECODER_PREFIX, ENCODER_PREFIX, PROJECTOR_PREFIX, front_end_buffer_names
-from .reference_encoder import AudioProjector, DashengEncoder, DashengTokenizerEncoder, build_audio_encoder
-from .reference_mel import LogMel, batch_log_mel
+from ...runtime import constants as C
+from ...runtime.config import DecoderConfig, ModelConfig
+from ...runtime.errors import CheckpointError, ConfigError
+from ...runtime.prompt import PromptFormat, user_message
+from ..convert.checkpoint import Checkpoint
+from ..convert.layout import DECODER_PREFIX, ENCODER_PREFIX, PROJECTOR_PREFIX, front_end_buffer_names
+from .encoder import AudioProjector, DashengEncoder, DashengTokenizerEncoder, build_audio_encoder
+from .mel import LogMel, batch_log_mel
 
 logger = logging.getLogger("mdl_edge")
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import constants as C
-from ..runtime.config import EncoderConfig
+from ...runtime import constants as C
+from ...runtime.config import EncoderConfig
 
 
 class Attention(nn.Module):

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtime.cpu import CpuInfo, cpu_info
+from ...runtime.cpu import CpuInfo, cpu_info
 
 GEMM_N = 2048  # square side: large enough that the kernels, not the edges, set the rate
 READ_BYTES = 1 << 30  # well beyond any last-level cache
@@ -117,7 +117,7 @@ class DecoderCost:
 
 
 def decoder_cost(path: str) -> DecoderCost:
-    from ..runtime.gguf_meta import TENSOR_BLOCKS, TOKEN_EMBD, read_gguf_header
+    from ...runtime.gguf_meta import TENSOR_BLOCKS, TOKEN_EMBD, read_gguf_header
 
     tensors = read_gguf_header(path).tensors
     flops = 0.0

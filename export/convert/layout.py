@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..runtime import constants as C
-from ..runtime.config import ModelConfig
+from ...runtime import constants as C
+from ...runtime.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    kind: str  # how synthetic weights initialise it: see export/synth.py
+    kind: str  # how synthetic weights initialise it: see export/synthetic/checkpoint.py
     optional: bool = False
 
 

@@ -4,7 +4,7 @@ Every configuration runs in a fresh subprocess (so peak RSS is its own), loads i
 then captions each clip (decode + mel + encoder + projector + prefill + a fixed number of
 greedy tokens, stop tokens ignored so every configuration does the same work). Reported per clip:
 time to first token, total, real-time factor (total / audio duration), each stage's time and its
-rate as a fraction of this machine's measured peak (``export/machine.py``), decode tokens/s; per
+rate as a fraction of this machine's measured peak (``export/bench/machine.py``), decode tokens/s; per
 configuration: load time and peak RSS. The table header names the CPU and its SIMD features.
 """
 
@@ -40,9 +40,9 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     if job["variants"] is None:
         import torch
 
-        from ..runtime.audio import load_audio
-        from ..runtime.prompt import user_message
-        from .reference_model import MiDashengLM
+        from ...runtime.audio import load_audio
+        from ...runtime.prompt import user_message
+        from ..reference.model import MiDashengLM
 
         if threads:
             torch.set_num_threads(threads)
@@ -69,9 +69,9 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     else:
         import numpy as np
 
-        from ..runtime.options import DecoderOptions, EncoderOptions, GenerationOptions
-        from ..runtime.pipeline import AudioLM
-        from ..runtime.prompt import CAPTION_PROMPT
+        from ...runtime.options import DecoderOptions, EncoderOptions, GenerationOptions
+        from ...runtime.pipeline import AudioLM
+        from ...runtime.prompt import CAPTION_PROMPT
 
         enc, dec = job["variants"]
         fields = job["options"]
@@ -118,8 +118,8 @@ def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, token
               variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, reference: bool = True, legacy: bool = True) -> list[dict[str, Any]]:
     """Run the reference (unless ``reference=False``), each (encoder, decoder) variant pair, and
     (``legacy``) the last pair as the runtime ran before (:data:`LEGACY`), each in its own process."""
-    from ..runtime.bundle import Bundle
-    from ..runtime.errors import MdlEdgeError
+    from ...runtime.bundle import Bundle
+    from ...runtime.errors import MdlEdgeError
 
     b = Bundle.open(bundle)
     for enc, dec in variants:  # fail before any long run
@@ -134,7 +134,7 @@ def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, token
     for config, pair, options in configs:
         job = {"config": config, "variants": pair, "options": options, "model": str(model), "bundle": str(bundle),
                "clips": [str(c) for c in clips], "tokens": tokens, "threads": threads}
-        proc = subprocess.run([sys.executable, "-m", "mdl_edge.export.bench", json.dumps(job)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "mdl_edge.export.bench.end_to_end", json.dumps(job)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise MdlEdgeError(f"benchmark worker for {config!r} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -145,8 +145,8 @@ def _fractions(res: dict[str, Any], r: dict[str, Any], bundle: Any, peaks: Any, 
     """Each stage's achieved rate as a fraction of the machine's rate that bounds it: the encoder
     and the prompt against the GEMM rate of their precision, decoding against read bandwidth.
     ``bundle``: the opened bundle; ``costs``: decoder costs by variant, filled as needed."""
-    from ..runtime import constants as C
-    from ..runtime.encoder import chunk_plan
+    from ...runtime import constants as C
+    from ...runtime.encoder import chunk_plan
     from .machine import decoder_cost, encoder_flops
 
     if peaks is None or bundle is None:
@@ -179,7 +179,7 @@ def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = N
     lines += ["| configuration | clip | time to first token (s) | total (s) | TTFT vs reference | total vs reference | real-time factor | "
               "encoder s (% of GEMM peak) | prompt s / positions (% of GEMM peak) | decode tok/s (% of read bandwidth) | load (s) | peak RSS (GB) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    from ..runtime.bundle import Bundle
+    from ...runtime.bundle import Bundle
 
     opened = Bundle.open(bundle) if bundle and peaks is not None else None
     costs: dict[str, Any] = {}
@@ -237,8 +237,8 @@ PARALLEL_GOALS = {"decode_4": 2.0, "decode_8": 2.5, "files_4": 1.6, "rss_4_gb": 
 def _parallel_worker(job: dict[str, Any]) -> dict[str, Any]:
     """One decoder variant at one parallelism: every (clip, new tokens) workload, each over
     ``files`` copies of the clip (stop tokens ignored, so all do the same work)."""
-    from ..runtime.options import DecoderOptions, GenerationOptions
-    from ..runtime.pipeline import AudioLM, Request
+    from ...runtime.options import DecoderOptions, GenerationOptions
+    from ...runtime.pipeline import AudioLM, Request
 
     rows = []
     decoder = DecoderOptions(variant=job["decoder"], extra_bufts=job.get("extra_bufts", False))
@@ -267,7 +267,7 @@ def run_parallel_bench(bundle: str | Path, clips: list[Path], *, decoders: tuple
                        tokens: tuple[int, ...] = (32, 128), threads: int | None = None, extra_bufts: bool = False) -> list[dict[str, Any]]:
     """Each decoder at each parallelism in its own process (its own peak RSS); every clip is
     captioned ``max(4, 2 x parallel)`` times per workload (16 for the goal's 5 s clips)."""
-    from ..runtime.errors import MdlEdgeError
+    from ...runtime.errors import MdlEdgeError
 
     out = []
     jobs = [(dec, p, False, clips, tokens) for dec in decoders for p in parallel]
@@ -277,7 +277,7 @@ def run_parallel_bench(bundle: str | Path, clips: list[Path], *, decoders: tuple
         job = {"mode": "parallel", "bundle": str(bundle), "decoder": dec, "parallel": p, "threads": threads, "tokens": list(job_tokens),
                "overlap": overlap, "extra_bufts": extra_bufts, "clips": [str(c) for c in job_clips],
                "files": [16 if abs(_clip_seconds(c) - 5) < 0.5 else max(4, 2 * p) for c in job_clips]}
-        proc = subprocess.run([sys.executable, "-m", "mdl_edge.export.bench", json.dumps(job)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "mdl_edge.export.bench.end_to_end", json.dumps(job)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise MdlEdgeError(f"parallel benchmark worker ({dec}, {p} sequences) failed:\n{proc.stderr[-3000:]}")
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -294,7 +294,7 @@ def format_parallel(results: list[dict[str, Any]], *, bundle: str | Path, peaks:
     """Markdown table: per decoder, clip, new tokens and parallelism, the aggregate decode rate
     (and its ratio to one sequence, and the fraction of read bandwidth its steps use), files/s
     end to end (and ratio), peak RSS; then the goals."""
-    from ..runtime.bundle import Bundle
+    from ...runtime.bundle import Bundle
     from .machine import decoder_cost
 
     b = Bundle.open(bundle)

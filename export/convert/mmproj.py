@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime import constants as C
-from ..runtime.config import EncoderConfig
-from ..runtime.errors import CheckpointError
-from ..runtime.gguf_meta import read_gguf_metadata
-from .reference_encoder import AudioProjector, DashengTokenizerEncoder, build_audio_encoder
+from ...runtime import constants as C
+from ...runtime.config import EncoderConfig
+from ...runtime.errors import CheckpointError
+from ...runtime.gguf_meta import read_gguf_metadata
+from ..reference.encoder import AudioProjector, DashengTokenizerEncoder, build_audio_encoder
 
 logger = logging.getLogger("mdl_edge")
 

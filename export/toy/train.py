@@ -1,5 +1,5 @@
 """Train the toy MiDashengLM: the ``toy`` preset's official layout, taught to caption and
-transcribe the toy world (``export/toyworld.py``) in minutes on two CPU cores.
+transcribe the toy world (``export/toy/world.py``) in minutes on two CPU cores.
 
 The model is the parity reference itself (``MiDashengLM``: the DashengTokenizer-style encoder of
 MiDashengLM-0.6B, a Dasheng ViT plus an acoustic branch, the projector on the stitched 25 Hz
@@ -14,7 +14,6 @@ deterministic torch kernels); another CPU's SIMD kernels may round differently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,13 +28,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..runtime import constants as C
-from ..runtime.mel import log_mel
-from ..runtime.prompt import CAPTION_PROMPT, TRANSCRIBE_PROMPT, user_message
-from . import toyworld
-from .reference_encoder import DashengEncoder, DashengTokenizerEncoder, chunk_key_mask
-from .reference_model import MiDashengLM, cache_keyword
-from .synth import write_synthetic_checkpoint
+from ...runtime import constants as C
+from ...runtime.mel import log_mel
+from ...runtime.prompt import CAPTION_PROMPT, TRANSCRIBE_PROMPT, user_message
+from . import world as toyworld
+from ..reference.encoder import DashengEncoder, DashengTokenizerEncoder, chunk_key_mask
+from ..reference.model import MiDashengLM, cache_keyword
+from ..synthetic.checkpoint import write_synthetic_checkpoint
 
 logger = logging.getLogger("mdl_edge")
 
@@ -63,12 +62,12 @@ class TrainPlan:
     def key(self) -> str:
         """Hash of the plan and of the code that shapes the model, its tokenizer and its data,
         and trains it: a change to any of them retrains."""
-        from . import espeak, espeak_helper, synth, synth_tokenizer
+        from ..code_key import code_key
+        from ..synthetic import checkpoint, tokenizer
+        from . import espeak, espeak_helper
 
-        h = hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode())
-        for module in (toyworld.__file__, espeak.__file__, espeak_helper.__file__, __file__, synth.__file__, synth_tokenizer.__file__):
-            h.update(Path(module).read_bytes())
-        return h.hexdigest()[:16]
+        modules = (toyworld, espeak, espeak_helper, checkpoint, tokenizer)
+        return code_key([Path(__file__), *(Path(m.__file__) for m in modules)], json.dumps(self.__dict__, sort_keys=True))
 
 
 def default_cache() -> Path:

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from ..runtime.config import ModelConfig
-from ..runtime.errors import CheckpointError, ConfigError
-from ..runtime.mel import front_end_buffers
+from ...runtime.config import ModelConfig
+from ...runtime.errors import CheckpointError, ConfigError
+from ...runtime.mel import front_end_buffers
 from .layout import ENCODER_PREFIX, NAME_LAYOUTS, TOKENIZER_SEMANTIC_PREFIX, NameLayout, front_end_buffer_names, official_tensors
 
 if TYPE_CHECKING:

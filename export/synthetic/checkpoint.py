@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from ..runtime import constants as C
-from ..runtime.config import ModelConfig
-from ..runtime.errors import ConfigError, MdlEdgeError
-from ..runtime.mel import hann_window, mel_filterbank
-from .layout import TensorSpec, name_layout, official_tensors
-from .synth_tokenizer import write_tokenizer_files
-from .toyworld import corpus as toy_corpus
+from ...runtime import constants as C
+from ...runtime.config import ModelConfig
+from ...runtime.errors import ConfigError, MdlEdgeError
+from ...runtime.mel import hann_window, mel_filterbank
+from ..convert.layout import TensorSpec, name_layout, official_tensors
+from .tokenizer import write_tokenizer_files
+from ..toy.world import corpus as toy_corpus
 
 logger = logging.getLogger("mdl_edge")
 

@@ -8,14 +8,14 @@ import shutil
 import time
 from pathlib import Path
 
-from ..quantize.decoder import GGUF_TYPES, quantize_decoder
-from ..quantize.encoder import VARIANTS as ENCODER_VARIANTS
-from ..quantize.encoder import quantize_encoder, variant_file
-from ..runtime import constants as C
-from ..runtime.errors import ConfigError
-from ..runtime.manifest import MANIFEST, DecoderPart, EncoderPart, Manifest, ProjectorPart, TokenIds, Variant
-from ..runtime.onnx_meta import PROJECTOR_FILE, read_file_metadata
-from ..runtime.prompt import PromptFormat
+from ...quantize.decoder import GGUF_TYPES, quantize_decoder
+from ...quantize.encoder import VARIANTS as ENCODER_VARIANTS
+from ...quantize.encoder import quantize_encoder, variant_file
+from ...runtime import constants as C
+from ...runtime.errors import ConfigError
+from ...runtime.manifest import MANIFEST, DecoderPart, EncoderPart, Manifest, ProjectorPart, TokenIds, Variant
+from ...runtime.onnx_meta import PROJECTOR_FILE, read_file_metadata
+from ...runtime.prompt import PromptFormat
 from .checkpoint import Checkpoint
 from .gguf_decoder import OUT_TYPES, export_decoder_gguf
 from .onnx_encoder import export_audio_onnx

@@ -1,0 +1,1 @@
+"""Benchmarks: the machine's own peaks and end-to-end runs."""

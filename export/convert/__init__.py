@@ -1,0 +1,1 @@
+"""Conversion: an official checkpoint (safetensors or the GGUF pair) into a bundle."""

@@ -1,0 +1,1 @@
+"""Synthetic checkpoints: random weights in the official layout, a real BPE tokenizer."""
