@@ -41,7 +41,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_train_toy(args: argparse.Namespace) -> int:
     _need_export()
-    from .toy.train import TrainPlan, cached_toy_model, default_cache, toy_model, train_toy
+    from .toy.store import cached_toy_model, default_cache, ship, toy_model
+    from .toy.train import TrainPlan, train_toy
 
     plan = TrainPlan(seed=args.seed)
     trains = bool(args.out) or not cached_toy_model(plan)[1]
@@ -55,19 +56,19 @@ def _cmd_train_toy(args: argparse.Namespace) -> int:
         out = train_toy(args.out, plan)
     else:
         out = toy_model(plan)
-        print(f"toy model (cached in {default_cache()}): {out}")
+        print(f"toy model (shipped, or cached in {default_cache()}): {out}")
     if trains:
         print(f"this host's fp32 GEMM rate ({plan.threads} threads): {before:.0f} GFLOP/s before training, "
               f"{gemm_rate(False, plan.threads):.0f} after")
     if args.evaluate:
-        from .toy import world as toyworld
         from .reference.model import MiDashengLM
+        from .toy import world as toyworld
 
         model = MiDashengLM.from_pretrained(out)
-        clips = list(toyworld.clips("held-out", args.evaluate, seed=12345))
-        m = toyworld.evaluate(lambda w, p: model.generate(w, p, max_new_tokens=48).text, clips)
-        print(f"held-out ({m['clips']} clips, {m['speech_clips']} with speech), PyTorch reference: word accuracy "
-              f"{m['word_accuracy']:.3f}, caption exact {m['caption_exact']:.3f}, caption elements {m['caption_elements']:.3f}")
+        scores = toyworld.evaluate_both(lambda w, p: model.generate(w, p, max_new_tokens=48).text, args.evaluate, args.evaluate)
+        print("PyTorch reference fp32:\n" + toyworld.format_scores(scores))
+    if args.ship:
+        print(f"shipped with the package: {ship(out, plan)}")
     return 0
 
 
@@ -290,7 +291,8 @@ def _demo_toy(args: argparse.Namespace) -> int:
     import soundfile as sf
 
     from .toy import world as toyworld
-    from .toy.train import TrainPlan, toy_model
+    from .toy.store import toy_model
+    from .toy.train import TrainPlan
     from ..runtime import constants as C
     from ..runtime.options import GenerationOptions
     from ..runtime.pipeline import AudioLM
@@ -323,6 +325,14 @@ def _demo_toy(args: argparse.Namespace) -> int:
             mark = "matches" if res.text.strip() == want else "differs from"
             print(f"   {task}: {res.text!r}  ({mark} the generator's {want!r})")
             _print_stages(res)
+        said = next(c for c in toyworld.clips("connected", 50, seed=args.seed + 1) if len(c.words) > len(c.transcript.split()))
+        clip = work / "demo-connected.wav"
+        sf.write(clip, said.wave, C.SAMPLE_RATE, subtype="PCM_16")
+        res = lm.generate(clip, TRANSCRIBE_PROMPT, options)
+        mark = "matches" if res.text.strip() == said.transcript else "differs from"
+        print(f"5. connected speech, an accent and a speed never trained on, with words outside the vocabulary: {clip}")
+        print(f"   said {' '.join(w for w, _, _ in said.words)!r}; transcript {res.text!r}  ({mark} the vocabulary words said, "
+              f"{said.transcript!r})")
     return 0
 
 
@@ -339,7 +349,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
     tt = sub.add_parser("train-toy", help="train the toy model on generated speech and sounds (minutes; cached)")
     tt.add_argument("--out", help="write the checkpoint here (default: the cache, reused when present)")
     tt.add_argument("--seed", type=int, default=0)
-    tt.add_argument("--evaluate", type=int, default=0, metavar="N", help="then score the reference on N held-out clips")
+    tt.add_argument("--evaluate", type=int, default=0, metavar="N", help="then score the reference on N held-out and N connected-speech clips")
+    tt.add_argument("--ship", action="store_true", help="then record the checkpoint as the weights shipped with the package (export/toy/trained/)")
     tt.set_defaults(func=_cmd_train_toy)
 
     e = sub.add_parser("export", help="turn a checkpoint into a runtime bundle (ONNX encoder + GGUF decoder)")

@@ -6,23 +6,28 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import ConfigError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, DecoderOptions, EncoderOptions, SamplingOptions, default_parallel
 
+#: Seconds Ray's orderly shutdown gets after Ctrl-C before the process ends anyway.
+RAY_SHUTDOWN_GRACE_S = 5.0
+
 if TYPE_CHECKING:
-    from .pipeline import AudioLM
+    from .cluster import ClusterOptions
+    from .pipeline import AudioLM, Result
+    from .progress import Progress
+    from .segments import SegmentOptions
+    from .server import ServerOptions
 
 
 def _run_task(args: argparse.Namespace, task: str) -> int:
-    import json
-
     from .audio import expected_samples
     from .options import GenerationOptions, SamplingOptions, whole_number
-    from .pipeline import Request, Result
     from .segments import SegmentOptions
     from .progress import Progress
     from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt
@@ -51,59 +56,80 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
     bar = Progress(len(args.audio), "files", enabled=not args.no_progress and not streaming)
 
     def report(path: str, res: Result | MdlEdgeError) -> None:
-        if isinstance(res, MdlEdgeError):
-            failed.append(path)
-            if args.json:
-                print(json.dumps({"file": path, "error": str(res)}, ensure_ascii=False), flush=True)
-            elif streaming:
-                print()
-            print(f"mdl-edge: error: {res}", file=sys.stderr)
-        elif args.json:
-            print(json.dumps({
-                "file": path, "text": res.text, "token_ids": list(res.token_ids), "n_audio_tokens": res.n_audio_tokens,
-                "audio_seconds": res.audio_seconds, "stop_reason": res.stop_reason, "timings": res.timings,
-                "tokens_per_second": res.tokens_per_second,
-            }, ensure_ascii=False), flush=True)
-        elif streaming:
-            print()
-        else:
-            print(f"{path}: {res.text}", flush=True)
+        _report(args, path, res, streaming, failed)
 
     with _audio_lm(args, parallel) as lm:
         if parallel == 1:
-            for n_done, path in enumerate(args.audio):
-                bar.update(n_done, Path(path).name)
-                if streaming:
-                    print(f"{path}: ", end="", flush=True)
-                try:
-                    res: Result | MdlEdgeError = lm.generate(
-                        path, prompt, options, on_text=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
-                        on_chunks=lambda k, total, name=Path(path).name: bar.update(n_done, f"{name}: chunk {k}/{total}"))
-                except MdlEdgeError as e:
-                    res = e
-                bar.close()
-                report(path, res)
+            _answer_one_by_one(lm, args, prompt, options, streaming, bar, report)
         else:
-            # JSON lines as each file finishes (each names its file); text in input order
-            pending: dict[int, Result | MdlEdgeError] = {}
-            next_out = 0
-            requests = (Request(audio=p, prompt=prompt, options=options, tag=i) for i, p in enumerate(args.audio))
-            for n_done, (req, res) in enumerate(lm.run(requests, parallel=parallel), start=1):
-                bar.update(n_done, Path(args.audio[req.tag]).name)
-                if args.json:
-                    bar.close()
-                    report(args.audio[req.tag], res)
-                    continue
-                pending[req.tag] = res
-                while next_out in pending:
-                    bar.close()
-                    report(args.audio[next_out], pending.pop(next_out))
-                    next_out += 1
-            bar.close()
+            _answer_together(lm, args, prompt, options, parallel, bar, report)
     if failed:
         print(f"mdl-edge: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _report(args: argparse.Namespace, path: str, res: "Result | MdlEdgeError", streaming: bool, failed: list[str]) -> None:
+    """One file's answer on stdout (a line, or a JSON object with --json); an error on stderr."""
+    import json
+
+    if isinstance(res, MdlEdgeError):
+        failed.append(path)
+        if args.json:
+            print(json.dumps({"file": path, "error": str(res)}, ensure_ascii=False), flush=True)
+        elif streaming:
+            print()
+        print(f"mdl-edge: error: {res}", file=sys.stderr)
+    elif args.json:
+        print(json.dumps({
+            "file": path, "text": res.text, "token_ids": list(res.token_ids), "n_audio_tokens": res.n_audio_tokens,
+            "audio_seconds": res.audio_seconds, "stop_reason": res.stop_reason, "timings": res.timings,
+            "tokens_per_second": res.tokens_per_second,
+        }, ensure_ascii=False), flush=True)
+    elif streaming:
+        print()
+    else:
+        print(f"{path}: {res.text}", flush=True)
+
+
+def _answer_one_by_one(lm: "AudioLM", args: argparse.Namespace, prompt: str, options: object, streaming: bool, bar: "Progress",
+                       report: Callable[[str, "Result | MdlEdgeError"], None]) -> None:
+    """Files one at a time, text streamed as it comes with --stream."""
+    for n_done, path in enumerate(args.audio):
+        bar.update(n_done, Path(path).name)
+        if streaming:
+            print(f"{path}: ", end="", flush=True)
+        try:
+            res: Result | MdlEdgeError = lm.generate(
+                path, prompt, options, on_text=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
+                on_chunks=lambda k, total, name=Path(path).name: bar.update(n_done, f"{name}: chunk {k}/{total}"))
+        except MdlEdgeError as e:
+            res = e
+        bar.close()
+        report(path, res)
+
+
+def _answer_together(lm: "AudioLM", args: argparse.Namespace, prompt: str, options: object, parallel: int, bar: "Progress",
+                     report: Callable[[str, "Result | MdlEdgeError"], None]) -> None:
+    """Files decoded together: JSON lines as each file finishes (each names its file), text in
+    input order."""
+    from .pipeline import Request
+
+    pending: dict[int, Result | MdlEdgeError] = {}
+    next_out = 0
+    requests = (Request(audio=p, prompt=prompt, options=options, tag=i) for i, p in enumerate(args.audio))
+    for n_done, (req, res) in enumerate(lm.run(requests, parallel=parallel), start=1):
+        bar.update(n_done, Path(args.audio[req.tag]).name)
+        if args.json:
+            bar.close()
+            report(args.audio[req.tag], res)
+            continue
+        pending[req.tag] = res
+        while next_out in pending:
+            bar.close()
+            report(args.audio[next_out], pending.pop(next_out))
+            next_out += 1
+    bar.close()
 
 
 def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object) -> int:
@@ -121,12 +147,34 @@ def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object) 
     segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window) if task != "ask" \
         else SegmentOptions(mode="none")
     encoder, decoder = _load_options(args, args.parallel)
-    summary = answer_files(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options, segmenting=segmenting,  # type: ignore[arg-type]
-                           cluster=cluster, encoder=encoder, decoder=decoder,
-                           on_row=None if args.no_progress else lambda r: print(f"{r['file']}: {r.get('error') or r['text']}", file=sys.stderr))
+    try:
+        summary = answer_files(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options, segmenting=segmenting,  # type: ignore[arg-type]
+                               cluster=cluster, encoder=encoder, decoder=decoder,
+                               on_row=None if args.no_progress else lambda r: print(f"{r['file']}: {r.get('error') or r['text']}", file=sys.stderr))
+    except KeyboardInterrupt:
+        _leave_ray_now(args.out)
     print(f"mdl-edge: {summary.inputs} input(s): {summary.skipped} already in {summary.out}, {summary.answered} answered, "
           f"{summary.failed} failed ({summary.files_per_second:.2f} files/s over {summary.seconds:.1f} s)", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _leave_ray_now(out: str) -> None:
+    """Ctrl-C during a Ray job: the rows written so far are whole (``--out`` is closed by now), so
+    exit at once. Ray's orderly shutdown waits for busy actors and, on a loaded machine, for
+    minutes; it is given a few seconds, then the process ends and the local instance's processes,
+    which share this process's fate, end with it."""
+    import os
+    import threading
+
+    print(f"mdl-edge: interrupted; the rows so far are in {out}: run the same command again to answer the rest", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import ray
+
+    stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    stopper.start()
+    stopper.join(RAY_SHUTDOWN_GRACE_S)
+    os._exit(130)
 
 
 def _load_options(args: argparse.Namespace, parallel: int) -> tuple[EncoderOptions, DecoderOptions]:
@@ -277,42 +325,63 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
         t.add_argument("--stream", action="store_true", help="print tokens as they are generated")
         if task != "ask":
-            seg = t.add_argument_group("long recordings (files longer than a segment are cut and answered segment by segment)")
-            seg.add_argument("--segment", default=seg_d.mode, choices=("auto", "vad", "window", "none"),
-                             help="auto (default): files longer than one segment are cut, at pauses to transcribe (vad), in fixed "
-                                  "windows to caption; vad / window: every file; none: the whole file at once")
-            seg.add_argument("--max-segment", type=float, default=seg_d.max_segment, metavar="S", help="longest vad segment in seconds (default: %(default)s)")
-            seg.add_argument("--window", type=float, default=seg_d.window, metavar="S", help="caption window in seconds (default: %(default)s)")
-            seg.add_argument("--format", choices=("txt", "json", "jsonl", "srt", "vtt"),
-                             help="timed segments in this format (default for long files: txt; jsonl with --json)")
-            seg.add_argument("-o", "--output", help="write there: a file, or for several inputs an existing folder (one output per input)")
+            _add_segment_args(t, seg_d)
         t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
-        cl = t.add_argument_group("many machines (needs the `cluster` extra): inputs may also be globs and list files (.txt, one path a line)")
-        cl.add_argument("--engine", choices=("local", "ray"), default="local",
-                        help="local (default): this process; ray: a pool of Ray actors, rows appended to --out as they come")
-        cl.add_argument("--out", help="with --engine ray: results as JSON Lines (or .parquet); a rerun with the same --out answers only what is missing")
-        cl.add_argument("--workers", type=int, default=cl_d.workers, help="with --engine ray: actors, each loading the bundle once (default: %(default)s)")
-        cl.add_argument("--cpus-per-worker", type=int, help="with --engine ray: CPUs (threads) per actor (default: a local instance's cores shared out)")
-        cl.add_argument("--ray-address", help="with --engine ray: a running cluster (auto, ray://HOST:10001; default: start a local instance)")
-        cl.add_argument("--batch-size", type=int, default=cl_d.batch_size, help="with --engine ray: files per actor call (default: %(default)s)")
-        cl.add_argument("--retries", type=int, default=cl_d.retries, help="with --engine ray: tries again of a batch whose actor died (default: %(default)s)")
-        cl.add_argument("--retry-errors", action="store_true", help="with --engine ray: a rerun also retries files whose row is an error")
-        perf = t.add_argument_group("performance")
-        perf.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
-                          help="files (or segments) decoded together in one llama.cpp context (default here: %(default)s: twice "
-                               "the cores, at most 8, at most 2 under 8 GB of memory; 1 with --stream)")
-        perf.add_argument("--threads", type=int, help="CPU threads (default: all available)")
-        perf.add_argument("--n-ctx", type=int, help="decoder context in positions (default: sized to each request)")
-        perf.add_argument("--n-batch", type=int, default=DecoderOptions().n_batch, help="prompt positions per llama.cpp batch (default: %(default)s)")
-        perf.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=None,
-                          help="llama.cpp flash attention (default: on; faster prompts, logits differ by round-off)")
-        perf.add_argument("--extra-bufts", action=argparse.BooleanOptionalAction, default=None,
-                          help="let llama.cpp repack weights for this CPU (faster decoding, +0.2 GB; default: on when several "
-                               "sequences decode together and the build has no AMX)")
-        perf.add_argument("--provider", default=EncoderOptions().provider, help="encoder execution provider: cpu or cuda (default: %(default)s)")
-        perf.add_argument("--max-batch", type=int, help="encoder chunks per ONNX run (default: 1 on cpu, 8 on cuda)")
+        _add_cluster_args(t, cl_d)
+        _add_performance_args(t)
         t.set_defaults(func=lambda a, task=task: _run_task(a, task), parser=t)
 
+    _add_serve_parser(sub, sv_d)
+
+    for register in _command_plugins():
+        register(sub)
+
+    return p
+
+
+def _add_segment_args(t: argparse.ArgumentParser, seg_d: "SegmentOptions") -> None:
+    seg = t.add_argument_group("long recordings (files longer than a segment are cut and answered segment by segment)")
+    seg.add_argument("--segment", default=seg_d.mode, choices=("auto", "vad", "window", "none"),
+                     help="auto (default): files longer than one segment are cut, at pauses to transcribe (vad), in fixed "
+                          "windows to caption; vad / window: every file; none: the whole file at once")
+    seg.add_argument("--max-segment", type=float, default=seg_d.max_segment, metavar="S", help="longest vad segment in seconds (default: %(default)s)")
+    seg.add_argument("--window", type=float, default=seg_d.window, metavar="S", help="caption window in seconds (default: %(default)s)")
+    seg.add_argument("--format", choices=("txt", "json", "jsonl", "srt", "vtt"),
+                     help="timed segments in this format (default for long files: txt; jsonl with --json)")
+    seg.add_argument("-o", "--output", help="write there: a file, or for several inputs an existing folder (one output per input)")
+
+
+def _add_cluster_args(t: argparse.ArgumentParser, cl_d: "ClusterOptions") -> None:
+    cl = t.add_argument_group("many machines (needs the `cluster` extra): inputs may also be globs and list files (.txt, one path a line)")
+    cl.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="local (default): this process; ray: a pool of Ray actors, rows appended to --out as they come")
+    cl.add_argument("--out", help="with --engine ray: results as JSON Lines (or .parquet); a rerun with the same --out answers only what is missing")
+    cl.add_argument("--workers", type=int, default=cl_d.workers, help="with --engine ray: actors, each loading the bundle once (default: %(default)s)")
+    cl.add_argument("--cpus-per-worker", type=int, help="with --engine ray: CPUs (threads) per actor (default: a local instance's cores shared out)")
+    cl.add_argument("--ray-address", help="with --engine ray: a running cluster (auto, ray://HOST:10001; default: start a local instance)")
+    cl.add_argument("--batch-size", type=int, default=cl_d.batch_size, help="with --engine ray: files per actor call (default: %(default)s)")
+    cl.add_argument("--retries", type=int, default=cl_d.retries, help="with --engine ray: tries again of a batch whose actor died (default: %(default)s)")
+    cl.add_argument("--retry-errors", action="store_true", help="with --engine ray: a rerun also retries files whose row is an error")
+
+
+def _add_performance_args(t: argparse.ArgumentParser) -> None:
+    perf = t.add_argument_group("performance")
+    perf.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
+                      help="files (or segments) decoded together in one llama.cpp context (default here: %(default)s: twice "
+                           "the cores, at most 8, at most 2 under 8 GB of memory; 1 with --stream)")
+    perf.add_argument("--threads", type=int, help="CPU threads (default: all available)")
+    perf.add_argument("--n-ctx", type=int, help="decoder context in positions (default: sized to each request)")
+    perf.add_argument("--n-batch", type=int, default=DecoderOptions().n_batch, help="prompt positions per llama.cpp batch (default: %(default)s)")
+    perf.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=None,
+                      help="llama.cpp flash attention (default: on; faster prompts, logits differ by round-off)")
+    perf.add_argument("--extra-bufts", action=argparse.BooleanOptionalAction, default=None,
+                      help="let llama.cpp repack weights for this CPU (faster decoding, +0.2 GB; default: on when several "
+                           "sequences decode together and the build has no AMX)")
+    perf.add_argument("--provider", default=EncoderOptions().provider, help="encoder execution provider: cpu or cuda (default: %(default)s)")
+    perf.add_argument("--max-batch", type=int, help="encoder chunks per ONNX run (default: 1 on cpu, 8 on cuda)")
+
+
+def _add_serve_parser(sub: "argparse._SubParsersAction", sv_d: "ServerOptions") -> None:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the `server` extra)",
                         description="Serve a bundle through OpenAI's audio API: POST /v1/audio/transcriptions, POST "
                                     "/v1/chat/completions (input_audio parts), GET /v1/models, /health, /metrics, and a page at /.")
@@ -338,11 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="let llama.cpp repack weights for this CPU (default: on when --parallel > 1 and the build has no AMX)")
     sv.set_defaults(func=_cmd_serve, parser=sv)
 
-    for register in _command_plugins():
-        register(sub)
-
-    return p
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mdl-edge`` console script."""
@@ -356,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionError as e:
         parser: argparse.ArgumentParser | None = getattr(args, "parser", None)
         flag = "--" + e.option.replace("_", "-")
-        if parser is not None and flag in parser._option_string_actions:
+        # the parser's help lists each of its flags (argparse keeps its own table private)
+        if parser is not None and re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", parser.format_help()):
             parser.print_usage(sys.stderr)
             print(f"{parser.prog}: error: argument {flag}: {e.detail}", file=sys.stderr)
         else:

@@ -252,62 +252,84 @@ def answer_files(
             if parquet and paths:
                 _write_parquet(journal, out)
             return JobSummary(len(paths), len(paths), 0, 0, time.perf_counter() - t0, out)
-    if not ray.is_initialized():
-        init: dict[str, Any] = {"address": cluster.address, "runtime_env": cluster.runtime_env, "log_to_driver": False,
-                                "include_dashboard": False, "logging_level": logging.WARNING}
-        if cluster.address is None:
-            init["num_cpus"] = max(available_cores(), cluster.workers * (cluster.cpus_per_worker or 1))
-        ray.init(**{k: v for k, v in init.items() if v is not None})
+    _start_ray(cluster)
     if is_dataset:
         paths = list(dict.fromkeys(str(r["path"]) for r in inputs.select_columns(["path"]).iter_rows()))
     todo = [p for p in paths if p not in done]
-    cpus = cluster.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cluster.workers)
     answered = failed = 0
     if todo:
-        from ray.data import ActorPoolStrategy, DataContext
-
-        ctx = DataContext.get_current()
-        ctx.max_errored_blocks = -1  # a batch that fails beyond its retries loses only its own files
-        ctx.enable_progress_bars = False
-        n_blocks = -(-len(todo) // cluster.batch_size)
-        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
-        with warnings.catch_warnings():
-            # Ray Data retries a dead actor's batch without end unless max_task_retries says
-            # otherwise, and takes that only as a remote argument (deprecated, kept until Ray
-            # 2.64): the extra pins ray below 2.64.
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            ds = ds.map_batches(
-                FileAnswerer, batch_size=cluster.batch_size, batch_format="numpy",
-                compute=ActorPoolStrategy(size=cluster.workers, max_tasks_in_flight_per_actor=CALLS_PER_ACTOR,
-                                          max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True),
-                fn_constructor_kwargs=dict(model=str(model), prompt=prompt, task=task, options=options, segmenting=segmenting,
-                                           parallel=cluster.parallel, threads=cpus, encoder=encoder, decoder=decoder, crash_once=crash_once),
-                num_cpus=cpus, max_restarts=-1, max_task_retries=cluster.retries, udf_modifying_row_count=True,
-            )
-        seen: set[str] = set()
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        with journal.open("a", encoding="utf-8") as f:
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    f.write("".join(line + "\n" for line in batch["row"]))  # as the actor wrote them
-                    f.flush()
-                    rows = [json.loads(r) for r in batch["row"]]
-                    for r in rows:
-                        if r["file"] not in seen:
-                            seen.add(r["file"])
-                            answered, failed = (answered, failed + 1) if "error" in r else (answered + 1, failed)
-                        if on_row:
-                            on_row(r)
-            finally:
-                # files whose batch failed beyond its retries: say so instead of leaving them out
-                if len(seen) < len(todo) and not _interrupted():
-                    lost = [p for p in todo if p not in seen]
-                    f.write("".join(json.dumps(error_row(p, f"its worker failed {cluster.retries + 1} times"), ensure_ascii=False) + "\n"
-                                    for p in lost))
-                    failed += len(lost)
+        cpus = cluster.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cluster.workers)
+        actor_kwargs = dict(model=str(model), prompt=prompt, task=task, options=options, segmenting=segmenting,
+                            parallel=cluster.parallel, threads=cpus, encoder=encoder, decoder=decoder, crash_once=crash_once)
+        ds = _answering_dataset(todo, cluster, cpus, actor_kwargs)
+        answered, failed = _append_rows(ds, journal, todo, cluster.retries, on_row)
     if parquet:  # reached only when the job was not interrupted
         _write_parquet(journal, out)
     return JobSummary(len(paths), len(paths) - len(todo), answered, failed, time.perf_counter() - t0, out)
+
+
+def _start_ray(cluster: ClusterOptions) -> None:
+    """Connect to ``cluster.address``, or start a local instance with room for the workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    init: dict[str, Any] = {"address": cluster.address, "runtime_env": cluster.runtime_env, "log_to_driver": False,
+                            "include_dashboard": False, "logging_level": logging.WARNING}
+    if cluster.address is None:
+        init["num_cpus"] = max(available_cores(), cluster.workers * (cluster.cpus_per_worker or 1))
+    ray.init(**{k: v for k, v in init.items() if v is not None})
+
+
+def _answering_dataset(todo: list[str], cluster: ClusterOptions, cpus: int, actor_kwargs: dict[str, Any]) -> Any:
+    """A Ray Dataset of ``todo``'s rows, answered by a pool of :class:`FileAnswerer` actors."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.max_errored_blocks = -1  # a batch that fails beyond its retries loses only its own files
+    ctx.enable_progress_bars = False
+    n_blocks = -(-len(todo) // cluster.batch_size)
+    ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=n_blocks)
+    with warnings.catch_warnings():
+        # Ray Data retries a dead actor's batch without end unless max_task_retries says
+        # otherwise, and takes that only as a remote argument (deprecated, kept until Ray
+        # 2.64): the extra pins ray below 2.64.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(
+            FileAnswerer, batch_size=cluster.batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(size=cluster.workers, max_tasks_in_flight_per_actor=CALLS_PER_ACTOR,
+                                      max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True),
+            fn_constructor_kwargs=actor_kwargs, num_cpus=cpus, max_restarts=-1, max_task_retries=cluster.retries,
+            udf_modifying_row_count=True,
+        )
+
+
+def _append_rows(ds: Any, journal: Path, todo: list[str], retries: int, on_row: Callable[[dict[str, Any]], None] | None) -> tuple[int, int]:
+    """Append the rows of ``ds`` to ``journal`` as they come (each batch flushed whole), and an
+    error row for each file whose batch failed beyond its retries: ``(answered, failed)``."""
+    seen: set[str] = set()
+    answered = failed = 0
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    with journal.open("a", encoding="utf-8") as f:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                f.write("".join(line + "\n" for line in batch["row"]))  # as the actor wrote them
+                f.flush()
+                for r in (json.loads(r) for r in batch["row"]):
+                    if r["file"] not in seen:
+                        seen.add(r["file"])
+                        answered, failed = (answered, failed + 1) if "error" in r else (answered + 1, failed)
+                    if on_row:
+                        on_row(r)
+        finally:
+            # files whose batch failed beyond its retries: say so instead of leaving them out
+            if len(seen) < len(todo) and not _interrupted():
+                lost = [p for p in todo if p not in seen]
+                f.write("".join(json.dumps(error_row(p, f"its worker failed {retries + 1} times"), ensure_ascii=False) + "\n"
+                                for p in lost))
+                failed += len(lost)
+    return answered, failed
 
 
 def _interrupted() -> bool:

@@ -176,7 +176,7 @@ class Engine:
                 continue
             self._handed[ticket.id] = ticket
             yield replace(ticket.request, tag=ticket.id, on_text=lambda piece, t=ticket: self._text(t, piece),
-                          cancelled=lambda t=ticket: t._cancelled)
+                          cancelled=lambda t=ticket: t.cancelled)
 
     def _text(self, ticket: Ticket, piece: str) -> None:
         if ticket.first_text is None:

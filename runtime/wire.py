@@ -154,7 +154,62 @@ def chat_messages(messages: Any, limit: int) -> tuple[list[dict[str, Any]], list
 
 
 def sse(obj: Any) -> bytes:
+    """One server-sent event carrying ``obj`` as JSON."""
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+class TranscriptEvents:
+    """The SSE events of a streamed transcription: ``transcript.text.delta`` per piece of text (a
+    segment of a long recording is one piece), then ``transcript.text.done`` with the whole text."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+
+    def opening(self) -> list[bytes]:
+        return []
+
+    def delta(self, kind: str, payload: Any) -> bytes:
+        piece = payload if kind == "text" else (" " if self._text else "") + payload.text.strip()
+        self._text.append(piece)
+        return sse({"type": "transcript.text.delta", "delta": piece})
+
+    def done(self, payload: Any) -> list[bytes]:
+        done: dict[str, Any] = {"type": "transcript.text.done", "text": "".join(self._text)}
+        if isinstance(payload, Result):
+            done["usage"] = transcript_usage(payload)
+        return [sse(done)]
+
+
+class ChatChunks:
+    """The SSE events of a streamed chat completion: ``chat.completion.chunk`` objects (the role
+    first, then content deltas, then the finish reason and, when asked, usage), then ``[DONE]``."""
+
+    def __init__(self, cid: str, created: int, model: str, include_usage: bool) -> None:
+        self._head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+        self._include_usage = include_usage
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return sse({**self._head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+    def opening(self) -> list[bytes]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def delta(self, kind: str, payload: Any) -> bytes:
+        return self._chunk({"content": payload})
+
+    def done(self, payload: Any) -> list[bytes]:
+        out = [self._chunk({}, finish_reason(payload))]
+        if self._include_usage:
+            out.append(sse({**self._head, "choices": [], "usage": chat_usage(payload)}))
+        return out + [b"data: [DONE]\n\n"]
+
+
+def chat_completion(res: Result, cid: str, created: int, model: str) -> dict[str, Any]:
+    """A whole (non-streamed) chat completion object."""
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text, "refusal": None},
+                         "finish_reason": finish_reason(res), "logprobs": None}],
+            "usage": chat_usage(res), "system_fingerprint": None}
 
 
 def chat_options(body: dict[str, Any]) -> tuple[GenerationOptions, bool, bool]:

@@ -108,13 +108,13 @@ requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GP
 
 @pytest.fixture(scope="session")
 def toy_dir() -> Path:
-    """The toy model trained on the toy world (export/toy/train.py): trained on first use on a
-    machine (minutes), then taken from the cache (~/.cache/mdl-edge or $MDL_EDGE_CACHE)."""
+    """The toy model trained on the toy world (export/toy/train.py): the weights shipped with the
+    package while the recipe is theirs, else trained on first use (minutes) and cached."""
     from mdl_edge.export.toy import world as toyworld
 
     if not toyworld.espeak_available():
         pytest.skip("needs espeak-ng (apt-get install espeak-ng)")
-    from mdl_edge.export.toy.train import toy_model
+    from mdl_edge.export.toy.store import toy_model
 
     return toy_model(progress=lambda m: print(f"[toy model] {m}", flush=True))
 

@@ -58,12 +58,16 @@ def test_runtime_does_not_import_torch() -> None:
 
 
 def test_default_demo_hears_a_held_out_clip(toy_dir, tmp_path, capsys) -> None:
-    """The README's main job: the toy model trained here (cached by the fixture) captions and
-    transcribes a clip it never trained on, with the runtime's smallest variants."""
+    """The README's main job: the toy model (shipped, or trained and cached by the fixture)
+    captions and transcribes a clip it never trained on, and transcribes a sentence of connected
+    speech, with the runtime's smallest variants."""
     assert main(["demo", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"toy model (trained on generated speech and sounds; official layout): {toy_dir}" in out
     assert "held-out clip" in out and "caption: '" in out and "transcript: '" in out
     assert out.count("matches the generator's") + out.count("differs from the generator's") == 2
+    # a sentence of connected speech with words outside the vocabulary, and what the model wrote
+    assert "5. connected speech" in out and "demo-connected.wav" in out
+    assert out.count("matches the vocabulary words said") + out.count("differs from the vocabulary words said") == 1
     for stage in ("decode audio", "mel", "encoder", "projector", "prefill", "decode", "time to first token"):
         assert f"{stage} " in out

@@ -83,22 +83,24 @@ def is_toy_model(checkpoint_dir: str | Path) -> bool:
 
 
 def task_metrics(checkpoint_dir: str | Path, bundle_dir: str | Path, *, n_clips: int = 100, threads: int | None = None,
-                 device: str = "cpu", model: MiDashengLM | None = None) -> dict[str, dict[str, float]]:
-    """What each encoder x decoder pair costs in what users see: word accuracy, caption exact
-    match and caption element accuracy on held-out toy-world clips, beside the reference's."""
+                 device: str = "cpu", model: MiDashengLM | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """What each encoder x decoder pair costs in what users see, beside the reference: word
+    accuracy, caption exact match and caption element accuracy on ``n_clips`` held-out toy-world
+    clips, and word accuracy and phrase exact match on as many clips of connected speech
+    (``{pair: {"held-out": ..., "connected": ...}}``)."""
     from ...runtime.options import GenerationOptions
     from ...runtime.pipeline import AudioLM
     from ..toy import world as toyworld
 
-    clips = list(toyworld.clips("held-out", n_clips, seed=12345))
     model = model or MiDashengLM.from_pretrained(checkpoint_dir, device=device)
-    out = {"reference fp32 (PyTorch)": toyworld.evaluate(lambda w, p: model.generate(w, p, max_new_tokens=48).text, clips)}
+    out = {"reference fp32 (PyTorch)": toyworld.evaluate_both(lambda w, p: model.generate(w, p, max_new_tokens=48).text, n_clips, n_clips)}
     bundle = Bundle.open(bundle_dir)
     options = GenerationOptions(max_new_tokens=48)
     for ename in bundle.manifest.encoder.variants:
         for dname in bundle.manifest.decoder.variants:
             with AudioLM(bundle_dir, encoder=ename, decoder=dname, threads=threads) as lm:
-                out[f"{ename} + {dname}"] = toyworld.evaluate(lambda w, p: lm.generate(w, p, options, sample_rate=toyworld.SR).text, clips)
+                out[f"{ename} + {dname}"] = toyworld.evaluate_both(
+                    lambda w, p: lm.generate(w, p, options, sample_rate=toyworld.SR).text, n_clips, n_clips)
     return out
 
 
@@ -200,9 +202,14 @@ def format_report(report: dict[str, Any]) -> str:
     for k, v in report["end_to_end"].items():
         lines.append(f"| {k} | {v['exact_match_rate']:.2f} | {', '.join('-' if f is None else str(f) for f in v['first_divergence'])} |")
     if "tasks" in report:
-        n = next(iter(report["tasks"].values()))
-        lines += ["", f"Tasks on {n['clips']} held-out toy-world clips ({n['speech_clips']} with speech):", "",
-                  "| model | word accuracy (1 - WER) | caption exact match | caption elements |", "|---|---:|---:|---:|"]
+        first = next(iter(report["tasks"].values()))
+        h, c = first["held-out"], first["connected"]
+        lines += ["", f"Tasks on {h['clips']} held-out toy-world clips ({h['speech_clips']} with speech) and {c['clips']} phrases of "
+                  f"connected speech ({c['mixed_clips']} with words outside the vocabulary):", "",
+                  "| model | held-out word accuracy (1 - WER) | caption exact match | caption elements | connected word accuracy "
+                  "| connected phrase exact |", "|---|---:|---:|---:|---:|---:|"]
         for k, v in report["tasks"].items():
-            lines.append(f"| {k} | {v['word_accuracy']:.3f} | {v['caption_exact']:.3f} | {v['caption_elements']:.3f} |")
+            h, c = v["held-out"], v["connected"]
+            lines.append(f"| {k} | {h['word_accuracy']:.3f} | {h['caption_exact']:.3f} | {h['caption_elements']:.3f} "
+                         f"| {c['word_accuracy']:.3f} | {c['phrase_exact']:.3f} |")
     return "\n".join(lines)

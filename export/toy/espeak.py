@@ -1,11 +1,12 @@
 """espeak-ng speech for the toy world, without starting the program once per word.
 
-The toy world speaks tens of thousands of single words; starting ``espeak-ng`` for each costs
-about 13 ms, nearly all of it start-up. A helper process (``export/toy/espeak_helper.py``) keeps the
-engine (``libespeak-ng``, installed with the program by the Debian package) initialised and forks
-a fresh child per word, so each word is still spoken from a just-started engine and its samples
-are the program's own (``tests/test_toy.py`` compares them). Where no helper can run (no
-``fork``, no library), the program is run per word instead.
+The toy world speaks tens of thousands of phrases and single words; starting ``espeak-ng`` for
+each costs about 13 ms, nearly all of it start-up. A helper process (``export/toy/espeak_helper.py``)
+keeps the engine (``libespeak-ng``, installed with the program by the Debian package) initialised
+and forks a fresh child per utterance, so each is still spoken from a just-started engine and its
+samples are the program's own (``tests/test_toy.py`` compares them); the library also reports
+where each word starts, which the program cannot. Where no helper can run (no ``fork``, no
+library), the program is run per utterance instead, without word places.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from ...runtime.errors import MdlEdgeError
-from .espeak_helper import HEADER
+from .espeak_helper import HEADER, WORDS
 
 logger = logging.getLogger("mdl_edge")
 
@@ -37,9 +38,17 @@ def available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def synthesize(text: str, voice: str, speed: int, pitch: int, *, use_helper: bool = True) -> tuple[np.ndarray, int]:
-    """espeak-ng's rendering of ``text`` as ``espeak-ng -v VOICE -s SPEED -p PITCH`` makes it:
-    ``(int16 samples, sample rate)``."""
+class Speech(NamedTuple):
+    """One utterance as espeak-ng renders it."""
+
+    samples: np.ndarray  # int16
+    rate: int
+    word_starts: tuple[int, ...] | None  # each word's first sample (espeak-ng's word events); None from the program
+
+
+def synthesize(text: str, voice: str, speed: int, pitch: int, *, use_helper: bool = True) -> Speech:
+    """espeak-ng's rendering of ``text`` as ``espeak-ng -v VOICE -s SPEED -p PITCH`` makes it, with
+    the word starts where the library runs (the program does not report them)."""
     if not available():
         raise MdlEdgeError("espeak-ng is not installed (apt-get install espeak-ng): the toy world's speech comes from it")
     if use_helper:
@@ -49,7 +58,7 @@ def synthesize(text: str, voice: str, speed: int, pitch: int, *, use_helper: boo
     return _run_program(text, voice, speed, pitch)
 
 
-def _run_program(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+def _run_program(text: str, voice: str, speed: int, pitch: int) -> Speech:
     import soundfile as sf
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +68,7 @@ def _run_program(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndar
         if proc.returncode != 0:
             raise MdlEdgeError(f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode(errors='replace').strip()}")
         wave, rate = sf.read(out, dtype="int16")
-    return wave, int(rate)
+    return Speech(wave, int(rate), None)
 
 
 class _Helper:
@@ -86,14 +95,17 @@ class _Helper:
         status, n = HEADER.unpack(head)
         return status, self.proc.stdout.read(n)
 
-    def synth(self, text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    def synth(self, text: str, voice: str, speed: int, pitch: int) -> Speech:
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps([text, voice, int(speed), int(pitch)]) + "\n").encode())
         self.proc.stdin.flush()
         status, payload = self._read()
         if status != 0:
             raise MdlEdgeError(f"espeak-ng could not say {text!r} with voice {voice!r}: {payload.decode(errors='replace')}")
-        return np.frombuffer(payload, np.int16).copy(), self.rate
+        (n_words,) = WORDS.unpack_from(payload)
+        starts = np.frombuffer(payload, np.int32, n_words, WORDS.size)
+        samples = np.frombuffer(payload, np.int16, offset=WORDS.size + 4 * n_words).copy()
+        return Speech(samples, self.rate, tuple(int(x) for x in starts))
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -4,8 +4,9 @@
 It initialises libespeak-ng once and loads the English tables, then for each request (a JSON
 line ``[text, voice, speed, pitch]`` on stdin) forks a child that speaks the text from that
 freshly initialised state and hands the int16 samples back through a pipe; the reply on stdout
-is :data:`HEADER` then the payload. The first reply carries the sample rate (or why the library
-could not start). The engine carries state from one utterance to the next, which the fork
+is :data:`HEADER` then the payload (:data:`WORDS`: the word count, each word's first sample as
+espeak-ng's word events give it, then the samples). The first reply carries the sample rate (or
+why the library could not start). The engine carries state from one utterance to the next, which the fork
 discards: every word comes out as ``espeak-ng -v VOICE -s SPEED -p PITCH`` would say it.
 """
 
@@ -18,8 +19,10 @@ import os
 import struct
 import sys
 
-#: Reply framing: (status: 0 payload is samples or the rate / 1 payload is an error message, payload bytes).
+#: Reply framing: (status: 0 payload is speech or the rate / 1 payload is an error message, payload bytes).
 HEADER = struct.Struct("<ii")
+#: A speech payload opens with the word count; that many int32 word starts and the int16 samples follow.
+WORDS = struct.Struct("<i")
 
 # speak_lib.h
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -27,7 +30,17 @@ _INITIALIZE_DONT_EXIT = 0x8000  # report a missing data folder instead of callin
 _RATE, _PITCH = 1, 3
 _POS_CHARACTER = 1
 _SYNTH_FLAGS = 0x0 | 0x100 | 0x1000  # espeakCHARS_AUTO | espeakPHONEMES | espeakENDPAUSE, as the program sets them
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_EVENT_END_OF_LIST, _EVENT_WORD = 0, 1
+
+
+class _Event(ctypes.Structure):
+    """speak_lib.h's espeak_EVENT."""
+
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int), ("length", ctypes.c_int),
+                ("audio_position", ctypes.c_int), ("sample", ctypes.c_int), ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+
+
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event))
 
 
 def _reply(status: int, payload: bytes) -> None:
@@ -46,10 +59,16 @@ def _speak_in_child(lib: ctypes.CDLL, w: int, text: str, voice: str, speed: int,
     code = 1
     try:
         parts: list[bytes] = []
+        starts: list[int] = []
 
         def collect(wav, n: int, events) -> int:
             if wav and n > 0:
                 parts.append(ctypes.string_at(wav, 2 * n))
+            k = 0
+            while events and events[k].type != _EVENT_END_OF_LIST:
+                if events[k].type == _EVENT_WORD:
+                    starts.append(events[k].sample)  # the word's first sample in the output
+                k += 1
             return 0
 
         callback = _CALLBACK(collect)
@@ -62,7 +81,7 @@ def _speak_in_child(lib: ctypes.CDLL, w: int, text: str, voice: str, speed: int,
         if lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _SYNTH_FLAGS, None, None) != 0:
             raise ValueError("espeak_Synth failed")
         lib.espeak_Synchronize()
-        _write_all(w, b"".join(parts))
+        _write_all(w, WORDS.pack(len(starts)) + struct.pack(f"<{len(starts)}i", *starts) + b"".join(parts))
         code = 0
     except BaseException as e:  # the message goes back on the pipe; the parent reports it
         try:
