@@ -296,19 +296,26 @@ def test_recipe_key_follows_behaviour_not_comments() -> None:
 
 
 @pytest.mark.slow
-def test_recipe_reaches_its_goals(tmp_path) -> None:
-    """The recipe, trained from scratch here, reaches the toy model's goals on the PyTorch
-    reference (minutes on an AVX-512 machine): held-out word accuracy >= 0.95 and caption exact
-    >= 0.90 (400 clips); connected speech word accuracy >= 0.90, phrase exact >= 0.80 (400)."""
+def test_recipe_reproduces_the_shipped_model(tmp_path) -> None:
+    """The recipe, trained from scratch here (minutes), hears as well as the weights it shipped:
+    on 200 held-out clips and 200 phrases of connected speech (PyTorch reference), within the
+    spread of a retraining (0.03) of the shipped model's scores measured beside it."""
     from mdl_edge.export.reference.model import MiDashengLM
+    from mdl_edge.export.toy import store
     from mdl_edge.export.toy.train import TrainPlan, train_toy
 
-    model = MiDashengLM.from_pretrained(train_toy(tmp_path / "toy", TrainPlan(), progress=lambda m: print(m, flush=True)))
-    scores = toyworld.evaluate_both(lambda w, p: model.generate(w, p, max_new_tokens=48).text, 400, 400)
-    print(toyworld.format_scores(scores))
-    h, c = scores["held-out"], scores["connected"]
-    assert h["word_accuracy"] >= 0.95 and h["caption_exact"] >= 0.90, h
-    assert c["word_accuracy"] >= 0.90 and c["phrase_exact"] >= 0.80, c
+    def scores(model_dir) -> dict[str, dict[str, float]]:
+        model = MiDashengLM.from_pretrained(model_dir)
+        return toyworld.evaluate_both(lambda w, p: model.generate(w, p, max_new_tokens=48).text, 200, 200)
+
+    shipped, present = store.cached_toy_model(TrainPlan())
+    assert present and shipped == store.SHIPPED, "no shipped weights for this recipe (mdl-edge train-toy --ship)"
+    fresh = scores(train_toy(tmp_path / "toy", TrainPlan(), progress=lambda m: print(m, flush=True)))
+    want = scores(shipped)
+    print("retrained:\n" + toyworld.format_scores(fresh) + "\nshipped:\n" + toyworld.format_scores(want))
+    for split, key in (("held-out", "word_accuracy"), ("held-out", "caption_exact"), ("connected", "word_accuracy"),
+                       ("connected", "phrase_exact")):
+        assert fresh[split][key] >= want[split][key] - 0.03, (split, key, fresh[split][key], want[split][key])
 
 
 def test_trained_checkpoint_is_an_ordinary_official_checkpoint(toy_dir, tmp_path) -> None:
