@@ -7,15 +7,13 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import ConfigError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, DecoderOptions, EncoderOptions, SamplingOptions, default_parallel
-
-#: Seconds Ray's orderly shutdown gets after Ctrl-C before the process ends anyway.
-RAY_SHUTDOWN_GRACE_S = 5.0
 
 if TYPE_CHECKING:
     from .cluster import ClusterOptions
@@ -147,34 +145,40 @@ def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object) 
     segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window) if task != "ask" \
         else SegmentOptions(mode="none")
     encoder, decoder = _load_options(args, args.parallel)
+    # Ctrl-C ends the process at once (after the batch being written, if any): Ray's orderly
+    # shutdown, and Ray Data's own clean-up on KeyboardInterrupt, wait for busy actors and on a
+    # loaded machine take minutes. The local instance's processes share this process's fate.
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGINT, lambda *_: _leave_ray_now(args.out)) if main_thread else None
     try:
         summary = answer_files(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options, segmenting=segmenting,  # type: ignore[arg-type]
                                cluster=cluster, encoder=encoder, decoder=decoder,
                                on_row=None if args.no_progress else lambda r: print(f"{r['file']}: {r.get('error') or r['text']}", file=sys.stderr))
-    except KeyboardInterrupt:
-        _leave_ray_now(args.out)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     print(f"mdl-edge: {summary.inputs} input(s): {summary.skipped} already in {summary.out}, {summary.answered} answered, "
           f"{summary.failed} failed ({summary.files_per_second:.2f} files/s over {summary.seconds:.1f} s)", file=sys.stderr)
     return 1 if summary.failed else 0
 
 
 def _leave_ray_now(out: str) -> None:
-    """Ctrl-C during a Ray job: the rows written so far are whole (``--out`` is closed by now), so
-    exit at once. Ray's orderly shutdown waits for busy actors and, on a loaded machine, for
-    minutes; it is given a few seconds, then the process ends and the local instance's processes,
-    which share this process's fate, end with it."""
-    import os
+    """The SIGINT handler of a Ray job: say where the rows are, then end the process as soon as
+    no batch of rows is being written (from another thread: the main thread may hold the lock)."""
     import threading
 
-    print(f"mdl-edge: interrupted; the rows so far are in {out}: run the same command again to answer the rest", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    import ray
+    from .cluster import OUTPUT_LOCK
 
-    stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
-    stopper.start()
-    stopper.join(RAY_SHUTDOWN_GRACE_S)
-    os._exit(130)
+    def end() -> None:
+        with OUTPUT_LOCK:
+            print(f"mdl-edge: interrupted; the rows so far are in {out}: run the same command again to answer the rest",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
+
+    threading.Thread(target=end, name="mdl-edge-interrupt", daemon=True).start()
 
 
 def _load_options(args: argparse.Namespace, parallel: int) -> tuple[EncoderOptions, DecoderOptions]:

@@ -20,6 +20,7 @@ import glob
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -268,6 +269,11 @@ def answer_files(
     return JobSummary(len(paths), len(paths) - len(todo), answered, failed, time.perf_counter() - t0, out)
 
 
+#: Held while a batch of rows is written and flushed: whoever ends the process early (the CLI on
+#: Ctrl-C) takes it first, so the output never ends in a partial line.
+OUTPUT_LOCK = threading.Lock()
+
+
 def _start_ray(cluster: ClusterOptions) -> None:
     """Connect to ``cluster.address``, or start a local instance with room for the workers."""
     import ray
@@ -314,8 +320,9 @@ def _append_rows(ds: Any, journal: Path, todo: list[str], retries: int, on_row: 
     with journal.open("a", encoding="utf-8") as f:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                f.write("".join(line + "\n" for line in batch["row"]))  # as the actor wrote them
-                f.flush()
+                with OUTPUT_LOCK:
+                    f.write("".join(line + "\n" for line in batch["row"]))  # as the actor wrote them
+                    f.flush()
                 for r in (json.loads(r) for r in batch["row"]):
                     if r["file"] not in seen:
                         seen.add(r["file"])
