@@ -19,6 +19,8 @@ if [ -n "$missing" ]; then
     echo "tests/run.sh: not found:$missing (apt-get install$missing); their tests will be skipped" >&2
   fi
 fi
+# llama-cpp-python builds from source; its multimodal library (libmtmd) is not used here: skip it
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 python3 -m pip install --quiet --disable-pip-version-check -e ".[export,server,cluster,dev]"
 # The independent encoder check compares against the `dasheng` package. Its declared
 # dependencies include torchaudio, whose PyPI build does not import beside torch 2.13 here (and
