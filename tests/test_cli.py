@@ -71,3 +71,17 @@ def test_default_demo_hears_a_held_out_clip(toy_dir, tmp_path, capsys) -> None:
     assert out.count("matches the vocabulary words said") + out.count("differs from the vocabulary words said") == 1
     for stage in ("decode audio", "mel", "encoder", "projector", "prefill", "decode", "time to first token"):
         assert f"{stage} " in out
+
+
+def test_train_toy_scores_both_evaluation_sets(toy_dir, capsys) -> None:
+    """`train-toy --evaluate N` on the toy model there is (shipped or cached: nothing is trained
+    again) scores the reference on N held-out clips and N phrases of connected speech."""
+    import re
+
+    assert main(["train-toy", "--evaluate", "4"]) == 0
+    out = capsys.readouterr().out
+    assert str(toy_dir) in out
+    held = re.search(r"held-out \(4 clips, \d with speech\): word accuracy ([\d.]+), caption exact ([\d.]+)", out)
+    conn = re.search(r"connected speech \(4 phrases, \d with words outside the vocabulary\): word accuracy ([\d.]+), phrase exact ([\d.]+)", out)
+    assert held and conn, out
+    assert all(0.0 <= float(v) <= 1.0 for v in (*held.groups(), *conn.groups()))
