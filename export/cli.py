@@ -314,7 +314,8 @@ def _demo_toy(args: argparse.Namespace) -> int:
     if args.reference:
         _demo_reference(model_dir, clip, args, prompts=[CAPTION_PROMPT, TRANSCRIBE_PROMPT])
         return 0
-    bundle_dir = work / f"bundle-toy-{model_dir.name}"
+    # named by the recipe, not the folder: the shipped weights keep their folder across recipes
+    bundle_dir = work / f"bundle-toy-{plan.key()}"
     _demo_bundle(model_dir, bundle_dir)
     t = time.perf_counter()
     with AudioLM(bundle_dir, encoder="int8", decoder="Q4_K_M") as lm:

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -148,8 +149,6 @@ def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object) 
     # Ctrl-C ends the process at once (after the batch being written, if any): Ray's orderly
     # shutdown, and Ray Data's own clean-up on KeyboardInterrupt, wait for busy actors and on a
     # loaded machine take minutes. The local instance's processes share this process's fate.
-    import threading
-
     main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous = signal.signal(signal.SIGINT, lambda *_: _leave_ray_now(args.out)) if main_thread else None
     try:
@@ -167,8 +166,6 @@ def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object) 
 def _leave_ray_now(out: str) -> None:
     """The SIGINT handler of a Ray job: say where the rows are, then end the process as soon as
     no batch of rows is being written (from another thread: the main thread may hold the lock)."""
-    import threading
-
     from .cluster import OUTPUT_LOCK
 
     def end() -> None:

@@ -333,8 +333,10 @@ def _append_rows(ds: Any, journal: Path, todo: list[str], retries: int, on_row: 
             # files whose batch failed beyond its retries: say so instead of leaving them out
             if len(seen) < len(todo) and not _interrupted():
                 lost = [p for p in todo if p not in seen]
-                f.write("".join(json.dumps(error_row(p, f"its worker failed {retries + 1} times"), ensure_ascii=False) + "\n"
-                                for p in lost))
+                with OUTPUT_LOCK:
+                    f.write("".join(json.dumps(error_row(p, f"its worker failed {retries + 1} times"), ensure_ascii=False) + "\n"
+                                    for p in lost))
+                    f.flush()
                 failed += len(lost)
     return answered, failed
 
