@@ -44,14 +44,15 @@ def describe(source: AudioSource) -> str:
 
 def _mono_float(x: np.ndarray, name: str, decoded: bool = False) -> np.ndarray:
     """``[n]`` or ``[n, channels]`` -> float32 mono, integers scaled to [-1, 1], checked finite."""
-    if x.ndim == 2:
-        x = x.mean(axis=1, dtype=np.float64) if x.shape[1] > 1 else x[:, 0]
-    elif x.ndim != 1:
+    if x.ndim not in (1, 2):
         raise AudioError(f"{name}: expected [samples] or [samples, channels], got shape {x.shape}")
+    # integers are scaled before channels are averaged (the mean is a float)
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float64) / float(np.iinfo(x.dtype).max + 1)
     elif not np.issubdtype(x.dtype, np.floating):
         raise AudioError(f"{name}: unsupported sample dtype {x.dtype}")
+    if x.ndim == 2:
+        x = x.mean(axis=1, dtype=np.float64) if x.shape[1] > 1 else x[:, 0]
     x = np.asarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         bad = int(np.count_nonzero(~np.isfinite(x)))
@@ -79,18 +80,36 @@ class _Resampler:
         return np.asarray(self.stream.resample_chunk(x, last=last), dtype=np.float32)
 
 
+class BlockConverter:
+    """Audio that arrives in blocks at any rate, mono or ``[n, channels]``, integer or float ->
+    mono float32 16 kHz blocks, resampled as one continuous stream (soxr keeps its filter state
+    between blocks). ``flush()`` returns the resampler's tail at the end of the stream."""
+
+    def __init__(self, rate: int, name: str = "audio", *, decoded: bool = False) -> None:
+        self.name, self.decoded = name, decoded
+        self.rate = int(rate)
+        self._resample = _Resampler(self.rate, name)
+        self.n_in = 0  # input frames seen
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        block = np.asarray(block)
+        self.n_in += block.shape[0] if block.ndim else 0
+        return self._resample(_mono_float(block, self.name, self.decoded))
+
+    def flush(self) -> np.ndarray:
+        return self._resample(np.zeros(0, np.float32), last=True)
+
+
 def _blocks_16k(blocks: Iterator[np.ndarray], rate: int, name: str, decoded: bool) -> Iterator[np.ndarray]:
-    resample = _Resampler(rate, name)
-    n = 0
+    convert = BlockConverter(rate, name, decoded=decoded)
     for b in blocks:
-        n += b.shape[0]
-        out = resample(_mono_float(b, name, decoded))
+        out = convert(b)
         if out.size:
             yield out
-    tail = resample(np.zeros(0, np.float32), last=True)
+    tail = convert.flush()
     if tail.size:
         yield tail
-    if n == 0:
+    if convert.n_in == 0:
         raise AudioError(f"{name}: the clip is empty (0 samples)")
 
 

@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  mdl-edge ask a.wav -q 'What sound is heard?' --model bundle\n"
             "  mdl-edge parity midashenglm-7b --bundle bundle    # what each quantized variant costs\n"
             "  mdl-edge serve --model bundle                     # OpenAI's audio API on http://127.0.0.1:8080\n"
+            "  mdl-edge live --mic --model bundle                # a live transcript from the microphone\n"
         ),
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.set_defaults(func=lambda a, task=task: _run_task(a, task), parser=t)
 
     _add_serve_parser(sub, sv_d)
+    from .live_cli import add_live_parser
+
+    add_live_parser(sub)
 
     for register in _command_plugins():
         register(sub)

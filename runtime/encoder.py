@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Container, Iterator, Sequence
 
 import numpy as np
 
@@ -202,18 +202,20 @@ class AudioEncoder:
         self.source_hash = str(m["source_hash"])
 
     def _chunk_features(
-        self, mels: Sequence[np.ndarray], n_samples: Sequence[int], on_chunks: Callable[[int, int], None] | None
+        self, mels: Sequence[np.ndarray], n_samples: Sequence[int], on_chunks: Callable[[int, int], None] | None,
+        skip: Container[int] = (),
     ) -> Iterator[tuple[int, int, np.ndarray]]:
-        """``(clip index, chunk index, features [n_real, D])`` of every chunk of every clip; chunks
-        go through the encoder as :func:`schedule` groups them (each clip's in order) and
-        ``on_chunks(done, total)`` follows."""
+        """``(clip index, chunk index, features [n_real, D])`` of every chunk of every clip (but
+        the first clip's chunks in ``skip``); chunks go through the encoder as :func:`schedule`
+        groups them (each clip's in order) and ``on_chunks(done, total)`` follows."""
         jobs: list[tuple[int, ChunkSpec]] = []
         for i, (mel, n) in enumerate(zip(mels, n_samples)):
             if mel.ndim != 2 or mel.shape[0] != self.mel_rows:
                 raise ConfigError(f"mel of clip {i}: expected [{self.mel_rows}, frames], got {list(mel.shape)}")
             if mel.shape[1] < C.n_frames(max(n, C.MIN_SAMPLES)):
                 raise ConfigError(f"mel of clip {i}: {mel.shape[1]} frames, but {n} samples make {C.n_frames(max(n, C.MIN_SAMPLES))}")
-            jobs += [(i, spec) for spec in chunk_plan(max(n, C.MIN_SAMPLES))]
+            jobs += [(i, spec) for spec in chunk_plan(max(n, C.MIN_SAMPLES))
+                     if not (i == 0 and spec.first_frame // C.CHUNK_FRAMES in skip)]
         done = 0
         for group in schedule(jobs, self.max_batch):
             feed = chunk_batch([(mels[i], spec) for i, spec in group], frames=self.chunk_frames, keep=self.acoustic_mels > 0)
@@ -240,6 +242,12 @@ class AudioEncoder:
         for i, c, feats in self._chunk_features(mels, n_samples, on_chunks):
             outs[i][c] = feats
         return [np.concatenate([o[c] for c in sorted(o)]) for o in outs]
+
+    def chunk_features(self, mel: np.ndarray, n_samples: int, *, skip: Container[int] = ()) -> dict[int, np.ndarray]:
+        """Features ``[n_real, D]`` of each encoder chunk of one clip by chunk index, leaving out
+        the chunks in ``skip`` (a live stream's finished chunks, already known: chunks are
+        encoded independently, so a finished chunk's features do not change as audio follows)."""
+        return {c: feats for _, c, feats in self._chunk_features([mel], [n_samples], None, skip)}
 
     def project(self, feats: np.ndarray) -> np.ndarray:
         """Stitched 25 Hz features ``[P, D]`` -> audio embeddings ``[P // 5, H]``: the trailing

@@ -10,6 +10,8 @@ Fast paths (the C++ extension) are tested against it.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from . import constants as C
@@ -232,6 +234,12 @@ class LogMelStream:
             raise AudioError(f"audio: {int(np.count_nonzero(~np.isfinite(block)))} samples near sample {self.n_samples} are NaN or infinite")
         self.n_samples += block.size
         return self._emit([p.feed(block) for p in self._parts])
+
+    def peek_finish(self) -> tuple[np.ndarray, float]:
+        """What :meth:`finish` would return now, and the peak it would leave, without ending
+        the stream (a live stream's partial result of the audio so far)."""
+        clone = copy.deepcopy(self)
+        return clone.finish(), clone.peak
 
     def finish(self) -> np.ndarray:
         """Pad the end (3200-sample minimum, reflection) and return the remaining frames."""

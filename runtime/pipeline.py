@@ -130,6 +130,9 @@ class AudioLM:
         total)`` reports encoder progress on long audio.
         """
         t = timings if timings is not None else {}
+        if isinstance(audio, Embedded):
+            t.update(decode_audio=0.0, mel=0.0, encoder=0.0, projector=0.0)
+            return audio.embeddings, audio.n_samples
         key = _source_key(audio, sample_rate)
         with self._cache_lock:
             cached = self._cache.get(key) if key is not None else None
@@ -387,6 +390,16 @@ class AudioLM:
         if damage:
             at, err = damage[0]
             raise AudioError(f"{name}: decoding failed {at:.2f} s into the recording (the segments before it were answered): {err}") from err
+
+
+@dataclass(frozen=True, eq=False)
+class Embedded:
+    """A clip already encoded (a live stream's utterance, encoded chunk by chunk as it arrived):
+    its audio embeddings ``[n_audio_tokens, H]`` and its length in 16 kHz samples. Anywhere a
+    request takes audio it takes this, and the encoder is skipped."""
+
+    embeddings: np.ndarray
+    n_samples: int
 
 
 @dataclass(frozen=True, kw_only=True)

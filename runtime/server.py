@@ -60,6 +60,8 @@ class ServerOptions:
     decoder's KV cache in positions, shared by the requests decoding together (default:
     ``parallel`` x :data:`CTX_PER_SLOT`); it is allocated once, so memory stays what it was at
     start whatever clients ask, and a request needing more gets 400 ``context_length_exceeded``.
+    ``max_realtime``: open Realtime WebSocket connections (more are refused); ``max_realtime_buffer_s``:
+    audio buffered per connection before its messages are read more slowly.
     """
 
     host: str = "127.0.0.1"
@@ -72,6 +74,8 @@ class ServerOptions:
     model_id: str | None = None
     segmenting: SegmentOptions = SegmentOptions()
     n_ctx: int | None = None
+    max_realtime: int = 8
+    max_realtime_buffer_s: float = 10.0
 
     def __post_init__(self) -> None:
         whole_number("port", self.port, 0)
@@ -81,6 +85,10 @@ class ServerOptions:
             raise OptionError("port", f"must be at most 65535, got {self.port}")
         whole_number("parallel", self.parallel)
         whole_number("max_queue", self.max_queue, 0)
+        whole_number("max_realtime", self.max_realtime, 0)
+        if isinstance(self.max_realtime_buffer_s, bool) or not isinstance(self.max_realtime_buffer_s, (int, float)) \
+                or not 0.5 <= self.max_realtime_buffer_s <= 600:
+            raise OptionError("max_realtime_buffer_s", f"must be between 0.5 and 600 seconds, got {self.max_realtime_buffer_s!r}")
         for name in ("max_upload_mb", "max_audio_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -118,6 +126,7 @@ class _Metrics:
         Gauge("mdl_edge_slots_busy", "requests the decoder holds (encoding, prefill or decode)", registry=r).set_function(
             lambda: state.engine.status().active)
         Gauge("mdl_edge_slots", "sequences decoded together", registry=r).set(state.options.parallel)
+        Gauge("mdl_edge_realtime_connections", "open Realtime WebSocket connections", registry=r).set_function(lambda: state.realtime_open)
         self.prompt_tokens = Counter("mdl_edge_prompt_tokens", "prompt positions (text and audio)", registry=r)
         self.audio_tokens = Counter("mdl_edge_audio_tokens", "audio embeddings in prompts", registry=r)
         self.generated_tokens = Counter("mdl_edge_generated_tokens", "new tokens generated", registry=r)
@@ -158,6 +167,7 @@ class ServerState:
         self.created = int(time.time())
         self.engine = Engine(lm, parallel=options.parallel)
         self.in_progress = 0
+        self.realtime_open = 0
         self._lock = threading.Lock()
         self._durations: list[float] = []
         self.metrics = _Metrics(self)
@@ -178,6 +188,19 @@ class ServerState:
             self.in_progress -= 1
             self._durations = (self._durations + [seconds])[-100:]
 
+    def open_realtime(self) -> bool:
+        """Count a new Realtime connection in; False when the limit is reached."""
+        with self._lock:
+            if self.realtime_open >= self.options.max_realtime:
+                self.metrics.rejected.inc()
+                return False
+            self.realtime_open += 1
+            return True
+
+    def close_realtime(self) -> None:
+        with self._lock:
+            self.realtime_open -= 1
+
     def close(self) -> None:
         self.engine.close()
 
@@ -193,6 +216,7 @@ def create_app(lm: AudioLM, options: ServerOptions = ServerOptions()) -> Any:
     from fastapi.responses import HTMLResponse
 
     from . import handlers as h
+    from . import realtime
 
     state = ServerState(lm, options)
 
@@ -214,6 +238,7 @@ def create_app(lm: AudioLM, options: ServerOptions = ServerOptions()) -> Any:
     app.add_api_route("/v1/models/{model_id}", h.model, methods=["GET"])
     app.add_api_route(h.TRANSCRIPTIONS, h.transcriptions, methods=["POST"])
     app.add_api_route(h.CHAT, h.chat, methods=["POST"])
+    app.add_api_websocket_route(realtime.PATH, realtime.realtime)
     return app
 
 

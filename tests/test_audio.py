@@ -47,6 +47,16 @@ def test_pcm_and_float_wav_scaled_and_stereo_to_mono(tmp_path, subtype: str, tol
     assert np.abs(x - (left + right) / 2).max() < tol
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.int32])
+def test_integer_stereo_arrays_are_scaled_before_channels_are_averaged(dtype) -> None:
+    left, right = _sine(440, 16000), _sine(880, 16000, amp=0.25)
+    scale = np.iinfo(dtype).max + 1
+    pcm = np.round(np.stack([left, right], axis=1) * (scale - 1)).astype(dtype)
+    x = load_audio(pcm, sample_rate=16000)
+    worst = float(np.abs(x - (left + right) / 2).max())
+    assert worst < 1e-4, f"worst difference {worst}"
+
+
 @pytest.mark.parametrize(
     "fmt,subtype,ext,sr,tol",
     [("FLAC", "PCM_16", "flac", 16000, 1e-4), ("OGG", "VORBIS", "ogg", 44100, None), ("OGG", "OPUS", "opus", 48000, None), ("MP3", "MPEG_LAYER_III", "mp3", 44100, None)],
