@@ -222,7 +222,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel, max_queue=args.max_queue,
                             max_upload_mb=args.max_upload_mb, max_audio_s=args.max_audio_s, model_id=args.model_id,
-                            segmenting=SegmentOptions(max_segment=args.max_segment), n_ctx=args.n_ctx)
+                            segmenting=SegmentOptions(max_segment=args.max_segment), n_ctx=args.n_ctx, max_realtime=args.max_realtime)
     encoder, decoder = _load_options(args, args.parallel)
     serve(args.model, options, threads=args.threads, encoder=encoder, decoder=decoder)
     return 0
@@ -389,7 +389,8 @@ def _add_performance_args(t: argparse.ArgumentParser) -> None:
 def _add_serve_parser(sub: "argparse._SubParsersAction", sv_d: "ServerOptions") -> None:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the `server` extra)",
                         description="Serve a bundle through OpenAI's audio API: POST /v1/audio/transcriptions, POST "
-                                    "/v1/chat/completions (input_audio parts), GET /v1/models, /health, /metrics, and a page at /.")
+                                    "/v1/chat/completions (input_audio parts), the Realtime transcription WebSocket /v1/realtime, "
+                                    "GET /v1/models, /health, /metrics, and a page at /.")
     sv.add_argument("--model", required=True, help="bundle folder made by `mdl-edge export`")
     sv.add_argument("--host", default=sv_d.host, help="address to bind (default: %(default)s, this machine only)")
     sv.add_argument("--port", type=int, default=sv_d.port, help="(default: %(default)s)")
@@ -398,6 +399,8 @@ def _add_serve_parser(sub: "argparse._SubParsersAction", sv_d: "ServerOptions") 
     sv.add_argument("--parallel", type=int, default=default_parallel(), metavar="N",
                     help="requests decoded together (default here: %(default)s)")
     sv.add_argument("--max-queue", type=int, default=sv_d.max_queue, metavar="N", help="admitted requests waiting beyond those; more get 503 (default: %(default)s)")
+    sv.add_argument("--max-realtime", type=int, default=sv_d.max_realtime, metavar="N",
+                    help="open Realtime WebSocket connections (/v1/realtime); more are refused (default: %(default)s)")
     sv.add_argument("--max-upload-mb", type=float, default=sv_d.max_upload_mb, help="largest upload; more gets 413 (default: %(default)s)")
     sv.add_argument("--max-audio-s", type=float, default=sv_d.max_audio_s, help="longest recording; more gets 413 (default: %(default)s)")
     sv.add_argument("--max-segment", type=float, default=sv_d.segmenting.max_segment, metavar="S",

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -42,7 +42,7 @@ from . import constants as C
 from .audio import BlockConverter
 from .engine import Engine, Ticket
 from .errors import MdlEdgeError, OptionError
-from .mel import LogMelStream
+from .live_audio import OpenSegment
 from .options import GenerationOptions
 from .pipeline import AudioLM, Embedded, Request
 from .prompt import CAPTION_PROMPT, transcribe_prompt
@@ -72,6 +72,7 @@ class LiveOptions:
     # or ``max_utterance``, as OpenAI's Realtime API without turn detection)
     vad: bool = True
     aggressiveness: int = 2
+    noise_gate_db: float = 6.0  # a frame is speech only this far above the background; 0: off
     speech_start: float = 0.09
     silence: float = 0.5
     prefix_padding: float = 0.3
@@ -93,6 +94,8 @@ class LiveOptions:
             raise OptionError("generation", f"must be a GenerationOptions, got {type(self.generation).__name__}")
         if self.aggressiveness not in (0, 1, 2, 3):
             raise OptionError("aggressiveness", f"must be 0, 1, 2 or 3, got {self.aggressiveness!r}")
+        if isinstance(self.noise_gate_db, bool) or not isinstance(self.noise_gate_db, (int, float)) or not 0 <= self.noise_gate_db <= 30:
+            raise OptionError("noise_gate_db", f"must be between 0 and 30 dB, got {self.noise_gate_db!r}")
         _seconds("speech_start", self.speech_start, 0.03, 2.0)
         _seconds("silence", self.silence, 0.09, 10.0)
         _seconds("prefix_padding", self.prefix_padding, 0.0, 5.0)
@@ -131,8 +134,9 @@ class LiveEvent:
 
 @dataclass(frozen=True)
 class LiveStats:
-    """A live stream's counters: audio taken and dropped, results, and the worker's busy time
-    (voice activity, log-mel and encoder; the decoder's time is the engine's)."""
+    """A live stream's counters: audio taken and dropped, results, the worker's busy time (voice
+    activity, log-mel, encoder) and the decoder's time on its results (prefill and decode of
+    partials and finals; steps shared with other requests count in full for each)."""
 
     audio_seconds: float
     dropped_blocks: int
@@ -141,60 +145,12 @@ class LiveStats:
     finals: int
     worker_seconds: float
     queued_seconds: float
+    decoder_seconds: float = 0.0
 
-
-class OpenSegment:
-    """An open stretch of audio (an utterance, a caption window): its samples, its log-mel so
-    far, and the encoder features of its finished chunks."""
-
-    def __init__(self, item: int, start: int, acoustic_mels: int, threads: int) -> None:
-        self.item, self.start = item, start
-        self.parts: list[np.ndarray] = []
-        self.n = 0
-        self.mel = LogMelStream(acoustic_mels=acoustic_mels, n_threads=threads)
-        self.frames: list[np.ndarray] = []  # final raw frames (not touched by the end padding)
-        self.n_fed = 0
-        self.known: dict[int, tuple[object, float, np.ndarray]] = {}  # chunk -> (spec, its lowest raw dB, features)
-        self.partial_seq = 0
-        self.last_partial_at = 0  # samples when the last partial was taken
-        self.speech_end: int | None = None  # stream sample where its speech ended (transcription)
-
-    def add(self, samples: np.ndarray) -> None:
-        self.parts.append(samples)
-        self.n += samples.size
-
-    def samples(self) -> np.ndarray:
-        if len(self.parts) > 1:
-            self.parts = [np.concatenate(self.parts)]
-        return self.parts[0] if self.parts else np.zeros(0, np.float32)
-
-    def embeddings(self, lm: AudioLM, *, final: bool) -> np.ndarray:
-        """Audio embeddings of the samples so far, reusing finished chunks' features."""
-        from .encoder import chunk_plan
-
-        wave = self.samples()
-        if self.n_fed < self.n:
-            self.frames.append(self.mel.feed(wave[self.n_fed :]))
-            self.n_fed = self.n
-        tail, peak = (self.mel.finish(), self.mel.peak) if final else self.mel.peek_finish()
-        raw = np.concatenate([*self.frames, tail], axis=1)
-        n_final = raw.shape[1] - tail.shape[1]
-        mel = raw.copy()
-        np.maximum(mel[: C.N_MELS], np.float32(peak - C.TOP_DB), out=mel[: C.N_MELS])
-        n = max(self.n, C.MIN_SAMPLES)
-        plan = chunk_plan(n)
-        # a chunk's features depend on the peak only where top_db clamps: reused while no frame of it is clamped
-        floor = peak - C.TOP_DB
-        reuse = {c for c, spec in enumerate(plan) if c in self.known and self.known[c][0] == spec and self.known[c][1] >= floor}
-        fresh = lm.encoder.chunk_features(mel, self.n, skip=reuse)
-        feats = []
-        for c, spec in enumerate(plan):
-            f = self.known[c][2] if c in reuse else fresh[c]
-            feats.append(f)
-            end = spec.first_frame + spec.n_real * C.PATCH_FRAMES
-            if c not in reuse and end <= n_final:
-                self.known[c] = (spec, float(raw[: C.N_MELS, spec.first_frame : end].min()), f)
-        return lm.encoder.project(np.concatenate(feats))
+    @property
+    def real_time_factor(self) -> float:
+        """Compute time (worker and decoder) per second of audio."""
+        return (self.worker_seconds + self.decoder_seconds) / self.audio_seconds if self.audio_seconds else 0.0
 
 
 class LiveSession:
@@ -228,12 +184,15 @@ class LiveSession:
         self._dropped_blocks = 0
         self._dropped_samples = 0
         self._worker_s = 0.0
+        self._decoder_s = 0.0
         self._partials = self._finals = 0
         # the worker's state
         self._clock = 0  # samples processed
         self._items = itertools.count()
         self._vad = VoiceActivity(options.aggressiveness) if options.task == "transcribe" and options.vad else None
         self._frame_rest = np.zeros(0, np.float32)
+        self._energies: deque[float] = deque(maxlen=66)  # the last 2 s of 30 ms frame energies
+        self._gate = 10 ** (options.noise_gate_db / 10)
         self._ring: deque[np.ndarray] = deque()  # recent frames while no utterance is open
         self._speech_run = 0
         self._silence_run = 0
@@ -351,7 +310,7 @@ class LiveSession:
         with self._cond:
             queued = self._inbox_samples
         return LiveStats(self._pushed / SR, self._dropped_blocks, self._dropped_samples / SR, self._partials, self._finals,
-                         self._worker_s, queued / SR)
+                         self._worker_s, queued / SR, self._decoder_s)
 
     @property
     def ended(self) -> bool:
@@ -367,6 +326,12 @@ class LiveSession:
             self.cancel()
 
     # -- events -------------------------------------------------------------------------------
+    def _count_decoder(self, t: Ticket) -> None:
+        out = t.outcome
+        if out is not None and not isinstance(out, MdlEdgeError):
+            with self._results_lock:
+                self._decoder_s += out.timings.get("prefill", 0.0) + out.timings.get("decode", 0.0)
+
     def _emit(self, ev: LiveEvent) -> None:
         with self._emit_lock:
             if ev.type == "partial":
@@ -441,7 +406,10 @@ class LiveSession:
         self._frame_rest = buf[n * VAD_FRAME :]
         if n == 0:
             return
-        speech = self._vad.frames(buf[: n * VAD_FRAME])  # type: ignore[union-attr]
+        frames = buf[: n * VAD_FRAME]
+        speech = self._vad.frames(frames)  # type: ignore[union-attr]
+        if o.noise_gate_db > 0:
+            speech &= self._above_noise(frames.reshape(n, VAD_FRAME))
         start_frames = max(1, round(o.speech_start * SR / VAD_FRAME))
         silence_frames = max(1, round(o.silence * SR / VAD_FRAME))
         ring_frames = start_frames + round(o.prefix_padding * SR / VAD_FRAME)
@@ -477,6 +445,20 @@ class LiveSession:
                     nxt = OpenSegment(next(self._items), self._clock, self.lm.encoder.acoustic_mels, self.lm.threads)
                     self._open.append(nxt)
                     self._emit(LiveEvent("speech_started", nxt.item, nxt.start / SR, nxt.start / SR))
+
+    def _above_noise(self, frames: np.ndarray) -> np.ndarray:
+        """Frames louder than the background by ``noise_gate_db``. WebRTC's VAD calls steady
+        noise speech (it would hold an utterance open until the noise stops); the background is
+        the 10th percentile of the last 2 s of frame energies (minimum statistics: pauses between
+        words reach it in continuous speech, and it follows a change of background within 2 s;
+        measured on held-out toy clips over noise, 6 s windows kept utterances open 0.8 s longer,
+        1 s windows split one)."""
+        energy = np.mean(np.square(frames, dtype=np.float64), axis=1) + 1e-12
+        out = np.empty(energy.size, bool)
+        for k, e in enumerate(energy):
+            self._energies.append(e)
+            out[k] = e > np.percentile(self._energies, 10) * self._gate
+        return out
 
     def _unsegmented_audio(self, block: np.ndarray) -> None:
         """Without voice activity: one utterance from the first audio to a commit (or the
@@ -560,6 +542,7 @@ class LiveSession:
             self._final_order.append(u.item)
 
         def done(t: Ticket) -> None:
+            self._count_decoder(t)
             out = t.outcome
             if isinstance(out, MdlEdgeError):
                 ev = LiveEvent("error", u.item, start, end, f"{self.name}: item {u.item}: {out}")
@@ -596,6 +579,7 @@ class LiveSession:
         req, n_tokens = self._request(u, final=False)
 
         def done(t: Ticket) -> None:
+            self._count_decoder(t)
             cost = time.perf_counter() - now
             self._next_partial_wall = now + cost / o.partial_budget
             with self._results_lock:
@@ -609,26 +593,3 @@ class LiveSession:
         self._partial_ticket = t
         with self._results_lock:
             self._in_flight[id(t)] = t
-
-
-def paced(blocks: Iterable[np.ndarray], sample_rate: int, *, block_seconds: float = 0.1, speed: float = 1.0) -> Iterator[np.ndarray]:
-    """``blocks`` re-cut into pieces of ``block_seconds``, each released when a real-time player
-    (``speed`` times faster) would have played it: a file streamed as a microphone would be."""
-    step = max(1, int(round(block_seconds * sample_rate)))
-    t0 = time.perf_counter()
-    done = 0
-    rest = np.zeros(0, np.float32)
-    for block in blocks:
-        rest = np.concatenate([rest, block]) if rest.size else np.asarray(block)
-        while rest.shape[0] >= step:
-            piece, rest = rest[:step], rest[step:]
-            done += step
-            wait = t0 + done / sample_rate / speed - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
-            yield piece
-    if rest.shape[0]:
-        wait = t0 + (done + rest.shape[0]) / sample_rate / speed - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        yield rest

@@ -149,7 +149,8 @@ class _Printer:
 
 def cmd_live(args: argparse.Namespace) -> int:
     from .audio import iter_audio
-    from .live import LiveOptions, LiveSession, paced
+    from .live import LiveOptions, LiveSession
+    from .live_audio import paced
     from .options import DecoderOptions, EncoderOptions, GenerationOptions
 
     if args.list_devices:

@@ -4,6 +4,7 @@ chunk reuse against the offline encoder, back-pressure and dropping, and ``mdl-e
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -12,10 +13,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from pathlib import Path
+
 from conftest import assert_close
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.errors import AudioError, MdlEdgeError, OptionError
-from mdl_edge.runtime.live import LiveEvent, LiveOptions, LiveSession, OpenSegment, paced
+from mdl_edge.runtime.live import LiveEvent, LiveOptions, LiveSession
+from mdl_edge.runtime.live_audio import OpenSegment, paced
 from mdl_edge.runtime.options import GenerationOptions
 from mdl_edge.runtime.pipeline import AudioLM
 
@@ -149,6 +153,25 @@ def test_each_utterance_gets_one_final_as_heard_offline(toy_lm, utterances) -> N
     assert session.stats.partials >= 1 and session.stats.finals == len(clips) and session.stats.dropped_blocks == 0
 
 
+def test_steady_noise_does_not_hold_an_utterance_open(tiny_lm, utterances) -> None:
+    """Quiet, then speech in white noise (10 dB below the speech) that goes on 2 s after the last
+    word: WebRTC's VAD alone calls the sudden noise speech until it stops; with the noise gate the
+    utterance ends at the speech."""
+    clips, _ = utterances
+    c = clips[0]
+    body = np.concatenate([c.wave, np.zeros(2 * SR, np.float32)])
+    sig = float(np.sqrt(np.mean(c.wave**2)))
+    noisy = body + (np.random.default_rng(5).standard_normal(body.size) * sig * 10 ** (-10 / 20)).astype(np.float32)
+    stream = np.concatenate([_quiet(2.0), noisy, _quiet(1.0, 1)])
+    ends = {}
+    for gate in (0.0, 6.0):
+        events, _ = _run(tiny_lm, stream, LiveOptions(noise_gate_db=gate, partial_every=0, generation=GEN))
+        ends[gate] = [e.end for e in events if e.type == "speech_stopped"]
+    last_word, noise_end = 2.0 + c.words[-1][2], 2.0 + body.size / SR
+    assert ends[0.0][-1] > noise_end - 0.3, ends  # the noise held it open to its end
+    assert len(ends[6.0]) == 1 and abs(ends[6.0][0] - last_word) < 0.3, (ends, last_word)
+
+
 def test_any_rate_and_integer_stereo_hear_the_same(toy_lm, utterances) -> None:
     """44.1 kHz int16 stereo blocks give the same utterances and words as 16 kHz float mono."""
     import soxr
@@ -239,7 +262,7 @@ def test_bad_audio_and_options_are_named(tiny_lm) -> None:
     with pytest.raises(MdlEdgeError, match="finished"):
         session.push(_quiet(0.1))
     for kw, name in (({"task": "summarise"}, "task"), ({"silence": 0.0}, "silence"), ({"hop": 20.0}, "hop"),
-                     ({"partial_budget": 2}, "partial_budget"), ({"aggressiveness": 5}, "aggressiveness")):
+                     ({"partial_budget": 2}, "partial_budget"), ({"aggressiveness": 5}, "aggressiveness"), ({"noise_gate_db": -1}, "noise_gate_db")):
         with pytest.raises(OptionError) as e:
             LiveOptions(**kw)
         assert e.value.option == name
@@ -254,8 +277,9 @@ def test_cancel_stops_at_once(tiny_lm) -> None:
 
 
 # -- mdl-edge live ----------------------------------------------------------------------------------
-def _cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mdl_edge.runtime.cli", "live", *args], input=stdin, capture_output=True, timeout=300)
+def _cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mdl_edge.runtime.cli", "live", *args], input=stdin, capture_output=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_cli_live_from_a_file_and_from_stdin_pcm(toy_bundle, utterances, tmp_path) -> None:
@@ -293,3 +317,41 @@ def test_cli_live_says_what_is_wrong(bundle, tmp_path) -> None:
     assert r.returncode == 1 and str(bad).encode() in r.stderr
     r = _cli(str(bad), "--model", str(bundle), "--silence", "0")
     assert r.returncode == 2 and b"--silence" in r.stderr
+
+
+def test_cli_live_from_the_microphone_until_ctrl_c(toy_bundle, utterances, tmp_path) -> None:
+    """``--mic`` through a stand-in for sounddevice (no capture device here) that plays a speech
+    file at real-time pace through the stream callback, then sends SIGINT: what was heard is
+    finalised and written, and the exit is clean."""
+    clips, stream = utterances
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, stream[: int(sum(c.wave.size + SR for c in clips[:2]))], SR, subtype="PCM_16")
+    env = {"PYTHONPATH": str(Path(__file__).parent / "data" / "fake_sounddevice"), "FAKE_MIC_WAV": str(wav)}
+    r = _cli("--list-devices", env=env)
+    assert r.returncode == 0 and r.stdout.decode().strip() == "0: fake microphone (1 ch, 16000 Hz)"
+    r = _cli("--mic", "--device", "0", "--model", str(toy_bundle), "--format", "jsonl", "--encoder", "int8", "--decoder", "Q4_K_M", env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    finals = [json.loads(line) for line in r.stdout.decode().splitlines() if '"final"' in line]
+    assert len(finals) == 2, r.stdout.decode()
+    assert b"listening" in r.stderr
+    r = _cli("--mic", "--device", "7", "--model", str(toy_bundle), env=env)
+    assert r.returncode == 1 and b"microphone 7" in r.stderr
+
+
+def test_terminal_output_replaces_partials_in_place_and_commits_finals() -> None:
+    import io
+
+    from mdl_edge.runtime.live_cli import _Printer
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    p = _Printer(out, "text", "mic")
+    for ev in (LiveEvent("speech_started", 0, 1.0, 1.0), LiveEvent("partial", 0, 1.0, 1.5, "red"),
+               LiveEvent("partial", 0, 1.0, 2.0, "red cat"), LiveEvent("speech_stopped", 0, 1.0, 2.2),
+               LiveEvent("final", 0, 1.0, 2.2, "red cat")):
+        p(ev)
+    assert out.getvalue() == ("\r\033[K[00:00:01.000] red …\r\033[K[00:00:01.000] red cat …"
+                              "\r\033[K[00:00:01.000 --> 00:00:02.200] red cat\n")

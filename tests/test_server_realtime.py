@@ -194,6 +194,27 @@ def test_errors_keys_and_limits(served) -> None:
             with _connect(served) as third:
                 err = third.recv()
                 assert err.type == "error" and err.error.code == "server_overloaded"
+    # closed connections are counted out (and their streams cancelled)
+    deadline = time.monotonic() + 10
+    while served.app.state.mdl.realtime_open and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.app.state.mdl.realtime_open == 0
+
+
+def test_a_client_that_goes_away_mid_utterance_cancels_its_stream(served, speech) -> None:
+    """Audio of an open utterance, then the socket closes: the stream is cancelled, its
+    connection counted out, and the engine is left with nothing to do."""
+    clips, _ = speech
+    with _connect(served) as conn:
+        conn.recv()
+        conn.session.update(session={"type": "transcription", "audio": {"input": {"turn_detection": None}}})
+        conn.recv()
+        _feed(conn, _pcm(clips[0].wave, 24000), 24000, sleep=0.0).join()
+    state = served.app.state.mdl
+    deadline = time.monotonic() + 10
+    while (state.realtime_open or state.engine.status().active or state.engine.status().queued) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.realtime_open == 0 and state.engine.status().active == 0 and state.engine.status().queued == 0
 
 
 # -- the page ----------------------------------------------------------------------------------------
