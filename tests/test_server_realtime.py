@@ -254,7 +254,7 @@ def test_page_microphone_streams_to_the_realtime_endpoint(toy_bundle, mic_file, 
             browser.find_element(By.ID, "key").send_keys(KEY)
             browser.find_element(By.ID, "mic").click()
             body = browser.find_element(By.TAG_NAME, "body")
-            WebDriverWait(browser, 60).until(lambda b: int(body.get_attribute("data-finals") or 0) >= 2 or browser.find_element(By.ID, "error").text)
+            WebDriverWait(browser, 90).until(lambda b: int(body.get_attribute("data-finals") or 0) >= 2 or browser.find_element(By.ID, "error").text)
             assert browser.find_element(By.ID, "error").text == ""
             lines = [x.text for x in browser.find_elements(By.CSS_SELECTOR, "#finals li .text")]
             partials = int(body.get_attribute("data-partials") or 0)
@@ -267,4 +267,8 @@ def test_page_microphone_streams_to_the_realtime_endpoint(toy_bundle, mic_file, 
     heard = lines[:2]
     print("page heard:", heard, "said:", [c.transcript for c in clips[:2]], f"({partials} partials shown)")
     assert partials >= 1
-    assert np.mean([word_accuracy(h, c.transcript) for h, c in zip(heard, clips)]) >= 0.5, heard
+    # Chromium's fake device under a loaded 2-core machine drops some audio now and then (runs
+    # here heard the first utterance as "dog", "dog eight", "dog big eight"): one utterance heard
+    # whole, and words of the other
+    scores = sorted(word_accuracy(h, c.transcript) for h, c in zip(heard, clips))
+    assert scores[-1] == 1.0 and scores[0] > 0.0, (heard, scores)
