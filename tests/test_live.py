@@ -127,13 +127,17 @@ def test_a_louder_sound_later_re_encodes_the_finished_chunks(tiny_lm) -> None:
 
 # -- transcription on the trained toy model ---------------------------------------------------------
 def test_each_utterance_gets_one_final_as_heard_offline(toy_lm, utterances) -> None:
-    """Five utterances streamed (at 4x real-time pace): one final each, in order, timed within
-    its clip, with partials before it; the words are those the offline transcription of each
-    clip hears (the utterance's audio is cut differently, so word accuracy may differ a little)."""
+    """Five utterances streamed (at 4x real-time pace, partials on): one final each, in order,
+    timed within its clip, with partials before it; each final is exactly the offline
+    transcription of the same samples (the live path's reused chunks and all), and hears the
+    clips about as well as offline transcription of the whole clips does (measured on 30 clips
+    by tests/benchmarks/bench_live.py)."""
     from mdl_edge.export.toy.world import word_accuracy
+    from mdl_edge.runtime.segments import VAD_FRAME
 
     clips, stream = utterances
-    events, session = _run(toy_lm, stream, LiveOptions(partial_every=0.3), speed=4.0)
+    options = LiveOptions(partial_every=0.3)
+    events, session = _run(toy_lm, stream, options, speed=4.0)
     finals = [e for e in events if e.type == "final"]
     assert len(finals) == len(clips), [(e.type, e.start, e.end, e.text) for e in events]
     assert [e.item for e in finals] == list(range(len(clips)))
@@ -141,11 +145,15 @@ def test_each_utterance_gets_one_final_as_heard_offline(toy_lm, utterances) -> N
     for f, c, t0 in zip(finals, clips, offsets):
         first_word, last_word = c.words[0][1] + t0, c.words[-1][2] + t0
         assert f.start <= first_word + 0.1 and f.end >= last_word - 0.2 and f.end <= t0 + c.wave.size / SR + 0.05, (f, first_word, last_word)
-    offline = [toy_lm.transcribe(c.wave, sample_rate=SR).text.strip() for c in clips]
+    # an utterance's audio: from its start to the frame where the pause reached `silence`
+    pause = round(options.silence * SR / VAD_FRAME) * VAD_FRAME
+    same = [toy_lm.transcribe(stream[round(f.start * SR) : round(f.end * SR) + pause], sample_rate=SR).text.strip() for f in finals]
+    assert [f.text for f in finals] == same
+    whole = [toy_lm.transcribe(c.wave, sample_rate=SR).text.strip() for c in clips]
     live_acc = np.mean([word_accuracy(f.text, c.transcript) for f, c in zip(finals, clips)])
-    offline_acc = np.mean([word_accuracy(o, c.transcript) for o, c in zip(offline, clips)])
-    print(f"live {[f.text for f in finals]} ({live_acc:.2f}); offline {offline} ({offline_acc:.2f})")
-    assert live_acc >= offline_acc - 0.15
+    whole_acc = np.mean([word_accuracy(o, c.transcript) for o, c in zip(whole, clips)])
+    print(f"live {[f.text for f in finals]} ({live_acc:.2f}); whole clips offline {whole} ({whole_acc:.2f})")
+    assert live_acc >= 0.5
     # events of an item come in order: started, partials, stopped, final
     for k in range(len(clips)):
         kinds = [e.type for e in events if e.item == k]
