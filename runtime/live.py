@@ -51,7 +51,7 @@ from .segments import VAD_FRAME, VoiceActivity
 logger = logging.getLogger("mdl_edge")
 
 TASKS = ("transcribe", "caption")
-EVENT_TYPES = ("speech_started", "speech_stopped", "partial", "final", "dropped", "error")
+EVENT_TYPES = ("speech_started", "speech_stopped", "partial", "final_delta", "final", "dropped", "error")
 SR = C.SAMPLE_RATE
 
 
@@ -120,7 +120,8 @@ class LiveEvent:
     """Something that happened in a live stream, timed in the stream's clock (seconds of audio
     pushed since it began). ``type``: ``speech_started`` / ``speech_stopped`` (transcription),
     ``partial`` (the open utterance or window so far: replaces the previous partial of ``item``),
-    ``final`` (one per utterance or window, in ``item`` order), ``dropped`` (audio the machine
+    ``final_delta`` (a piece of the final's text as it is decoded), ``final`` (one per utterance or
+    window, in ``item`` order), ``dropped`` (audio the machine
     could not keep up with: ``start``-``end`` were skipped), ``error`` (``text`` says what)."""
 
     type: str
@@ -559,7 +560,8 @@ class LiveSession:
             for e in ready:  # in item order, however the decoder finished them
                 self._emit(e)
 
-        t = self.engine.submit(req, on_done=done)
+        t = self.engine.submit(req, on_text=lambda piece: self._emit(LiveEvent("final_delta", u.item, start, end, piece)),
+                               on_done=done)
         with self._results_lock:
             self._in_flight[id(t)] = t
 

@@ -15,8 +15,8 @@ The events and shapes are those of OpenAI's Realtime API (what the official ``op
 Where the model differs, it says so in its own events (documented in docs/server.md):
 MiDashengLM is not a streaming model, so the open utterance is re-decoded for partial results and
 its text may change: ``mdl_edge.transcription.partial`` carries each whole partial (a page
-replaces the line), while OpenAI's append-only ``delta`` events carry only text that two
-partials in a row agreed on, and ``.completed`` the final transcript. ``?intent=caption`` opens
+replaces the line). As with OpenAI's own models, ``delta`` events stream the committed
+utterance's transcript as it is decoded, and ``.completed`` carries all of it. ``?intent=caption`` opens
 a caption session instead: fixed windows, ``mdl_edge.caption.partial`` and
 ``mdl_edge.caption.completed``. Rates other than OpenAI's (``audio/pcm`` with ``rate`` 8000-48000)
 are taken too.
@@ -157,16 +157,6 @@ class Settings:
                 "include": None}
 
 
-def _agreed(a: str, b: str) -> str:
-    """The words two partials agree on, from the start."""
-    out = []
-    for x, y in zip(a.split(), b.split()):
-        if x != y:
-            break
-        out.append(x)
-    return " ".join(out)
-
-
 class Connection:
     """One client's WebSocket: its settings, its live session, and the events it is sent."""
 
@@ -179,7 +169,7 @@ class Connection:
         self.loop = asyncio.get_running_loop()
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.sent: dict[int, str] = {}  # item -> text sent as deltas so far
-        self.last_partial: dict[int, str] = {}
+        self.spaces: dict[int, str] = {}  # item -> whitespace held back (the transcript is stripped)
         self.previous_item: str | None = None
 
     def item_id(self, item: int) -> str:
@@ -231,17 +221,19 @@ class Connection:
                 return
             self.send({"type": "mdl_edge.transcription.partial", "item_id": item, "text": ev.text, "audio_start_ms": start_ms,
                        "audio_end_ms": end_ms})
-            stable = _agreed(self.last_partial.get(ev.item, ""), ev.text)
-            self.last_partial[ev.item] = ev.text
-            self._delta(ev.item, item, stable)
+        elif ev.type == "final_delta":
+            if not caption:
+                self._delta(ev.item, item, ev.text)
         elif ev.type == "final":
             if caption:
                 self.send({"type": "mdl_edge.caption.completed", "item_id": item, "caption": ev.text, "audio_start_ms": start_ms,
                            "audio_end_ms": end_ms})
                 return
-            self._delta(ev.item, item, ev.text)
-            self.last_partial.pop(ev.item, None)
-            self.sent.pop(ev.item, None)
+            sent = self.sent.pop(ev.item, "")
+            self.spaces.pop(ev.item, None)
+            if ev.text.startswith(sent) and len(ev.text) > len(sent):  # what the pieces did not carry (a trimmed stop string)
+                self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item, "content_index": 0,
+                           "delta": ev.text[len(sent):]})
             self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item, "content_index": 0,
                        "transcript": ev.text, "audio_start_ms": start_ms, "audio_end_ms": end_ms,
                        "usage": {"type": "tokens", "input_tokens": ev.audio_tokens, "output_tokens": ev.output_tokens,
@@ -257,13 +249,17 @@ class Connection:
             else:
                 self.error(ev.text, code="live_stream_failed", kind="server_error")
 
-    def _delta(self, n: int, item: str, text: str) -> None:
-        """Send what ``text`` adds to what was sent of item ``n`` (append-only, as OpenAI's deltas)."""
-        sent = self.sent.get(n, "")
-        if text.startswith(sent) and len(text) > len(sent):
-            self.sent[n] = text
-            self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item, "content_index": 0,
-                       "delta": text[len(sent):]})
+    def _delta(self, n: int, item: str, piece: str) -> None:
+        """Send a piece of item ``n``'s final text as OpenAI's delta, leading and trailing
+        whitespace held back so that the deltas add up to the (stripped) transcript."""
+        text = self.spaces.get(n, "") + piece
+        if n not in self.sent:
+            text = text.lstrip()
+        body = text.rstrip()
+        self.spaces[n] = text[len(body):]
+        if body:
+            self.sent[n] = self.sent.get(n, "") + body
+            self.send({"type": "conversation.item.input_audio_transcription.delta", "item_id": item, "content_index": 0, "delta": body})
 
     # -- client events ----------------------------------------------------------------------------------
     async def handle(self, message: str) -> None:

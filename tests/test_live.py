@@ -154,10 +154,13 @@ def test_each_utterance_gets_one_final_as_heard_offline(toy_lm, utterances) -> N
     whole_acc = np.mean([word_accuracy(o, c.transcript) for o, c in zip(whole, clips)])
     print(f"live {[f.text for f in finals]} ({live_acc:.2f}); whole clips offline {whole} ({whole_acc:.2f})")
     assert live_acc >= 0.5
-    # events of an item come in order: started, partials, stopped, final
-    for k in range(len(clips)):
+    # events of an item come in order: started, partials, stopped, the final's pieces, the final
+    for k, f in enumerate(finals):
         kinds = [e.type for e in events if e.item == k]
-        assert kinds[0] == "speech_started" and kinds[-2:] == ["speech_stopped", "final"], kinds
+        stopped = kinds.index("speech_stopped")
+        assert kinds[0] == "speech_started" and set(kinds[1:stopped]) <= {"partial"} and kinds[-1] == "final", kinds
+        assert set(kinds[stopped + 1 : -1]) == {"final_delta"}, kinds
+        assert "".join(e.text for e in events if e.item == k and e.type == "final_delta").strip() == f.text
     assert session.stats.partials >= 1 and session.stats.finals == len(clips) and session.stats.dropped_blocks == 0
 
 
