@@ -57,7 +57,7 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
     def report(path: str, res: Result | MdlEdgeError) -> None:
         _report(args, path, res, streaming, failed)
 
-    with _audio_lm(args, parallel) as lm:
+    with audio_lm(args, parallel) as lm:
         if parallel == 1:
             _answer_one_by_one(lm, args, prompt, options, streaming, bar, report)
         else:
@@ -189,8 +189,9 @@ def _load_options(args: argparse.Namespace, parallel: int) -> tuple[EncoderOptio
     return encoder, decoder
 
 
-def _audio_lm(args: argparse.Namespace, parallel: int) -> AudioLM:
-    """The one place a runtime command builds its :class:`AudioLM`."""
+def audio_lm(args: argparse.Namespace, parallel: int) -> AudioLM:
+    """The one place a runtime command builds its :class:`AudioLM` (from its parsed arguments;
+    a flag a command lacks takes the option's own default)."""
     from .pipeline import AudioLM
 
     encoder, decoder = _load_options(args, parallel)
@@ -202,7 +203,7 @@ def _extra_bufts(args: argparse.Namespace, parallel: int) -> bool:
     llama.cpp build can repack safely (no AMX). Measured on a 2-core AVX-512 Xeon with a build
     without AMX (README, "Many files at once"): repacked Q4_K_M decodes 1.25x faster alone and
     1.42x at 4 sequences, for +0.21 GB; single runs keep the smaller footprint."""
-    if args.extra_bufts is not None:
+    if getattr(args, "extra_bufts", None) is not None:
         return bool(args.extra_bufts)
     if parallel <= 1:
         return False
@@ -243,7 +244,7 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
     if out is not None and many and not out.is_dir():
         raise OptionError("output", f"{out} must be an existing folder when several files are given (one output per input)")
     failed: list[str] = []
-    with _audio_lm(args, args.parallel) as lm:
+    with audio_lm(args, args.parallel) as lm:
         for path in args.audio:
             target = out / f"{Path(path).stem}.{fmt}" if out is not None and out.is_dir() else out
             stream = open(target, "w", encoding="utf-8") if target is not None else sys.stdout

@@ -51,7 +51,6 @@ from .segments import VAD_FRAME, VoiceActivity
 logger = logging.getLogger("mdl_edge")
 
 TASKS = ("transcribe", "caption")
-EVENT_TYPES = ("speech_started", "speech_stopped", "partial", "final_delta", "final", "dropped", "error")
 SR = C.SAMPLE_RATE
 
 
@@ -364,7 +363,7 @@ class LiveSession:
                     self._close_all()
                     self._emit(LiveEvent("dropped", -1, self._clock / SR, (self._clock + item[1]) / SR))
                     self._clock += item[1]
-                    self._reset_windows()
+                    self._next_window = self._clock  # caption windows start again after the gap
                 elif item == "commit":
                     self._close_all()
                 elif item == "clear":
@@ -490,9 +489,6 @@ class LiveSession:
         self._speech_run = self._silence_run = 0
 
     # captions --------------------------------------------------------------------------------
-    def _reset_windows(self) -> None:
-        self._next_window = self._clock
-
     def _caption_audio(self, block: np.ndarray) -> None:
         win, hop = int(self.options.window * SR), int(self.options.hop * SR)
         pos = 0

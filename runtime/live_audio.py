@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from . import constants as C
+from .encoder import chunk_plan
 from .mel import LogMelStream
 
 if TYPE_CHECKING:
@@ -43,8 +44,6 @@ class OpenSegment:
 
     def embeddings(self, lm: AudioLM, *, final: bool) -> np.ndarray:
         """Audio embeddings of the samples so far, reusing finished chunks' features."""
-        from .encoder import chunk_plan
-
         wave = self.samples()
         if self.n_fed < self.n:
             self.frames.append(self.mel.feed(wave[self.n_fed :]))

@@ -105,7 +105,7 @@ def _stdin_blocks(rate: int, channels: int, fmt: str) -> Iterator[np.ndarray]:
         print(f"mdl-edge: stdin ended inside a sample frame ({len(rest)} stray byte(s) ignored)", file=sys.stderr)
 
 
-class _Printer:
+class EventPrinter:
     """Writes a live stream's events in one of :data:`LIVE_FORMATS` (from any thread)."""
 
     def __init__(self, out: IO[str], fmt: str, source: str) -> None:
@@ -150,8 +150,9 @@ class _Printer:
 def cmd_live(args: argparse.Namespace) -> int:
     from .audio import iter_audio
     from .live import LiveOptions, LiveSession
+    from .cli import audio_lm
     from .live_audio import paced
-    from .options import DecoderOptions, EncoderOptions, GenerationOptions
+    from .options import GenerationOptions
 
     if args.list_devices:
         return _list_devices()
@@ -164,14 +165,11 @@ def cmd_live(args: argparse.Namespace) -> int:
     options = LiveOptions(task=args.task, language=args.language, silence=args.silence, max_utterance=args.max_utterance,
                           window=args.window, hop=args.hop, partial_every=args.partial_every,
                           generation=GenerationOptions(max_new_tokens=args.max_new_tokens), drop=args.mic)
-    from .pipeline import AudioLM
-
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     name = "microphone" if args.mic else "stdin" if args.source == "-" else args.source
-    printer = _Printer(out, args.format, name)
+    printer = EventPrinter(out, args.format, name)
     try:
-        with AudioLM(args.model, threads=args.threads, encoder=EncoderOptions(variant=args.encoder),
-                     decoder=DecoderOptions(variant=args.decoder)) as lm:
+        with audio_lm(args, 1) as lm:
             rate = args.rate if args.mic or args.source == "-" else 16000
             session = LiveSession(lm, options, sample_rate=rate, on_event=printer, name=name)
             try:

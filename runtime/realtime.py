@@ -56,16 +56,25 @@ MAX_APPEND_BYTES = 15 << 20  # OpenAI's limit for one append
 PCM_RATES = (8000, 48000)  # the audio/pcm rates taken (OpenAI's own: 24000)
 _INSECURE_KEY = "openai-insecure-api-key."  # browsers send the key as a WebSocket subprotocol
 _ids = itertools.count(1)
+#: OpenAI's server VAD defaults, what a session starts with and what an update fills in
+SERVER_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+
+
+def error_event(message: str, *, code: str, param: str | None = None, event_id: str | None = None,
+                kind: str = "invalid_request_error") -> dict[str, Any]:
+    """OpenAI's ``error`` server event."""
+    return {"type": "error", "event_id": f"event_{next(_ids)}",
+            "error": {"type": kind, "code": code, "message": message, "param": param, "event_id": event_id}}
 
 
 # -- G.711 (audio/pcmu, audio/pcma at 8 kHz) --------------------------------------------------------
-def _ulaw_table() -> np.ndarray:
+def ulaw_table() -> np.ndarray:
     u = ~np.arange(256, dtype=np.int32) & 0xFF
     t = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
     return np.where(u & 0x80, 0x84 - t, t - 0x84).astype(np.int16)
 
 
-def _alaw_table() -> np.ndarray:
+def alaw_table() -> np.ndarray:
     a = np.arange(256, dtype=np.int32) ^ 0x55
     seg = (a & 0x70) >> 4
     t = (a & 0x0F) << 4
@@ -73,7 +82,7 @@ def _alaw_table() -> np.ndarray:
     return np.where(a & 0x80, t, -t).astype(np.int16)
 
 
-_G711 = {"audio/pcmu": _ulaw_table(), "audio/pcma": _alaw_table()}
+_G711 = {"audio/pcmu": ulaw_table(), "audio/pcma": alaw_table()}
 
 
 def decode_audio(data: bytes, fmt: str) -> np.ndarray:
@@ -94,8 +103,7 @@ class Settings:
         self.format, self.rate = "audio/pcm", 24000
         self.language: str | None = None
         self.prompt: str | None = None
-        self.turn_detection: dict[str, Any] | None = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
-                                                      "silence_duration_ms": 500}
+        self.turn_detection: dict[str, Any] | None = dict(SERVER_VAD)
         self.model = "mdl-edge"
 
     def update(self, session: Any) -> None:
@@ -127,9 +135,7 @@ class Settings:
             if td is not None:
                 if not isinstance(td, dict) or td.get("type", "server_vad") != "server_vad":
                     raise OptionError("session.audio.input.turn_detection.type", "this server detects turns with server_vad (or null: commits by the client)")
-                merged = {**(self.turn_detection or {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
-                                                      "silence_duration_ms": 500}), **{k: v for k, v in td.items() if v is not None}}
-                td = merged
+                td = {**(self.turn_detection or SERVER_VAD), **{k: v for k, v in td.items() if v is not None}}
             self.turn_detection = td
         self.live_options()  # validated now, where it was set
 
@@ -177,12 +183,12 @@ class Connection:
 
     def send(self, event: dict[str, Any]) -> None:
         """Queue an event for the client (from any thread)."""
-        event = {"event_id": f"event_{next(_ids)}", **event}
+        event = {"event_id": f"event_{next(_ids)}", **event}  # an event made with its own id keeps it
         self.loop.call_soon_threadsafe(self.outbox.put_nowait, event)
 
     def error(self, message: str, *, code: str, param: str | None = None, event_id: str | None = None,
               kind: str = "invalid_request_error") -> None:
-        self.send({"type": "error", "error": {"type": kind, "code": code, "message": message, "param": param, "event_id": event_id}})
+        self.send(error_event(message, code=code, param=param, event_id=event_id, kind=kind))
 
     # -- the live session ----------------------------------------------------------------------------
     def start_live(self) -> "LiveSession":
@@ -333,15 +339,13 @@ async def realtime(ws: WebSocket) -> None:
     await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
     intent = ws.query_params.get("intent", "transcription")
     if intent not in INTENTS:
-        await ws.send_json({"type": "error", "event_id": f"event_{next(_ids)}", "error": {
-            "type": "invalid_request_error", "code": "invalid_intent", "param": "intent", "event_id": None,
-            "message": f"this server opens intent=transcription or intent=caption sessions, not {intent!r}"}})
+        await ws.send_json(error_event(f"this server opens intent=transcription or intent=caption sessions, not {intent!r}",
+                                       code="invalid_intent", param="intent"))
         await ws.close(code=1008)
         return
     if not state.open_realtime():
-        await ws.send_json({"type": "error", "event_id": f"event_{next(_ids)}", "error": {
-            "type": "server_error", "code": "server_overloaded", "param": None, "event_id": None,
-            "message": f"the server has {options.max_realtime} realtime connections open, its limit; try again later"}})
+        await ws.send_json(error_event(f"the server has {options.max_realtime} realtime connections open, its limit; try again later",
+                                       code="server_overloaded", kind="server_error"))
         await ws.close(code=1013)
         return
     conn = Connection(ws, state, intent)

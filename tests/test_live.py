@@ -352,14 +352,14 @@ def test_cli_live_from_the_microphone_until_ctrl_c(toy_bundle, utterances, tmp_p
 def test_terminal_output_replaces_partials_in_place_and_commits_finals() -> None:
     import io
 
-    from mdl_edge.runtime.live_cli import _Printer
+    from mdl_edge.runtime.live_cli import EventPrinter
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
             return True
 
     out = Tty()
-    p = _Printer(out, "text", "mic")
+    p = EventPrinter(out, "text", "mic")
     for ev in (LiveEvent("speech_started", 0, 1.0, 1.0), LiveEvent("partial", 0, 1.0, 1.5, "red"),
                LiveEvent("partial", 0, 1.0, 2.0, "red cat"), LiveEvent("speech_stopped", 0, 1.0, 2.2),
                LiveEvent("final", 0, 1.0, 2.2, "red cat")):

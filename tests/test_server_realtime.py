@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai", reason="the dev extra is not installed")
 pytest.importorskip("websockets", reason="openai[realtime] is not installed")
 
 from mdl_edge.runtime import constants as C  # noqa: E402
-from mdl_edge.runtime.realtime import _alaw_table, _ulaw_table  # noqa: E402
+from mdl_edge.runtime.realtime import alaw_table, ulaw_table  # noqa: E402
 from mdl_edge.runtime.server import Server, ServerOptions  # noqa: E402
 
 SR = C.SAMPLE_RATE
@@ -128,7 +128,7 @@ def test_manual_commits_without_turn_detection_and_g711(served, speech) -> None:
     clips, _ = speech
     pcm8 = np.frombuffer(_pcm(clips[0].wave, 8000), "<i2")
     # encode to µ-law by the nearest table value (the table is checked against audioop below)
-    table = _ulaw_table().astype(np.int32)
+    table = ulaw_table().astype(np.int32)
     order = np.argsort(table)
     idx = np.clip(np.searchsorted(table[order], pcm8), 1, 255)
     nearer = np.where(np.abs(table[order][idx - 1] - pcm8) <= np.abs(table[order][idx] - pcm8), idx - 1, idx)
@@ -149,8 +149,8 @@ def test_manual_commits_without_turn_detection_and_g711(served, speech) -> None:
 def test_g711_tables_equal_audioop() -> None:
     audioop = pytest.importorskip("audioop")
     every = bytes(range(256))
-    assert np.array_equal(_ulaw_table(), np.frombuffer(audioop.ulaw2lin(every, 2), "<i2"))
-    assert np.array_equal(_alaw_table(), np.frombuffer(audioop.alaw2lin(every, 2), "<i2"))
+    assert np.array_equal(ulaw_table(), np.frombuffer(audioop.ulaw2lin(every, 2), "<i2"))
+    assert np.array_equal(alaw_table(), np.frombuffer(audioop.alaw2lin(every, 2), "<i2"))
 
 
 def test_caption_sessions_send_caption_events(served, speech) -> None:

@@ -69,19 +69,6 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _session(engine, options, record: list, speed: float = 1.0):
-    from mdl_edge.runtime.live import LiveSession
-
-    box: dict = {}
-
-    def on(ev) -> None:
-        record.append(((time.perf_counter() - box["t0"]) * speed, ev))
-
-    s = LiveSession(engine, options, on_event=on)
-    box["t0"] = time.perf_counter()
-    return s, box
-
-
 def _match(finals, clips, offsets):
     """For each clip, the final whose span holds its words (None when there is none)."""
     out = []
@@ -95,15 +82,15 @@ def _match(finals, clips, offsets):
 def accuracy_and_latency(lm, clips) -> dict:
     from mdl_edge.export.toy.world import word_accuracy
     from mdl_edge.runtime.engine import Engine
-    from mdl_edge.runtime.live import LiveOptions
+    from mdl_edge.runtime.live import LiveOptions, LiveSession
     from mdl_edge.runtime.live_audio import paced
 
     wave, offsets = _stream(clips)
     offline = [lm.transcribe(c.wave, sample_rate=SR).text.strip() for c in clips]
     record: list = []
     with Engine(lm, parallel=2) as engine:
-        s, box = _session(engine, LiveOptions(), record)
-        box["t0"] = time.perf_counter()
+        t0 = time.perf_counter()
+        s = LiveSession(engine, LiveOptions(), on_event=lambda ev: record.append((time.perf_counter() - t0, ev)))
         for block in paced([wave], SR):
             s.push(block)
         s.finish()
