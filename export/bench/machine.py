@@ -47,6 +47,21 @@ def best_of(fn: Callable[[], object], repeats: int, *, warmup: bool = True) -> f
     return best
 
 
+def best_of_interleaved(fns: dict[str, Callable[[], object]], repeats: int, *, warmup: bool = True) -> dict[str, float]:
+    """:func:`best_of` for several functions called in turn, so that a change in the host's speed
+    hits them all alike: each one's best wall time of ``repeats`` calls."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def _gemm_session(int8: bool, threads: int):  # noqa: ANN202 (an onnxruntime session)
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper

@@ -16,10 +16,10 @@ which build it ran.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
+from common import best_of_interleaved
 
 
 def main() -> None:
@@ -49,14 +49,13 @@ def main() -> None:
             decoders["repacked"] = LlamaDecoder(path, n_ctx=1024, threads=args.threads, extra_bufts=True)
         try:
             for n in lengths:
-                rows = (rng.standard_normal((n, decoders["plain"].n_embd)) * 0.02).astype(np.float32)
-                best = {k: float("inf") for k in decoders}
-                for _ in range(args.repeats + 1):  # the first round warms up, and counts only if it is the best
-                    for name, dec in decoders.items():  # interleaved: machine noise hits both alike
-                        dec.reset()
-                        t = time.perf_counter()
-                        dec.evaluate([Segment(embeddings=rows)])
-                        best[name] = min(best[name], time.perf_counter() - t)
+                prompt = [Segment(embeddings=(rng.standard_normal((n, decoders["plain"].n_embd)) * 0.02).astype(np.float32))]
+
+                def prefill(dec: LlamaDecoder) -> None:
+                    dec.reset()  # each prompt from an empty cache
+                    dec.evaluate(prompt)
+
+                best = best_of_interleaved({name: (lambda d=dec: prefill(d)) for name, dec in decoders.items()}, args.repeats)
                 for name, s in best.items():
                     print(f"| {path.name} | {name} | {n} | {s * 1000:.0f} | {n / s:.0f} | {best['plain'] / s:.2f}x |", flush=True)
         finally:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from mdl_edge.export.bench.machine import best_of  # noqa: F401 (one timing rule for every benchmark)
+from mdl_edge.export.bench.machine import best_of, best_of_interleaved  # noqa: F401 (one timing rule for every benchmark)
 
 
