@@ -164,6 +164,10 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     # the goals name the configuration they judge (int8 + Q4_K_M when timed, else the last one)
     assert "goal (runtime int8 + Q8_0, 3 s clip): total" in table and "time to first token" in table
     assert "goal (runtime int8 + Q8_0, 30 s clip): peak RSS" in table
+    # each stage against the rate its goal names
+    stages = next(line for line in table.splitlines() if line.startswith("goal (runtime int8 + Q8_0, 3 s clip): encoder"))
+    assert "of the faster GEMM rate (>= 80%" in stages and "prompt" in stages and "of the fp32 GEMM rate (>= 70%" in stages, stages
+    assert "decoding" in stages and "of read bandwidth (>= 50%" in stages, stages
     assert "vs legacy, 3 s clip" in table
     row = next(line for line in table.splitlines() if line.startswith("| runtime int8 + Q8_0 | 3 s"))
     assert row.count("%") == 3, row  # encoder, prompt and decoding each as a fraction of the machine's rate
