@@ -160,6 +160,9 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     assert [r["config"] for r in results][:3] == ["reference fp32 (PyTorch)", "runtime fp32 + f32", "runtime int8 + Q8_0"]
     assert results[3]["config"].startswith("runtime int8 + Q8_0, legacy") and len(results) == 4
     assert all(len(r["clips"]) == 2 and all(c["peak_rss_gb"] > 0 for c in r["clips"]) for r in results)
+    # every runtime clip starts from an empty KV cache: it evaluates the whole prompt, as the reference does
+    ref_positions = [c["positions"] for c in results[0]["clips"]]
+    assert all([c["positions"] for c in r["clips"]] == ref_positions for r in results[1:]), [[c["positions"] for c in r["clips"]] for r in results]
     assert table.startswith("CPU: ") and "fp32 GEMM" in table.splitlines()[1] and "memory read" in table.splitlines()[1]
     # the goals name the configuration they judge (int8 + Q4_K_M when timed, else the last one)
     assert "goal (runtime int8 + Q8_0, 3 s clip): total" in table and "time to first token" in table
