@@ -193,7 +193,7 @@ def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = N
 
     opened = Bundle.open(bundle) if bundle and peaks is not None else None
     costs: dict[str, Any] = {}
-    fractions: dict[tuple[str, float], dict[str, float]] = {}
+    fractions: dict[tuple[str, int], dict[str, float]] = {}
     for res in results:
         for r in res["clips"]:
             base = ref.get(r["clip"])
@@ -209,9 +209,9 @@ def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = N
     return "\n".join(lines)
 
 
-def goal_lines(results: list[dict[str, Any]], fractions: dict[tuple[str, float], dict[str, float]] | None = None) -> list[str]:
+def goal_lines(results: list[dict[str, Any]], fractions: dict[tuple[str, int], dict[str, float]] | None = None) -> list[str]:
     """The goals, met or not, for int8 + Q4_K_M (else the last non-legacy runtime configuration);
-    with ``fractions`` (by configuration and clip seconds, from :func:`_fractions`) each stage's
+    with ``fractions`` (by configuration and whole clip seconds, from :func:`_fractions`) each stage's
     share of the machine's rate too."""
     out: list[str] = []
     runtime = [r for r in results if r["variants"] and not r.get("legacy")]
@@ -237,7 +237,7 @@ def goal_lines(results: list[dict[str, Any]], fractions: dict[tuple[str, float],
         out.append(f"goal ({fast['config']}, 30 s clip): peak RSS {r['peak_rss_gb']:.2f} GB (<= {GOALS['peak_rss_gb']}: "
                    f"{verdict(r['peak_rss_gb'] <= GOALS['peak_rss_gb'])}), real-time factor {r['total'] / r['seconds']:.3f}")
     for s in GOAL_CLIPS:
-        frac = (fractions or {}).get((fast["config"], s), {})
+        frac = (fractions or {}).get((fast["config"], round(s)), {})
         if frac:
             parts = [f"{STAGE_GOALS[k][1]} {frac[k]:.0%} of {STAGE_GOALS[k][2]} (>= {STAGE_GOALS[k][0]:.0%}: {verdict(frac[k] >= STAGE_GOALS[k][0])})"
                      for k in STAGE_GOALS if k in frac]
