@@ -22,6 +22,7 @@ from .options import DecoderOptions, EncoderOptions
 if TYPE_CHECKING:
     from .decoder import LlamaDecoder
     from .encoder import AudioEncoder
+    from .prefill import PrefillEngine
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,36 @@ class Bundle:
         from .decoder import LlamaDecoder
 
         name, path = self.variant("decoder", options.variant)
-        self.check_decoder(path, G.read_gguf_metadata(path))
+        meta = G.read_gguf_metadata(path)
+        self.check_decoder(path, meta)
+        prefill = self.load_prefill(options, meta, threads=threads)
         return name, LlamaDecoder(path, n_ctx=options.n_ctx, threads=threads, n_batch=options.n_batch, f32_kv=options.f32_kv,
-                                  flash_attn=options.flash_attn, extra_bufts=options.extra_bufts, one_batch=options.one_batch)
+                                  flash_attn=options.flash_attn, extra_bufts=options.extra_bufts, one_batch=options.one_batch,
+                                  prefill=prefill)
+
+    def load_prefill(self, options: DecoderOptions, decoder_meta: dict[str, object], *, threads: int | None = None) -> "PrefillEngine | None":
+        """The prompt engine ``options.prefill`` asks for, checked against the manifest; ``None``
+        where llama.cpp evaluates prompts. ``"auto"`` uses it for a quantized decoder outside parity
+        mode (``f32_kv``) and with ``one_batch``; a full-precision decoder, chosen for fidelity,
+        keeps llama.cpp's own prompt pass."""
+        from .cpu import cpu_info
+        from .options import resolve_threads
+        from .prefill import PrefillEngine
+
+        part = self.manifest.prefill
+        if options.prefill == "llama":
+            return None
+        if part is None:
+            if options.prefill == "onnx":
+                raise OptionError("prefill", f"{self.dir}: this bundle has no prompt engine (re-export it with a quantized decoder)")
+            return None
+        if options.prefill == "auto":
+            file_type = decoder_meta.get(G.KEY_FILE_TYPE)
+            quantized = G.FILE_TYPES.get(file_type if isinstance(file_type, int) else -1, "") not in (*G.FULL_PRECISION_TYPES, "")
+            if not quantized or options.f32_kv or not options.one_batch:
+                return None
+        engine = PrefillEngine(self.file(part.file), threads=resolve_threads(threads), precise_int8=cpu_info().int8_saturates)
+        if engine.source_hash != self.manifest.source_hash:
+            raise CheckpointError(f"{engine.path}: made from another checkpoint than this bundle (source hash {engine.source_hash} vs "
+                                  f"{self.manifest.source_hash})")
+        return engine

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import ConfigError, MdlEdgeError, OptionError
-from .options import DEFAULT_MAX_NEW_TOKENS, DecoderOptions, EncoderOptions, SamplingOptions, default_parallel
+from .options import DEFAULT_MAX_NEW_TOKENS, PREFILL_CHOICES, DecoderOptions, EncoderOptions, SamplingOptions, default_parallel
 
 if TYPE_CHECKING:
     from .cluster import ClusterOptions
@@ -185,7 +185,8 @@ def _load_options(args: argparse.Namespace, parallel: int) -> tuple[EncoderOptio
     encoder = EncoderOptions(variant=args.encoder, provider=getattr(args, "provider", enc.provider),
                              max_batch=getattr(args, "max_batch", enc.max_batch))
     decoder = DecoderOptions(variant=args.decoder, n_ctx=getattr(args, "n_ctx", dec.n_ctx), n_batch=getattr(args, "n_batch", dec.n_batch),
-                             flash_attn=getattr(args, "flash_attn", dec.flash_attn), extra_bufts=_extra_bufts(args, parallel))
+                             flash_attn=getattr(args, "flash_attn", dec.flash_attn), extra_bufts=_extra_bufts(args, parallel),
+                             prefill=getattr(args, "prefill", dec.prefill))
     return encoder, decoder
 
 
@@ -383,6 +384,9 @@ def _add_performance_args(t: argparse.ArgumentParser) -> None:
     perf.add_argument("--extra-bufts", action=argparse.BooleanOptionalAction, default=None,
                       help="let llama.cpp repack weights for this CPU (faster decoding, +0.2 GB; default: on when several "
                            "sequences decode together and the build has no AMX)")
+    perf.add_argument("--prefill", choices=PREFILL_CHOICES, default=DecoderOptions().prefill,
+                      help="who evaluates the prompt: the bundle's int8 prompt engine (onnx) or llama.cpp (llama); auto: the "
+                           "engine for a quantized decoder (default: %(default)s)")
     perf.add_argument("--provider", default=EncoderOptions().provider, help="encoder execution provider: cpu or cuda (default: %(default)s)")
     perf.add_argument("--max-batch", type=int, help="encoder chunks per ONNX run (default: 1 on cpu, 8 on cuda)")
 

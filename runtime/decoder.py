@@ -27,7 +27,9 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, ContextLengthError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, TokenEmbeddings, read_gguf_header
+from .kv_state import SequenceKV, read_sequence, write_sequence
 from .options import DEFAULT_MAX_NEW_TOKENS, MIN_CTX, SamplingOptions, resolve_threads, whole_number
+from .prefill import MIN_PREFILL_POSITIONS, PrefillEngine
 from .sampling import SequenceStep
 from .stream import Stream
 
@@ -174,7 +176,9 @@ class LlamaDecoder:
     mapped file pages stay resident beside the repacked copy). Off by default; refused on builds
     with AMX (see :func:`extra_bufts_safe`). ``one_batch=False`` evaluates a prompt's text and
     audio segments in separate calls (the way before text rows were fed as embeddings; kept to
-    check that one batch gives the same logits).
+    check that one batch gives the same logits). ``prefill``: a prompt engine
+    (:class:`~mdl_edge.runtime.prefill.PrefillEngine`) that computes the prompt's keys and values
+    (all positions but the last) for llama.cpp's cache; the decoder closes it with itself.
     """
 
     def __init__(
@@ -188,8 +192,10 @@ class LlamaDecoder:
         flash_attn: bool | None = None,
         extra_bufts: bool = False,
         one_batch: bool = True,
+        prefill: PrefillEngine | None = None,
     ) -> None:
         self.path = Path(path)
+        self._prefill = prefill
         if flash_attn is None:
             flash_attn = not f32_kv
         if not self.path.is_file():
@@ -243,7 +249,10 @@ class LlamaDecoder:
             self.n_batch = n_batch
             self.threads = n_threads
             self.auto_ctx = n_ctx is None
+            self._kv_dtype = np.dtype(np.float32 if f32_kv else np.float16)
             self._new_context(n_ctx or AUTO_CTX_STEP)
+            if prefill is not None:
+                self._check_prefill(prefill)
         except BaseException:
             self.close()
             raise
@@ -294,6 +303,7 @@ class LlamaDecoder:
         for b in self._batches.values():
             L.llama_batch_free(b)
         self._batches.clear()
+        self._prefill = None  # its session goes with the last reference
         if getattr(self, "_ctx", None):
             L.llama_free(self._ctx)
             self._ctx = None
@@ -393,6 +403,11 @@ class LlamaDecoder:
         self._cached = list(segments[:keep])
         self._n_past = pos
         rest = list(segments[keep:])
+        n_new = total - pos
+        if self._prefill is not None and self.one_batch and n_new >= MIN_PREFILL_POSITIONS:
+            self._prefill_rows(self._prefill, self.prompt_rows(rest), pos)
+            self._cached.extend(rest)
+            return n_new
         if self.one_batch and len(rest) > 1 and any(s.embeddings is not None for s in rest):
             batch = [Segment(embeddings=self._embeddings(rest))]  # text and audio in one batch
         else:
@@ -402,6 +417,59 @@ class LlamaDecoder:
             self._n_past += len(seg)
         self._cached.extend(rest)
         return total - sum(len(s) for s in segments[:keep])
+
+    # -- the prompt engine ----------------------------------------------------------------
+    @property
+    def prefill(self) -> PrefillEngine | None:
+        """The prompt engine, if one evaluates this decoder's prompts."""
+        return self._prefill
+
+    def _check_prefill(self, engine: PrefillEngine) -> None:
+        """The engine must be this decoder's: same depth, width and key/value width (checked on
+        llama.cpp's own saved state of a two-token prompt, which also proves the state layout)."""
+        L = self._L
+        n_layer = L.llama_model_n_layer(self._model)
+        if (engine.n_layer, engine.hidden_size) != (n_layer, self.n_embd):
+            raise CheckpointError(f"{engine.path}: a prompt graph of {engine.n_layer} layers x {engine.hidden_size} for a decoder of "
+                                  f"{n_layer} x {self.n_embd} ({self.path.name})")
+        self._decode(Segment(tokens=(0, 0)), 0, want_logits=False)
+        try:
+            kv = read_sequence(self._sequence_state())
+        finally:
+            self.clear()
+        if kv.k.shape != (n_layer, 2, engine.kv_dim) or kv.k.dtype != self._kv_dtype:
+            raise CheckpointError(f"{engine.path}: keys of {engine.kv_dim} values per position; {self.path.name} caches "
+                                  f"{kv.k.shape[-1]} ({kv.k.dtype})")
+
+    def _sequence_state(self) -> bytes:
+        L = self._L
+        size = L.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_ubyte * size)()
+        got = L.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        if got != size:
+            raise MdlEdgeError(f"llama.cpp saved {got} of {size} bytes of the sequence state")
+        return bytes(buf)
+
+    def _prefill_rows(self, engine: PrefillEngine, rows: np.ndarray, pos: int) -> None:
+        """Rows at positions ``pos..``: all but the last through the prompt engine into the KV
+        cache (after the ``pos`` positions it holds), the last through llama.cpp for its logits."""
+        n = rows.shape[0]
+        past = read_sequence(self._sequence_state()) if pos else None
+        if past is not None and not np.array_equal(past.positions, np.arange(pos)):
+            raise MdlEdgeError(f"the KV cache holds positions {past.positions[:8].tolist()}..., not 0..{pos - 1}")
+        past_k = past.k.astype(np.float32) if past is not None else None
+        past_v = past.v.astype(np.float32) if past is not None else None
+        k, v = engine.run(rows[:-1], pos, past_k, past_v)
+        if past is not None:
+            k, v = np.concatenate([past.k, k.astype(self._kv_dtype)], axis=1), np.concatenate([past.v, v.astype(self._kv_dtype)], axis=1)
+        else:
+            k, v = k.astype(self._kv_dtype), v.astype(self._kv_dtype)
+        blob = write_sequence(SequenceKV(np.arange(pos + n - 1, dtype=np.int32), k, v, v_trans=not self.flash_attn))
+        buf = (ctypes.c_ubyte * len(blob)).from_buffer(blob)
+        if self._L.llama_state_seq_set_data(self._ctx, buf, len(blob), 0) != len(blob):
+            raise MdlEdgeError("llama.cpp refused the prompt engine's keys and values (see the mdl_edge.llama_cpp log)")
+        self._decode(Segment(embeddings=rows[-1:]), pos + n - 1, want_logits=True)
+        self._n_past = pos + n
 
     def _embeddings(self, segments: Sequence[Segment]) -> np.ndarray:
         """Segments as one ``[n, n_embd]`` float32 array: text tokens as their ``token_embd`` rows."""
@@ -546,8 +614,8 @@ class LlamaDecoder:
         for _ in range(step.max_new_tokens):
             tok = self.sample(step.sampler, -1)
             yield from step.take(tok)
-            if step.reason in ("stop_token", "stop_string"):
-                return
+            if step.reason is not None:
+                return  # the answer is complete: its last token needs no pass of its own
             if self._n_past + 1 >= self.n_ctx:
                 raise ContextLengthError(f"generation reached the context size ({self.n_ctx}); raise n_ctx")
             seg = Segment(tokens=(tok,))

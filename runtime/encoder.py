@@ -84,8 +84,12 @@ def schedule(jobs: Sequence[tuple[int, ChunkSpec]], max_batch: int) -> list[list
 PRECISE_INT8_KEY = "session.x64quantprecision"
 
 
-def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | None, static_frames: bool = False,
-             precise_int8: bool = False) -> Any:
+def ort_session(path: Path, *, threads: int, provider: str = "cpu", optimized_dir: Path | None = None, static_frames: bool = False,
+                precise_int8: bool = False, spin: bool = True) -> Any:
+    """An ONNX Runtime session of ``path`` as mdl-edge runs its graphs (``threads`` intra-op
+    threads, all graph optimizations, ORT's own log quiet); load failures name the file.
+    ``spin=False``: ORT's idle threads sleep at once after a run instead of spinning, for a
+    session whose run is followed at once by llama.cpp's on the same cores."""
     import onnxruntime as ort
 
     if not path.is_file():
@@ -95,6 +99,8 @@ def _session(path: Path, *, threads: int, provider: str, optimized_dir: Path | N
         opts.add_session_config_entry(PRECISE_INT8_KEY, "1")
     if static_frames:
         opts.add_free_dimension_override_by_name(FRAMES_AXIS, C.CHUNK_FRAMES)
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -157,9 +163,9 @@ class AudioEncoder:
         self.max_batch = max_batch
         opt = Path(optimized_model_dir) if optimized_model_dir else None
         self.encoder_path, self.projector_path = d / encoder_file, d / projector_file
-        self.encoder = _session(self.encoder_path, threads=self.threads, provider=provider, optimized_dir=opt, static_frames=static_frames,
+        self.encoder = ort_session(self.encoder_path, threads=self.threads, provider=provider, optimized_dir=opt, static_frames=static_frames,
                                 precise_int8=self.precise_int8)
-        self.projector = _session(self.projector_path, threads=self.threads, provider=provider, optimized_dir=opt)
+        self.projector = ort_session(self.projector_path, threads=self.threads, provider=provider, optimized_dir=opt)
         self.meta = read_metadata(self.encoder, self.encoder_path)
         self.projector_meta = read_metadata(self.projector, self.projector_path)
         self._check()

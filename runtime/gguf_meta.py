@@ -28,6 +28,11 @@ KEY_ENCODER_EMBED_DIM = "mdl_edge.encoder_embed_dim"
 # llama.cpp's keys that the runtime reads.
 KEY_ARCHITECTURE = "general.architecture"
 KEY_ALIGNMENT = "general.alignment"
+KEY_FILE_TYPE = "general.file_type"
+
+# llama.cpp's general.file_type (enum llama_ftype) -> mdl-edge's decoder variant name
+FILE_TYPES = {0: "f32", 1: "f16", 7: "Q8_0", 2: "Q4_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 12: "Q3_K_M", 32: "bf16"}
+FULL_PRECISION_TYPES = ("f32", "f16", "bf16")
 
 
 def key_embedding_length(arch: str) -> str:

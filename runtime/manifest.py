@@ -140,6 +140,16 @@ class DecoderPart(VariantsPart):
 
 
 @dataclass(frozen=True)
+class PrefillPart:
+    """The prompt engine (``runtime/prefill.py``): its int8 ONNX graph, made from the decoder
+    variant ``source`` (a bundle without a quantized decoder has none)."""
+
+    file: str
+    source: str
+    drift_vs_fp32: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
 class TokenIds:
     """Special-token ids the prompt and the stop rule use (checked against the tokenizer and the GGUF)."""
 
@@ -162,6 +172,7 @@ class Manifest:
     decoder: DecoderPart
     tokens: TokenIds
     chat_template: str
+    prefill: PrefillPart | None = None
     format_version: int = field(default=FORMAT_VERSION)
 
     def part(self, name: str) -> VariantsPart:
@@ -191,6 +202,11 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{path}: bundle format version {version!r} (this mdl-edge reads {FORMAT_VERSION}); re-export the bundle")
         enc, proj, dec, tok = top.sub("encoder"), top.sub("projector"), top.sub("decoder"), top.sub("tokens")
+        prefill = None
+        if top.obj.get("prefill") is not None:
+            pf = top.sub("prefill")
+            drift = pf.get("drift_vs_fp32", lambda v: v is None or isinstance(v, dict), "an object or null", None)
+            prefill = PrefillPart(pf.file("file"), pf.str("source"), drift)
         stop = tok.get("stop", lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v), "a list of token ids")
         return cls(
             source_hash=top.str("source_hash"),
@@ -200,6 +216,7 @@ class Manifest:
             decoder=DecoderPart(*_variants(dec), arch=dec.str("arch"), hidden_size=dec.int("hidden_size"), vocab_size=dec.int("vocab_size")),
             tokens=TokenIds(tok.int("audio"), tok.int("audio_bos"), tok.int("audio_eos"), tok.int("im_end"), tok.int("end_of_text"), tuple(stop)),
             chat_template=top.str("chat_template", ""),
+            prefill=prefill,
         )
 
     # -- writing ----------------------------------------------------------------------------
@@ -219,6 +236,7 @@ class Manifest:
             "tokens": {"audio": t.audio, "audio_bos": t.audio_bos, "audio_eos": t.audio_eos, "im_end": t.im_end,
                        "end_of_text": t.end_of_text, "stop": list(t.stop)},
             "chat_template": self.chat_template,
+            **({"prefill": {k: v for k, v in vars(self.prefill).items() if v is not None}} if self.prefill else {}),
         }
 
     def write(self, path: str | Path) -> None:

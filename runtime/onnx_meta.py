@@ -15,6 +15,7 @@ from .errors import CheckpointError, one_line
 
 ENCODER_FILE = "encoder.onnx"
 PROJECTOR_FILE = "projector.onnx"
+PREFILL_FILE = "prefill.int8.onnx"  # the prompt engine (runtime/prefill.py), int8 only in a bundle
 META_KEY = "mdl_edge"
 # The name of the encoder graph's dynamic time axis (mel frames, a multiple of 4 up to 1008): a
 # partial chunk runs at its own length; a static-shape backend pins it to 1008.

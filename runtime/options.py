@@ -132,6 +132,9 @@ def _variant(name: str, value: object) -> None:
         raise OptionError(name, f"must be a variant name of the bundle, got {value!r}")
 
 
+PREFILL_CHOICES = ("auto", "onnx", "llama")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EncoderOptions:
     """How the audio encoder is loaded. ``variant``: a name from the bundle's manifest (default:
@@ -163,7 +166,10 @@ class DecoderOptions:
     ``n_ctx``: context in positions (default: automatic, sized to each request); ``n_batch``:
     prompt positions per llama.cpp batch; ``f32_kv``: f32 KV cache (parity); ``flash_attn``:
     default on, off in parity mode (``f32_kv``); ``extra_bufts``: llama.cpp's repacked weights;
-    ``one_batch``: the whole prompt in one batch. See :class:`~mdl_edge.runtime.decoder.LlamaDecoder`."""
+    ``one_batch``: the whole prompt in one batch; ``prefill``: who evaluates the prompt,
+    ``"auto"`` (the bundle's prompt engine for a quantized decoder outside parity mode, else
+    llama.cpp), ``"onnx"`` (the prompt engine, an error if the bundle has none) or ``"llama"``
+    (llama.cpp). See :class:`~mdl_edge.runtime.decoder.LlamaDecoder`."""
 
     variant: str | None = None
     n_ctx: int | None = None
@@ -172,9 +178,12 @@ class DecoderOptions:
     flash_attn: bool | None = None
     extra_bufts: bool = False
     one_batch: bool = True
+    prefill: str = "auto"
 
     def __post_init__(self) -> None:
         _variant("decoder", self.variant)
+        if self.prefill not in PREFILL_CHOICES:
+            raise OptionError("prefill", f"must be one of {', '.join(PREFILL_CHOICES)}, got {self.prefill!r}")
         if self.n_ctx is not None:
             whole_number("n_ctx", self.n_ctx, MIN_CTX, hint=" positions")
         whole_number("n_batch", self.n_batch)

@@ -248,7 +248,8 @@ def test_prompt_in_one_batch_gives_the_segmentwise_logits(which: str, request, g
             for k in range(len(res.token_ids) + 1):
                 dec.evaluate(segs + [_tok(t) for t in res.token_ids[:k]])
                 logits.append(dec.logits())
-            runs[one_batch] = (res.token_ids, np.stack(logits), calls[: len(calls) - len(res.token_ids)])
+            # every generated token but a last one that ends the answer (not a stop token) takes one call
+                runs[one_batch] = (res.token_ids, np.stack(logits), calls[: len(calls) - len(res.token_ids) + (res.stop_reason != "stop_token")])
     (t3, l3, c3), (t1, l1, c1) = runs[False], runs[True]
     assert c3 == [len(s) for s in segs] and c1 == [len(ids)], f"prompt calls: segmentwise {c3}, one batch {c1}"
     worst = float(np.abs(l1 - l3).max() / np.abs(l3).max())

@@ -158,7 +158,10 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     table = capsys.readouterr().out
     results = json.loads(out.read_text())
     assert [r["config"] for r in results][:3] == ["reference fp32 (PyTorch)", "runtime fp32 + f32", "runtime int8 + Q8_0"]
-    assert results[3]["config"].startswith("runtime int8 + Q8_0, legacy") and len(results) == 4
+    # the quantized pair runs its prompt on the bundle's prompt engine, and again on llama.cpp beside it
+    assert results[3]["config"] == "runtime int8 + Q8_0, prompt in llama.cpp"
+    assert results[4]["config"].startswith("runtime int8 + Q8_0, legacy") and len(results) == 5
+    assert [r.get("prompt_by") for r in results] == [None, "llama", "onnx", "llama", "llama"]
     assert all(len(r["clips"]) == 2 and all(c["peak_rss_gb"] > 0 for c in r["clips"]) for r in results)
     # every runtime clip starts from an empty KV cache: it evaluates the whole prompt, as the reference does
     ref_positions = [c["positions"] for c in results[0]["clips"]]
@@ -171,7 +174,7 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     stages = next(line for line in table.splitlines() if line.startswith("goal (runtime int8 + Q8_0, 3 s clip): encoder"))
     assert "of the faster GEMM rate (>= 80%" in stages and "prompt" in stages and "of the fp32 GEMM rate (>= 70%" in stages, stages
     assert "decoding" in stages and "of read bandwidth (>= 50%" in stages, stages
-    assert "vs legacy, 3 s clip" in table
+    assert "vs legacy, 3 s clip" in table and "runtime int8 + Q8_0 vs prompt in llama.cpp, 3 s clip: time to first token" in table
     row = next(line for line in table.splitlines() if line.startswith("| runtime int8 + Q8_0 | 3 s"))
     assert row.count("%") == 3, row  # encoder, prompt and decoding each as a fraction of the machine's rate
 

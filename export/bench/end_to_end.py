@@ -24,7 +24,9 @@ DEFAULT_CLIPS = "1,2,3,5,10,30,60,300"
 # What the runtime did before it ran partial chunks at their own length, fed the prompt in one
 # batch and turned flash attention on: kept as a configuration so that each gain is a ratio
 # measured in the same run.
-LEGACY = {"encoder": {"static_frames": True}, "decoder": {"one_batch": False, "flash_attn": False}}  # option fields
+LEGACY = {"encoder": {"static_frames": True}, "decoder": {"one_batch": False, "flash_attn": False, "prefill": "llama"}}  # option fields
+# The same variants with llama.cpp evaluating the prompt instead of the bundle's prompt engine.
+LLAMA_PROMPT = {"decoder": {"prefill": "llama"}}
 # Goals of the int8 + Q4_K_M runtime on MiDashengLM-0.6B's shapes: at least 2.5x the reference end
 # to end and time to first token at most half the reference's (AVX-512 machines) on 3, 10 and 30 s
 # clips; peak RSS at most 1.2 GB on the 30 s clip.
@@ -98,8 +100,11 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
                          "ttft": r.timings["time_to_first_token"], "total": r.timings["total"],
                          "encoder": r.timings["encoder"] + r.timings["projector"], "prefill": r.timings["prefill"], "positions": r.n_evaluated,
                          "decode_tok_s": r.tokens_per_second, "peak_rss_gb": _peak_rss() / 1e9})
+        prompt_by = "onnx" if lm.decoder.prefill is not None else "llama"
         lm.close()
-    return {"config": job["config"], "variants": job["variants"], "legacy": job.get("options") == LEGACY, "load_s": load, "clips": rows}
+    return {"config": job["config"], "variants": job["variants"], "legacy": job.get("options") == LEGACY,
+            "llama_prompt": job.get("options") == LLAMA_PROMPT, "load_s": load, "clips": rows,
+            **({"prompt_by": prompt_by} if job["variants"] else {})}
 
 
 def _reset_peak_rss() -> None:
@@ -127,10 +132,13 @@ def _peak_rss() -> int:
 
 def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, tokens: int = 32, threads: int | None = None,
               variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, reference: bool = True, legacy: bool = True) -> list[dict[str, Any]]:
-    """Run the reference (unless ``reference=False``), each (encoder, decoder) variant pair, and
-    (``legacy``) the last pair as the runtime ran before (:data:`LEGACY`), each in its own process."""
+    """Run the reference (unless ``reference=False``), each (encoder, decoder) variant pair, the
+    int8 + Q4_K_M pair (else the last one with a quantized decoder) with llama.cpp evaluating the
+    prompt instead of the bundle's prompt engine, and (``legacy``) the last pair as the runtime ran before
+    (:data:`LEGACY`), each in its own process."""
     from ...runtime.bundle import Bundle
     from ...runtime.errors import MdlEdgeError
+    from ...runtime.gguf_meta import FULL_PRECISION_TYPES
 
     b = Bundle.open(bundle)
     for enc, dec in variants:  # fail before any long run
@@ -138,6 +146,10 @@ def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, token
         b.variant("decoder", dec)
     configs: list[tuple[str, list[str] | None, dict[str, Any]]] = [(REFERENCE, None, {})] if reference else []
     configs += [(f"runtime {e} + {d}", [e, d], {}) for e, d in variants]
+    quantized = [(e, d) for e, d in variants if d not in FULL_PRECISION_TYPES]
+    if quantized and b.manifest.prefill is not None:
+        e, d = ("int8", "Q4_K_M") if ("int8", "Q4_K_M") in quantized else quantized[-1]
+        configs.append((f"runtime {e} + {d}, prompt in llama.cpp", [e, d], LLAMA_PROMPT))
     if legacy and variants:
         e, d = variants[-1]
         configs.append((f"runtime {e} + {d}, legacy (padded chunks, 3-call prompt, no flash attention)", [e, d], LEGACY))
@@ -214,11 +226,12 @@ def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = N
 
 
 def goal_lines(results: list[dict[str, Any]], fractions: dict[tuple[str, int], dict[str, float]] | None = None) -> list[str]:
-    """The goals, met or not, for int8 + Q4_K_M (else the last non-legacy runtime configuration);
+    """The goals, met or not, for int8 + Q4_K_M (else the last runtime configuration as it runs by
+    default, neither legacy nor with the prompt moved to llama.cpp);
     with ``fractions`` (by configuration and whole clip seconds, from :func:`_fractions`) each stage's
     share of the machine's rate too."""
     out: list[str] = []
-    runtime = [r for r in results if r["variants"] and not r.get("legacy")]
+    runtime = [r for r in results if r["variants"] and not r.get("legacy") and not r.get("llama_prompt")]
     if not runtime:
         return out
     fast = next((r for r in runtime if r["config"] == GOAL_CONFIG), runtime[-1])
@@ -246,6 +259,13 @@ def goal_lines(results: list[dict[str, Any]], fractions: dict[tuple[str, int], d
             parts = [f"{STAGE_GOALS[k][1]} {frac[k]:.0%} of {STAGE_GOALS[k][2]} (>= {STAGE_GOALS[k][0]:.0%}: {verdict(frac[k] >= STAGE_GOALS[k][0])})"
                      for k in STAGE_GOALS if k in frac]
             out.append(f"goal ({fast['config']}, {s:g} s clip): " + ", ".join(parts))
+    alt = [r for r in results if r.get("llama_prompt")]
+    by_llama = {round(r["seconds"]): r for r in alt[0]["clips"]} if alt else {}
+    for s, r in sorted(by_len.items()):
+        if s in by_llama:
+            o = by_llama[s]
+            out.append(f"{fast['config']} vs prompt in llama.cpp, {s:g} s clip: time to first token {r['ttft'] / o['ttft']:.2f}x, "
+                       f"prompt {r['prefill'] / o['prefill']:.2f}x, total {r['total'] / o['total']:.2f}x")
     for s, r in sorted(by_len.items()):
         if s in old:
             out.append(f"{fast['config']} vs legacy, {s:g} s clip: time to first token {r['ttft'] / old[s]['ttft']:.2f}x, "

@@ -13,7 +13,7 @@ from ...quantize.encoder import VARIANTS as ENCODER_VARIANTS
 from ...quantize.encoder import quantize_encoder, variant_file
 from ...runtime import constants as C
 from ...runtime.errors import ConfigError
-from ...runtime.manifest import MANIFEST, DecoderPart, EncoderPart, Manifest, ProjectorPart, TokenIds, Variant
+from ...runtime.manifest import MANIFEST, DecoderPart, EncoderPart, Manifest, PrefillPart, ProjectorPart, TokenIds, Variant
 from ...runtime.onnx_meta import PROJECTOR_FILE, read_file_metadata
 from ...runtime.prompt import PromptFormat
 from .checkpoint import Checkpoint
@@ -62,24 +62,28 @@ def export_bundle(checkpoint_dir: str | Path, out_dir: str | Path, *, encoders: 
             t = time.perf_counter()
             dec_files[d] = quantize_decoder(base, out / f"decoder.{d}.gguf", d)
             progress(f"  decoder {d} ({time.perf_counter() - t:.1f} s)")
-    if base_type not in decoders:
-        base.unlink()
     for name in TOKENIZER_FILES:
         if (ckpt.dir / name).is_file():
             shutil.copy(ckpt.dir / name, out / name)
     cfg = ckpt.config
-    return finish_bundle(
+    finish_bundle(
         out, encoders=encoders, decoder_files=dec_files, default_decoder=decoders[-1], fmt=fmt, source_hash=ckpt.source_hash(),
         source_name=ckpt.dir.name, embed_dim=cfg.encoder.embed_dim, depth=cfg.encoder.depth, hidden_size=cfg.decoder.hidden_size,
-        arch=cfg.decoder.arch, vocab_size=cfg.decoder.vocab_size, progress=progress,
+        arch=cfg.decoder.arch, vocab_size=cfg.decoder.vocab_size, prefill_source=(base_type, base), progress=progress,
     )
+    if base_type not in decoders:
+        base.unlink()
+    return out
 
 
 def finish_bundle(out: Path, *, encoders: list[str], decoder_files: dict[str, Path], default_decoder: str, fmt: PromptFormat,
                   source_hash: str, source_name: str, embed_dim: int, depth: int, hidden_size: int, arch: str, vocab_size: int,
-                  progress=print) -> Path:
-    """Quantized encoder variants from ``encoder.onnx``, then ``manifest.json``: the steps every
-    bundle shares once its fp32 ONNX graphs, GGUF decoders and tokenizer files are in ``out``."""
+                  prefill_source: tuple[str, Path] | None = None, progress=print) -> Path:
+    """Quantized encoder variants from ``encoder.onnx``, the prompt engine, then ``manifest.json``:
+    the steps every bundle shares once its fp32 ONNX graphs, GGUF decoders and tokenizer files are
+    in ``out``. ``prefill_source``: the decoder variant (name, file) the prompt engine is made
+    from, the most precise one; it is made when a variant is a quantized type (those are the
+    decoders it serves) and this machine has the memory to export it."""
     enc_variants = {"fp32": variant_file("fp32")}
     for v in encoders:
         if v == "fp32":
@@ -90,6 +94,7 @@ def finish_bundle(out: Path, *, encoders: list[str], decoder_files: dict[str, Pa
         progress(f"  encoder {v} ({time.perf_counter() - t:.1f} s)")
     if "fp32" not in encoders:
         enc_variants.pop("fp32")  # kept on disk: the quantized variants were derived from it
+    prefill = _prefill(out, prefill_source, decoder_files, progress)
     s = fmt.special
     Manifest(
         source_hash=source_hash,
@@ -102,9 +107,26 @@ def finish_bundle(out: Path, *, encoders: list[str], decoder_files: dict[str, Pa
                             arch=arch, hidden_size=hidden_size, vocab_size=vocab_size),
         tokens=TokenIds(s.audio, s.audio_bos, s.audio_eos, s.im_end, s.end_of_text, tuple(fmt.stop_ids)),
         chat_template=fmt.chat_template,
+        prefill=prefill,
     ).write(out / MANIFEST)
     _ordinary_modes(out)
     return out
+
+
+def _prefill(out: Path, source: tuple[str, Path] | None, decoder_files: dict[str, Path], progress) -> PrefillPart | None:
+    from ...quantize.prefill import quantize_prefill
+    from .onnx_prefill import fits_in_memory
+
+    if source is None or not any(d in GGUF_TYPES for d in decoder_files):
+        return None
+    name, path = source
+    if not fits_in_memory(path):
+        progress(f"  prompt engine skipped: exporting it from {path.name} needs more free memory than this machine has")
+        return None
+    t = time.perf_counter()
+    made = quantize_prefill(path, out)
+    progress(f"  prompt engine (int8, from decoder {name}) ({time.perf_counter() - t:.1f} s)")
+    return PrefillPart(made.name, name, _drift(made))
 
 
 def _ordinary_modes(folder: Path) -> None:

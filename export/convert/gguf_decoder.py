@@ -48,7 +48,7 @@ TENSOR_NAMES: dict[str, str] = {
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
 
-OUT_TYPES = ("f32", "f16", "bf16")
+OUT_TYPES = G.FULL_PRECISION_TYPES
 
 
 def gguf_name(name: str) -> str:

@@ -26,8 +26,6 @@ from ..synthetic.tokenizer import QWEN_SPLIT_PATTERN
 logger = logging.getLogger("mdl_edge")
 
 TEXT_ARCHS = ("qwen2", "qwen3")
-# llama.cpp's general.file_type (enum llama_ftype) -> mdl-edge's decoder variant name
-FILE_TYPES = {0: "f32", 1: "f16", 7: "Q8_0", 2: "Q4_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 12: "Q3_K_M", 32: "bf16"}
 
 
 @dataclass(frozen=True)
@@ -216,10 +214,10 @@ def export_bundle_from_pair(folder: str | Path, out_dir: str | Path, *, encoders
     if bad:
         raise ConfigError(f"unknown encoder variant(s): {', '.join(bad)}; choose from fp32, {', '.join(ENCODER_VARIANTS)}")
     pair = find_pair(folder)
-    file_type = pair.text_meta.get("general.file_type")
-    base_name = FILE_TYPES.get(file_type if isinstance(file_type, int) else -1)
+    file_type = pair.text_meta.get(G.KEY_FILE_TYPE)
+    base_name = G.FILE_TYPES.get(file_type if isinstance(file_type, int) else -1)
     if base_name is None:
-        raise CheckpointError(f"{pair.text}: general.file_type {file_type!r} is not a type mdl-edge knows ({', '.join(FILE_TYPES.values())})")
+        raise CheckpointError(f"{pair.text}: general.file_type {file_type!r} is not a type mdl-edge knows ({', '.join(G.FILE_TYPES.values())})")
     bad = [d for d in decoders if d != base_name and d not in GGUF_TYPES]
     if bad:
         raise ConfigError(
@@ -260,5 +258,5 @@ def export_bundle_from_pair(folder: str | Path, out_dir: str | Path, *, encoders
     return finish_bundle(
         out, encoders=encoders, decoder_files=dec_files, default_decoder=decoders[-1] if decoders else base_name, fmt=fmt,
         source_hash=source, source_name=pair.text.stem, embed_dim=tower.config.embed_dim, depth=tower.config.depth,
-        hidden_size=tower.hidden_size, arch=pair.arch, vocab_size=int(vocab), progress=progress,
+        hidden_size=tower.hidden_size, arch=pair.arch, vocab_size=int(vocab), prefill_source=(base_name, base), progress=progress,
     )

@@ -121,9 +121,10 @@ def _block(blk: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return x + blk.mlp(blk.norm2(x))
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic: tuple,
+def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic: tuple,
             axis_names: dict[str, dict[int, str]] | None = None) -> None:
-    """``axis_names``: ``{value: {axis: name}}`` for graph inputs and outputs whose dynamic axis
+    """Export ``module`` to ``path`` (opset :data:`OPSET`, weights in one ``.data`` file beside it).
+    ``axis_names``: ``{value: {axis: name}}`` for graph inputs and outputs whose dynamic axis
     should carry a plain name (the exporter writes expressions such as ``4*patches``)."""
     import onnx
 
@@ -172,14 +173,14 @@ def write_audio_onnx(encoder: nn.Module, projector: nn.Module, cfg: EncoderConfi
         names = {"mel": {2: FRAMES_AXIS}, "features": {1: "patches"}}
         if isinstance(encoder, DashengTokenizerEncoder):
             chunk: ChunkEncoder = TokenizerChunkEncoder(encoder).eval()
-            _export(chunk, (mel, n_keys, torch.tensor([C.CHUNK_PATCHES, 5])), enc_path, ["mel", "n_keys", "n_keep"], ["features"],
+            export_graph(chunk, (mel, n_keys, torch.tensor([C.CHUNK_PATCHES, 5])), enc_path, ["mel", "n_keys", "n_keep"], ["features"],
                     ({0: batch, 2: frames}, {0: batch}, {0: batch}), names)
         else:
             chunk = ChunkEncoder(encoder).eval()
-            _export(chunk, (mel, n_keys), enc_path, ["mel", "n_keys"], ["features"], ({0: batch, 2: frames}, {0: batch}), names)
+            export_graph(chunk, (mel, n_keys), enc_path, ["mel", "n_keys"], ["features"], ({0: batch, 2: frames}, {0: batch}), names)
         rows = torch.export.Dim("rows", min=1, max=1 << 20)
         stacked = torch.zeros(3, cfg.embed_dim * C.SUBSAMPLE)
-        _export(projector.net, (stacked,), proj_path, ["stacked"], ["embeddings"], ({0: rows},))
+        export_graph(projector.net, (stacked,), proj_path, ["stacked"], ["embeddings"], ({0: rows},))
     common = {"source_hash": source_hash, "opset": OPSET, "embed_dim": cfg.embed_dim, "precision": "fp32"}
     write_metadata(enc_path, {
         **common, "kind": "encoder", "depth": cfg.depth, "num_heads": cfg.num_heads,

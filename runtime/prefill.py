@@ -1,0 +1,66 @@
+"""The prompt engine: a decoder's prompt pass on ONNX Runtime (int8), whose keys and values are
+handed to llama.cpp's KV cache.
+
+llama.cpp evaluates a prompt of a few dozen positions far below the machine's matrix rate; ONNX
+Runtime's int8 MatMul runs the same pass several times faster (``docs/benchmarks.md``). The
+graph (``export/convert/onnx_prefill.py``) returns every layer's keys and values for the prompt
+rows; :class:`~mdl_edge.runtime.decoder.LlamaDecoder` writes them into its cache in llama.cpp's
+own sequence-state layout (``runtime/kv_state.py``) and lets llama.cpp evaluate the prompt's last
+position, so the logits, the sampler and generation stay llama.cpp's. The session is owned here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+from .onnx_meta import read_metadata
+
+logger = logging.getLogger("mdl_edge")
+
+# The graph's inputs and outputs, as the exporter names them.
+PREFILL_INPUTS = ("rows", "start", "past_k", "past_v")
+PREFILL_OUTPUTS = ("k", "v")
+# Prompts of fewer positions than this are left to llama.cpp: a handover costs more than it saves.
+MIN_PREFILL_POSITIONS = 4
+
+
+class PrefillEngine:
+    """An ONNX prompt graph (``prefill.int8.onnx``): prompt rows -> every layer's keys and values.
+
+    ``threads``: ORT intra-op threads; ``precise_int8``: the exact u8 x u8 int8 kernels (see
+    :class:`~mdl_edge.runtime.encoder.AudioEncoder`)."""
+
+    def __init__(self, path: str | Path, *, threads: int, precise_int8: bool = False) -> None:
+        from .encoder import ort_session
+
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads=threads, precise_int8=precise_int8, spin=False)
+        self.meta = read_metadata(self.session, self.path)
+        if self.meta.get("kind") != "prefill":
+            raise CheckpointError(f"{self.path}: not a prompt graph (metadata kind {self.meta.get('kind')!r})")
+        try:
+            self.n_layer, self.hidden_size, self.kv_dim = (int(self.meta[k]) for k in ("n_layer", "hidden_size", "kv_dim"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: prompt graph metadata lacks its shape ({e})") from e
+        self.source_hash = str(self.meta.get("source_hash", ""))
+
+    def run(self, rows: np.ndarray, start: int, past_k: np.ndarray | None = None, past_v: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values ``[n_layer, n, kv_dim]`` float32 of ``rows`` (``[n, hidden]``) at
+        positions ``start..start+n-1``, after the cached positions ``0..start-1`` whose keys and
+        values are ``past_k`` / ``past_v`` (``[n_layer, start, kv_dim]``; none when ``start`` is 0)."""
+        if past_k is None or past_v is None:
+            past_k = past_v = np.zeros((self.n_layer, 0, self.kv_dim), np.float32)
+        if past_k.shape != (self.n_layer, start, self.kv_dim) or past_v.shape != past_k.shape:
+            raise ValueError(f"past keys {past_k.shape} / values {past_v.shape} do not fit {start} positions of {self.path.name}")
+        feed = {
+            "rows": np.ascontiguousarray(rows, dtype=np.float32),
+            "start": np.asarray(start, dtype=np.int64),
+            "past_k": np.ascontiguousarray(past_k, dtype=np.float32),
+            "past_v": np.ascontiguousarray(past_v, dtype=np.float32),
+        }
+        k, v = self.session.run(list(PREFILL_OUTPUTS), feed)
+        return k, v

@@ -1,0 +1,173 @@
+"""The prompt engine: the ONNX prompt graph against llama.cpp's own keys and values, the KV
+handover in llama.cpp's sequence-state layout, generation through it, and its place in a bundle."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_close, rel_max_error
+
+TOKENS = tuple(range(10, 40))
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny_dir: Path, tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from mdl_edge.export.convert.gguf_decoder import export_decoder_gguf
+
+    out = tmp_path_factory.mktemp("prefill-gguf")
+    return {name: export_decoder_gguf(d, out / f"{name}.f32.gguf", out_type="f32") for name, d in (("qwen3", tiny_dir), ("qwen2", tiny_qwen2_dir))}
+
+
+@pytest.fixture(scope="module")
+def graphs(ggufs: dict[str, Path]) -> dict[str, Path]:
+    """The fp32 prompt graph of each tiny decoder (bundles keep only the int8 one)."""
+    from mdl_edge.export.convert.onnx_prefill import export_prefill_onnx
+
+    return {name: export_prefill_onnx(p, p.with_name(f"{name}.prefill.onnx")) for name, p in ggufs.items()}
+
+
+def _state(dec) -> bytes:
+    L = dec._L
+    size = L.llama_state_seq_get_size(dec._ctx, 0)
+    buf = (ctypes.c_ubyte * size)()
+    assert L.llama_state_seq_get_data(dec._ctx, buf, size, 0) == size
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("f32_kv,flash_attn", [(True, False), (False, True), (False, False)])
+def test_sequence_state_layout_round_trips_llama_cpp(ggufs, f32_kv, flash_attn) -> None:
+    """What llama.cpp saves, read and written back, is the same bytes: the layout is llama.cpp's."""
+    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.kv_state import read_sequence, write_sequence
+
+    with LlamaDecoder(ggufs["qwen3"], n_ctx=256, f32_kv=f32_kv, flash_attn=flash_attn) as dec:
+        dec.evaluate([Segment(tokens=TOKENS)])
+        blob = _state(dec)
+    kv = read_sequence(blob)
+    assert kv.k.shape == (2, len(TOKENS), 32) and kv.k.dtype == (np.float32 if f32_kv else np.float16)
+    assert kv.v_trans == (not flash_attn) and kv.positions.tolist() == list(range(len(TOKENS)))
+    assert write_sequence(kv) == blob
+
+
+def test_sequence_state_errors_name_the_problem() -> None:
+    from mdl_edge.runtime.errors import MdlEdgeError
+    from mdl_edge.runtime.kv_state import SequenceKV, read_sequence, write_sequence
+
+    k = np.ones((2, 3, 8), np.float16)
+    blob = write_sequence(SequenceKV(np.arange(3, dtype=np.int32), k, k, False))
+    assert read_sequence(blob).k.tolist() == k.tolist()
+    with pytest.raises(MdlEdgeError, match="ends early"):
+        read_sequence(blob[:-5])
+    with pytest.raises(MdlEdgeError, match="not 0xaf143cd8"):
+        read_sequence(b"\0" * 4 + blob[4:])
+    with pytest.raises(MdlEdgeError, match="unread bytes"):
+        read_sequence(blob + b"\0")
+    with pytest.raises(ValueError, match="float16 or float32"):
+        SequenceKV(np.arange(3, dtype=np.int32), k.astype(np.int8), k.astype(np.int8), False)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_prompt_graph_matches_llama_cpp_keys_and_values(ggufs, graphs, arch) -> None:
+    """The graph's keys (after the per-head norm and RoPE) and values are llama.cpp's own, and a
+    prompt run in two parts (the second after the first's cache) gives the same as one run."""
+    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.kv_state import read_sequence
+    from mdl_edge.runtime.prefill import PrefillEngine
+
+    with LlamaDecoder(ggufs[arch], n_ctx=256, f32_kv=True, flash_attn=False) as dec:
+        dec.evaluate([Segment(tokens=TOKENS)])
+        ref = read_sequence(_state(dec))
+        rows = dec.token_rows(TOKENS)
+    engine = PrefillEngine(graphs[arch], threads=1)
+    k, v = engine.run(rows, 0)
+    assert rel_max_error(k, ref.k) <= 1e-5, rel_max_error(k, ref.k)
+    assert rel_max_error(v, ref.v) <= 1e-5, rel_max_error(v, ref.v)
+    k1, v1 = engine.run(rows[:12], 0)
+    k2, v2 = engine.run(rows[12:], 12, k1, v1)
+    assert_close(np.concatenate([k1, k2], 1), k, atol=1e-6, what="keys in two parts")
+    assert_close(np.concatenate([v1, v2], 1), v, atol=1e-6, what="values in two parts")
+    with pytest.raises(ValueError, match="do not fit 5 positions"):
+        engine.run(rows[12:], 5, k1, v1)
+
+
+@pytest.mark.parametrize("f32_kv,flash_attn", [(True, False), (False, True)])
+def test_generation_through_the_prompt_engine_matches_llama_cpp(ggufs, graphs, f32_kv, flash_attn) -> None:
+    """Text + audio + text prompts, then a second request that reuses the cached text prefix: the
+    same tokens, the same positions evaluated, and logits equal to llama.cpp's own prompt pass
+    (to float round-off with an f32 cache; to the f16 cache's rounding otherwise)."""
+    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.prefill import PrefillEngine
+
+    audio = np.random.default_rng(0).standard_normal((15, 64)).astype(np.float32) * 0.02
+    first = [Segment(tokens=TOKENS[:12]), Segment(embeddings=audio), Segment(tokens=TOKENS[12:22])]
+    second = [first[0], Segment(embeddings=audio[::-1].copy()), first[2]]
+    runs = []
+    for engine in (None, PrefillEngine(graphs["qwen3"], threads=1)):
+        with LlamaDecoder(ggufs["qwen3"], n_ctx=256, f32_kv=f32_kv, flash_attn=flash_attn, prefill=engine) as dec:
+            assert dec.prefill is engine
+            a = dec.generate(first, max_new_tokens=8).result()
+            logits_a = dec.logits()
+            b = dec.generate(second, max_new_tokens=8).result()
+            runs.append((a.token_ids, b.token_ids, a.n_evaluated, b.n_evaluated, logits_a, dec.logits()))
+    (ta, tb, na, nb, la, lb), (ea, eb, ma, mb, fa, fb) = runs
+    assert (ea, eb) == (ta, tb) and (ma, mb) == (na, nb) == (37, 25)
+    tol = 1e-5 if f32_kv else 2e-3
+    for got, want in ((fa, la), (fb, lb)):
+        assert rel_max_error(got, want) <= tol, rel_max_error(got, want)
+
+
+def test_bundle_prompt_engine(bundle: Path, tmp_path: Path) -> None:
+    """A bundle with a quantized decoder carries an int8 prompt engine with its measured drift; the
+    default uses it for the quantized decoder only, outside parity mode; a foreign graph is refused."""
+    from mdl_edge.runtime.bundle import Bundle
+    from mdl_edge.runtime.decoder import Segment
+    from mdl_edge.runtime.errors import CheckpointError, OptionError
+    from mdl_edge.runtime.manifest import MANIFEST
+    from mdl_edge.runtime.options import DecoderOptions
+
+    b = Bundle.open(bundle)
+    part = b.manifest.prefill
+    assert part is not None and part.file == "prefill.int8.onnx" and part.source == "f32"
+    drift = part.drift_vs_fp32
+    assert drift["positions"] == 48 and drift["key_cosine_mean"] >= 0.999 and drift["value_cosine_min"] >= 0.99, drift
+    expect = {DecoderOptions(variant="Q8_0"): True, DecoderOptions(variant="f32"): False, DecoderOptions(variant="Q8_0", f32_kv=True): False,
+              DecoderOptions(variant="Q8_0", one_batch=False): False, DecoderOptions(variant="Q8_0", prefill="llama"): False,
+              DecoderOptions(variant="f32", prefill="onnx"): True}
+    for opts, used in expect.items():
+        _, dec = b.load_decoder(opts, threads=1)
+        with dec:
+            assert (dec.prefill is not None) == used, opts
+    # int8 prompt + Q8_0 decoder against llama.cpp's Q8_0 prompt pass: next-token logits close
+    logits = []
+    for how in ("onnx", "llama"):
+        _, dec = b.load_decoder(DecoderOptions(variant="Q8_0", prefill=how), threads=1)
+        with dec:
+            dec.evaluate([Segment(tokens=TOKENS)])
+            logits.append(dec.logits())
+    assert rel_max_error(logits[0], logits[1]) <= 0.05, rel_max_error(logits[0], logits[1])
+    assert int(logits[0].argmax()) == int(logits[1].argmax())
+
+    bare = tmp_path / "bare"
+    shutil.copytree(bundle, bare)
+    manifest = json.loads((bare / MANIFEST).read_text())
+    del manifest["prefill"]
+    (bare / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(OptionError, match="has no prompt engine"):
+        Bundle.open(bare).load_decoder(DecoderOptions(prefill="onnx"))
+    with pytest.raises(OptionError, match="prefill"):
+        DecoderOptions(prefill="gpu")
+    # a prompt graph made from another checkpoint
+    from mdl_edge.runtime.onnx_meta import read_file_metadata, write_metadata
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(bundle, foreign)
+    meta = read_file_metadata(foreign / part.file)
+    write_metadata(foreign / part.file, {**meta, "source_hash": "0" * 16})
+    with pytest.raises(CheckpointError, match="made from another checkpoint"):
+        Bundle.open(foreign).load_decoder(DecoderOptions(variant="Q8_0"))
