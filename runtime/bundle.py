@@ -122,8 +122,10 @@ class Bundle:
     def load_prefill(self, options: DecoderOptions, decoder_meta: dict[str, object], *, threads: int | None = None) -> "PrefillEngine | None":
         """The prompt engine ``options.prefill`` asks for, checked against the manifest; ``None``
         where llama.cpp evaluates prompts. ``"auto"`` uses it for a quantized decoder outside parity
-        mode (``f32_kv``) and with ``one_batch``; a full-precision decoder, chosen for fidelity,
-        keeps llama.cpp's own prompt pass."""
+        mode (``f32_kv``) and with ``one_batch``, on a CPU with int8 dot products
+        (:attr:`~mdl_edge.runtime.cpu.CpuInfo.fast_int8`; without them ONNX Runtime's int8 is no
+        faster than its fp32); a full-precision decoder, chosen for fidelity, keeps llama.cpp's
+        own prompt pass."""
         from .cpu import cpu_info
         from .options import resolve_threads
         from .prefill import PrefillEngine
@@ -138,7 +140,7 @@ class Bundle:
         if options.prefill == "auto":
             file_type = decoder_meta.get(G.KEY_FILE_TYPE)
             quantized = G.FILE_TYPES.get(file_type if isinstance(file_type, int) else -1, "") not in (*G.FULL_PRECISION_TYPES, "")
-            if not quantized or options.f32_kv or not options.one_batch:
+            if not quantized or options.f32_kv or not options.one_batch or not cpu_info().fast_int8:
                 return None
         engine = PrefillEngine(self.file(part.file), threads=resolve_threads(threads), precise_int8=cpu_info().int8_saturates)
         if engine.source_hash != self.manifest.source_hash:

@@ -305,6 +305,7 @@ def test_cpu_features_decide_the_int8_kernels(onnx_dir, monkeypatch) -> None:
     arm = cpu.parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nCPU part\t: 0xd0c\n", "aarch64")
     assert epyc.model == "AMD EPYC 7763 64-Core Processor" and epyc.features == ("sse4_2", "avx", "avx2", "fma", "f16c")
     assert (epyc.int8_saturates, xeon.int8_saturates, arm.int8_saturates) == (True, False, False)
+    assert (epyc.fast_int8, xeon.fast_int8, arm.fast_int8) == (False, True, True)  # where the prompt engine is the default
     assert "avx512_vnni" in xeon.describe() and arm.features == ("asimd", "asimddp", "i8mm")
     def entry(enc: AudioEncoder) -> str | None:
         try:

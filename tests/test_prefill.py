@@ -124,7 +124,8 @@ def test_generation_through_the_prompt_engine_matches_llama_cpp(ggufs, graphs, f
 
 def test_bundle_prompt_engine(bundle: Path, tmp_path: Path) -> None:
     """A bundle with a quantized decoder carries an int8 prompt engine with its measured drift; the
-    default uses it for the quantized decoder only, outside parity mode; a foreign graph is refused."""
+    default uses it for the quantized decoder only, outside parity mode, on a CPU with int8 dot
+    products; a foreign graph is refused."""
     from mdl_edge.runtime.bundle import Bundle
     from mdl_edge.runtime.decoder import Segment
     from mdl_edge.runtime.errors import CheckpointError, OptionError
@@ -136,7 +137,9 @@ def test_bundle_prompt_engine(bundle: Path, tmp_path: Path) -> None:
     assert part is not None and part.file == "prefill.int8.onnx" and part.source == "f32"
     drift = part.drift_vs_fp32
     assert drift["positions"] == 48 and drift["key_cosine_mean"] >= 0.999 and drift["value_cosine_min"] >= 0.99, drift
-    expect = {DecoderOptions(variant="Q8_0"): True, DecoderOptions(variant="f32"): False, DecoderOptions(variant="Q8_0", f32_kv=True): False,
+    from mdl_edge.runtime.cpu import cpu_info
+
+    expect = {DecoderOptions(variant="Q8_0"): cpu_info().fast_int8, DecoderOptions(variant="f32"): False, DecoderOptions(variant="Q8_0", f32_kv=True): False,
               DecoderOptions(variant="Q8_0", one_batch=False): False, DecoderOptions(variant="Q8_0", prefill="llama"): False,
               DecoderOptions(variant="f32", prefill="onnx"): True}
     for opts, used in expect.items():
