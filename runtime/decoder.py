@@ -405,7 +405,11 @@ class LlamaDecoder:
         rest = list(segments[keep:])
         n_new = total - pos
         if self._prefill is not None and self.one_batch and n_new >= MIN_PREFILL_POSITIONS:
-            self._prefill_rows(self._prefill, self.prompt_rows(rest), pos)
+            try:
+                self._prefill_rows(self._prefill, self.prompt_rows(rest), pos)
+            except BaseException:
+                self.clear()  # whatever the cache holds now, nothing may be reused from it
+                raise
             self._cached.extend(rest)
             return n_new
         if self.one_batch and len(rest) > 1 and any(s.embeddings is not None for s in rest):
@@ -426,7 +430,8 @@ class LlamaDecoder:
 
     def _check_prefill(self, engine: PrefillEngine) -> None:
         """The engine must be this decoder's: same depth, width and key/value width (checked on
-        llama.cpp's own saved state of a two-token prompt, which also proves the state layout)."""
+        llama.cpp's own saved state of a two-token prompt). A llama.cpp whose saved state is not
+        the layout ``kv_state.py`` knows keeps its own prompt pass, with a warning."""
         L = self._L
         n_layer = L.llama_model_n_layer(self._model)
         if (engine.n_layer, engine.hidden_size) != (n_layer, self.n_embd):
@@ -435,6 +440,11 @@ class LlamaDecoder:
         self._decode(Segment(tokens=(0, 0)), 0, want_logits=False)
         try:
             kv = read_sequence(self._sequence_state())
+        except MdlEdgeError as e:
+            # another llama.cpp than the one whose layout kv_state.py writes: its own prompt pass
+            logger.warning("prompt engine off: %s", e)
+            self._prefill = None
+            return
         finally:
             self.clear()
         if kv.k.shape != (n_layer, 2, engine.kv_dim) or kv.k.dtype != self._kv_dtype:

@@ -86,6 +86,7 @@ def test_pair_bundle_matches_the_reference(which: str, request, tmp_path: Path, 
     assert main(["export", str(pair), str(out), "--encoder", "fp32,int8", "--decoder", "f32,Q8_0"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["decoder"]["variants"]) == {"f32", "Q8_0"}
+    assert manifest["prefill"]["source"] == "f32"  # the prompt engine, from the pair's text model
     for n in (3200, 161760, 400000):
         wave = chirp(n / C.SAMPLE_RATE, 2)[:n]
         with AudioLM(out, encoder="fp32", decoder="f32") as lm:
@@ -134,6 +135,8 @@ def test_quantized_text_gguf_is_used_as_it_is(tiny_tok_dir: Path, tmp_path: Path
     assert [t.name for t in src.tensors] == [t.name for t in got.tensors]
     assert all(np.array_equal(a.data, b.data) and a.tensor_type == b.tensor_type for a, b in zip(src.tensors, got.tensors))
     assert (out / "decoder.Q4_K_M.gguf").is_file()
+    # the prompt engine comes from the most precise GGUF there is, the quantized text model itself
+    assert json.loads((out / "manifest.json").read_text())["prefill"]["source"] == "Q8_0"
 
 
 def test_tokenizer_from_gguf_matches_llama_cpp(tiny_tok_dir: Path, tmp_path: Path) -> None:

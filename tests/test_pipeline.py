@@ -145,6 +145,11 @@ def test_parity_report(bundle, tiny_qwen2_dir, capsys) -> None:
     # the default speed settings (f16 KV cache, flash attention) drift by round-off, and are shown
     fast = report["decoder_default"]["f32"]
     assert 0 < fast["logit_kl_mean"] <= 1e-4 and fast["top1_agreement"] >= 0.95, fast
+    # the default column is what users get: the quantized decoder's prompt on the int8 engine where it pays
+    from mdl_edge.runtime.cpu import cpu_info
+
+    assert report["decoder_default"]["f32"]["prompt_by"] == "llama.cpp"
+    assert report["decoder_default"]["Q8_0"]["prompt_by"] == ("int8 engine" if cpu_info().fast_int8 else "llama.cpp")
     assert report["end_to_end"]["fp32 + f32"]["exact_match_rate"] == 1.0
     assert set(report["end_to_end"]) == {"fp32 + f32", "int8 + f32", "fp32 + Q8_0", "int8 + Q8_0"}
 

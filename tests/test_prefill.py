@@ -174,3 +174,37 @@ def test_bundle_prompt_engine(bundle: Path, tmp_path: Path) -> None:
     write_metadata(foreign / part.file, {**meta, "source_hash": "0" * 16})
     with pytest.raises(CheckpointError, match="made from another checkpoint"):
         Bundle.open(foreign).load_decoder(DecoderOptions(variant="Q8_0"))
+
+
+def test_export_leaves_the_engine_out_where_memory_is_short(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A machine without the memory to export the prompt graph still gets a bundle, without the
+    engine, and is told so; a bundle with full-precision decoders only has none either."""
+    from mdl_edge.export.convert import onnx_prefill
+    from mdl_edge.export.convert.bundle import export_bundle
+    from mdl_edge.runtime.bundle import Bundle
+
+    said: list[str] = []
+    monkeypatch.setattr(onnx_prefill, "fits_in_memory", lambda path: False)
+    out = export_bundle(tiny_dir, tmp_path / "short", encoders=["fp32"], decoders=["Q8_0"], progress=said.append)
+    assert Bundle.open(out).manifest.prefill is None and not (out / "prefill.int8.onnx").exists()
+    assert any("prompt engine skipped" in line for line in said), said
+    monkeypatch.undo()
+    plain = export_bundle(tiny_dir, tmp_path / "plain", encoders=["fp32"], decoders=["f16"], progress=lambda *_: None)
+    assert Bundle.open(plain).manifest.prefill is None
+
+
+def test_unknown_state_layout_keeps_llama_cpp_prompt_pass(ggufs, graphs, monkeypatch, caplog) -> None:
+    """A llama.cpp that saves its KV cells in another layout is never fed the engine's: the decoder
+    warns and evaluates prompts itself."""
+    import logging
+
+    from mdl_edge.runtime import kv_state
+    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.prefill import PrefillEngine
+
+    monkeypatch.setattr(kv_state, "MAGIC", 0x12345678)
+    with caplog.at_level(logging.WARNING, logger="mdl_edge"):
+        dec = LlamaDecoder(ggufs["qwen3"], n_ctx=256, prefill=PrefillEngine(graphs["qwen3"], threads=1))
+    with dec:
+        assert dec.prefill is None and "prompt engine off" in caplog.text
+        assert dec.evaluate([Segment(tokens=TOKENS)]) == len(TOKENS)

@@ -151,7 +151,7 @@ def parity_report(checkpoint_dir: str | Path, bundle_dir: str | Path, *, device:
                 kls.append(float((np.exp(lp) * (lp - lq)).sum()))
                 agree.append(bool(p.argmax() == q.argmax()))
         return {"logit_kl_mean": float(np.mean(kls)), "logit_kl_max": float(np.max(kls)), "top1_agreement": float(np.mean(agree)),
-                "bytes": dec.path.stat().st_size}
+                "bytes": dec.path.stat().st_size, "prompt_by": "int8 engine" if dec.prefill is not None else "llama.cpp"}
 
     for dname in bundle.manifest.decoder.variants:
         # the runtime's default speed settings (f16 KV cache, flash attention) next to parity mode
@@ -193,10 +193,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"| {k} | {v['feature_cosine_mean']:.6f} / {v['feature_cosine_min']:.6f} | {v['feature_rel_max_error']:.2e} | "
                      f"{v['embedding_cosine_mean']:.6f} / {v['embedding_cosine_min']:.6f} | {v['bytes'] / 1e6:.1f} |")
     lines += ["", "| decoder | logit KL mean / max (parity mode: f32 KV, no flash attention) | top-1 agreement | "
-              "logit KL mean / max (default: f16 KV, flash attention) | top-1 agreement | size MB |", "|---|---|---:|---|---:|---:|"]
+              "logit KL mean / max (default: f16 KV, flash attention) | top-1 agreement | default prompt pass | size MB |",
+              "|---|---|---:|---|---:|---|---:|"]
     for k, v in report["decoder"].items():
         f = report.get("decoder_default", {}).get(k)
-        fast = f"{f['logit_kl_mean']:.2e} / {f['logit_kl_max']:.2e} | {f['top1_agreement']:.3f}" if f else "- | -"
+        fast = f"{f['logit_kl_mean']:.2e} / {f['logit_kl_max']:.2e} | {f['top1_agreement']:.3f} | {f.get('prompt_by', 'llama.cpp')}" if f else "- | - | -"
         lines.append(f"| {k} | {v['logit_kl_mean']:.2e} / {v['logit_kl_max']:.2e} | {v['top1_agreement']:.3f} | {fast} | {v['bytes'] / 1e6:.1f} |")
     lines += ["", "| encoder + decoder | greedy exact match | first divergence per clip |", "|---|---:|---|"]
     for k, v in report["end_to_end"].items():
