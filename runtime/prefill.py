@@ -2,7 +2,7 @@
 handed to llama.cpp's KV cache.
 
 llama.cpp evaluates a prompt of a few dozen positions far below the machine's matrix rate; ONNX
-Runtime's int8 MatMul runs the same pass several times faster (``docs/benchmarks.md``). The
+Runtime's int8 MatMul runs the same pass 2-3x faster (``docs/benchmarks.md``). The
 graph (``export/convert/onnx_prefill.py``) returns every layer's keys and values for the prompt
 rows; :class:`~mdl_edge.runtime.decoder.LlamaDecoder` writes them into its cache in llama.cpp's
 own sequence-state layout (``runtime/kv_state.py``) and lets llama.cpp evaluate the prompt's last

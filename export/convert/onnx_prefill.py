@@ -3,7 +3,7 @@ from a GGUF decoder's own tensors.
 
 llama.cpp evaluates a short prompt far below this machine's matrix rate (its quantized kernels
 are starved at a few dozen positions, and its AMX path is off, llama.cpp issue #20824), while
-ONNX Runtime's int8 MatMul reaches several times its speed. So the prompt's keys and values are
+ONNX Runtime's int8 MatMul runs the pass 2-3x faster. So the prompt's keys and values are
 computed by this graph and handed to llama.cpp's KV cache (``runtime/kv_state.py``); llama.cpp
 evaluates only the prompt's last position and generates as before.
 
