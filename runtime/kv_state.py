@@ -51,10 +51,6 @@ class SequenceKV:
         if self.k.dtype.newbyteorder("<") not in KV_TYPE_IDS or self.v.dtype != self.k.dtype:
             raise ValueError(f"KV cells must be float16 or float32, got {self.k.dtype} / {self.v.dtype}")
 
-    @property
-    def n_cells(self) -> int:
-        return int(self.positions.shape[0])
-
 
 def write_sequence(kv: SequenceKV, seq_id: int = 0) -> bytearray:
     """``kv`` in the layout ``llama_state_seq_set_data`` reads: one buffer, filled in place (a
