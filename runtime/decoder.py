@@ -404,7 +404,9 @@ class LlamaDecoder:
         self._n_past = pos
         rest = list(segments[keep:])
         n_new = total - pos
-        if self._prefill is not None and self.one_batch and n_new >= MIN_PREFILL_POSITIONS:
+        # kv_state.py writes one stream: a context of several sequences must share one cache
+        one_stream = self.n_seq == 1 or hasattr(self._cparams, "kv_unified")
+        if self._prefill is not None and self.one_batch and one_stream and n_new >= MIN_PREFILL_POSITIONS:
             try:
                 self._prefill_rows(self._prefill, self.prompt_rows(rest), pos)
             except BaseException:

@@ -208,3 +208,24 @@ def test_unknown_state_layout_keeps_llama_cpp_prompt_pass(ggufs, graphs, monkeyp
     with dec:
         assert dec.prefill is None and "prompt engine off" in caplog.text
         assert dec.evaluate([Segment(tokens=TOKENS)]) == len(TOKENS)
+
+
+def test_prompt_engine_in_a_context_of_several_sequences(ggufs, graphs) -> None:
+    """After the context was resized for batched decoding (several sequences, one unified cache),
+    a prompt through the engine lands in sequence 0 and generates as in a fresh context."""
+    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.prefill import PrefillEngine
+
+    engine = PrefillEngine(graphs["qwen3"], threads=1)
+    ran: list[int] = []
+    run = engine.run
+    engine.run = lambda rows, *rest: (ran.append(rows.shape[0]), run(rows, *rest))[1]  # type: ignore[method-assign]
+    prompt = [Segment(tokens=TOKENS)]
+    with LlamaDecoder(ggufs["qwen3"], n_ctx=256, f32_kv=True, flash_attn=False, prefill=engine) as dec:
+        fresh = dec.generate(prompt, max_new_tokens=8).result().token_ids
+        dec.resize(512, 4)
+        rows = dec.token_rows(TOKENS[:6])
+        dec.decode_rows(rows, list(range(6)), [2] * 6, [False] * 5 + [True])  # another sequence's cells in the cache
+        again = dec.generate(prompt, max_new_tokens=8).result()
+    assert again.token_ids == fresh and again.n_evaluated == len(TOKENS)
+    assert ran == [len(TOKENS) - 1] * 2  # both prompts through the engine, all positions but the last
