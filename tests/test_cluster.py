@@ -70,9 +70,14 @@ def test_inputs_are_files_globs_and_lists(clips, tmp_path) -> None:
         expand_inputs([str(d / "nothing*.wav")])
 
 
-def test_two_actors_equal_the_single_process_cli(local_ray, bundle, clips, tmp_path, capsys) -> None:
+def test_two_actors_equal_the_single_process_cli(local_ray, bundle, clips, tmp_path, capsys, monkeypatch) -> None:
+    from ray.data import DataContext
+
     d, paths = clips
     want = cli_rows(bundle, paths, capsys)
+    # Ray Data hands batches to whichever actor is up first: with a dozen tiny clips one actor can
+    # answer them all before the other has loaded. Here the pool waits for both, so both answer.
+    monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 300)
     out = tmp_path / "rows.jsonl"
     rc = main(["caption", str(d / "clip*.wav"), "--model", str(bundle), "--engine", "ray", "--workers", "2", "--cpus-per-worker", "1",
                "--batch-size", "3", "--out", str(out), *COMMON])
