@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, Segment, context_steps, same_segment
+from .decoder import AUTO_CTX_STEP, DecodeResult, LlamaDecoder, context_steps
+from .prompt import Segment, same_segment
 from .sampling import SequenceStep
 from .errors import ConfigError, ContextLengthError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, SamplingOptions, whole_number

@@ -27,9 +27,10 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, ContextLengthError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, TokenEmbeddings, read_gguf_header
-from .kv_state import SequenceKV, read_sequence, write_sequence
+from .kv_state import restore_sequence, save_sequence
 from .options import DEFAULT_MAX_NEW_TOKENS, MIN_CTX, SamplingOptions, resolve_threads, whole_number
 from .prefill import MIN_PREFILL_POSITIONS, PrefillEngine
+from .prompt import Segment, same_segment
 from .sampling import SequenceStep
 from .stream import Stream
 
@@ -110,53 +111,6 @@ def extra_bufts_safe() -> bool:
     """
     info = init_backend().llama_print_system_info().decode(errors="replace")
     return "AMX_INT8 = 1" not in info
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A run of prompt input: text token ids, or audio embeddings ``[n, hidden]``."""
-
-    tokens: tuple[int, ...] = ()
-    embeddings: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.tokens) if self.embeddings is None else int(self.embeddings.shape[0])
-
-
-def split_prompt(ids: Sequence[int], audio: Sequence[np.ndarray], audio_token_id: int) -> list[Segment]:
-    """Prompt ids with ``<|AUDIO|>`` runs -> alternating token and embedding segments.
-
-    The i-th run of placeholders takes ``audio[i]``; its length must match."""
-    segments: list[Segment] = []
-    run: list[int] = []
-    k = 0
-    i = 0
-    while i < len(ids):
-        if ids[i] != audio_token_id:
-            run.append(ids[i])
-            i += 1
-            continue
-        j = i
-        while j < len(ids) and ids[j] == audio_token_id:
-            j += 1
-        if k >= len(audio):
-            raise ConfigError("the prompt has more audio placeholder runs than audio clips")
-        emb = np.ascontiguousarray(audio[k], dtype=np.float32)
-        if emb.shape[0] != j - i:
-            raise ConfigError(f"audio clip {k} has {emb.shape[0]} embeddings but its placeholder run has {j - i} tokens")
-        if run:
-            segments.append(Segment(tokens=tuple(run)))
-            run = []
-        segments.append(Segment(embeddings=emb))
-        k += 1
-        i = j
-    if run:
-        segments.append(Segment(tokens=tuple(run)))
-    if k != len(audio):
-        raise ConfigError(f"{len(audio)} audio clips given but the prompt has {k} placeholder runs")
-    return segments
-
-
 
 
 class LlamaDecoder:
@@ -431,57 +385,27 @@ class LlamaDecoder:
         return self._prefill
 
     def _check_prefill(self, engine: PrefillEngine) -> None:
-        """The engine must be this decoder's: same depth, width and key/value width (checked on
-        llama.cpp's own saved state of a two-token prompt). A llama.cpp whose saved state is not
-        the layout ``kv_state.py`` knows keeps its own prompt pass, with a warning."""
-        L = self._L
-        n_layer = L.llama_model_n_layer(self._model)
-        if (engine.n_layer, engine.hidden_size) != (n_layer, self.n_embd):
-            raise CheckpointError(f"{engine.path}: a prompt graph of {engine.n_layer} layers x {engine.hidden_size} for a decoder of "
-                                  f"{n_layer} x {self.n_embd} ({self.path.name})")
+        """The engine must be this decoder's (checked on llama.cpp's own saved cells of a two-token
+        prompt). A llama.cpp whose saved state is not the layout ``kv_state.py`` knows keeps its
+        own prompt pass, with a warning."""
         self._decode(Segment(tokens=(0, 0)), 0, want_logits=False)
         try:
-            kv = read_sequence(self._sequence_state())
+            saved = save_sequence(self._L, self._ctx)
         except MdlEdgeError as e:
-            # another llama.cpp than the one whose layout kv_state.py writes: its own prompt pass
             logger.warning("prompt engine off: %s", e)
             self._prefill = None
             return
         finally:
             self.clear()
-        if kv.k.shape != (n_layer, 2, engine.kv_dim) or kv.k.dtype != self._kv_dtype:
-            raise CheckpointError(f"{engine.path}: keys of {engine.kv_dim} values per position; {self.path.name} caches "
-                                  f"{kv.k.shape[-1]} ({kv.k.dtype})")
-
-    def _sequence_state(self) -> bytes:
-        L = self._L
-        size = L.llama_state_seq_get_size(self._ctx, 0)
-        buf = (ctypes.c_ubyte * size)()
-        got = L.llama_state_seq_get_data(self._ctx, buf, size, 0)
-        if got != size:
-            raise MdlEdgeError(f"llama.cpp saved {got} of {size} bytes of the sequence state")
-        return bytes(buf)
+        engine.check(self._L.llama_model_n_layer(self._model), self.n_embd, saved, self._kv_dtype, self.path.name)
 
     def _prefill_rows(self, engine: PrefillEngine, rows: np.ndarray, pos: int) -> None:
         """Rows at positions ``pos..``: all but the last through the prompt engine into the KV
         cache (after the ``pos`` positions it holds), the last through llama.cpp for its logits."""
-        n = rows.shape[0]
-        past = read_sequence(self._sequence_state()) if pos else None
-        if past is not None and not np.array_equal(past.positions, np.arange(pos)):
-            raise MdlEdgeError(f"the KV cache holds positions {past.positions[:8].tolist()}..., not 0..{pos - 1}")
-        past_k = past.k.astype(np.float32) if past is not None else None
-        past_v = past.v.astype(np.float32) if past is not None else None
-        k, v = engine.run(rows[:-1], pos, past_k, past_v)
-        if past is not None:
-            k, v = np.concatenate([past.k, k.astype(self._kv_dtype)], axis=1), np.concatenate([past.v, v.astype(self._kv_dtype)], axis=1)
-        else:
-            k, v = k.astype(self._kv_dtype), v.astype(self._kv_dtype)
-        blob = write_sequence(SequenceKV(np.arange(pos + n - 1, dtype=np.int32), k, v, v_trans=not self.flash_attn))
-        buf = (ctypes.c_ubyte * len(blob)).from_buffer(blob)
-        if self._L.llama_state_seq_set_data(self._ctx, buf, len(blob), 0) != len(blob):
-            raise MdlEdgeError("llama.cpp refused the prompt engine's keys and values (see the mdl_edge.llama_cpp log)")
-        self._decode(Segment(embeddings=rows[-1:]), pos + n - 1, want_logits=True)
-        self._n_past = pos + n
+        past = save_sequence(self._L, self._ctx) if pos else None
+        restore_sequence(self._L, self._ctx, engine.cells(rows[:-1], past, self._kv_dtype, v_trans=not self.flash_attn))
+        self._decode(Segment(embeddings=rows[-1:]), pos + rows.shape[0] - 1, want_logits=True)
+        self._n_past = pos + rows.shape[0]
 
     def _embeddings(self, segments: Sequence[Segment]) -> np.ndarray:
         """Segments as one ``[n, n_embd]`` float32 array: text tokens as their ``token_embd`` rows."""
@@ -647,13 +571,3 @@ class DecodeResult:
     n_evaluated: int  # prompt positions actually evaluated (the rest came from the KV cache)
     prefill_s: float
     decode_s: float
-
-
-def same_segment(a: Segment, b: Segment) -> bool:
-    """Whether two prompt segments put the same rows in the KV cache: the same text tokens, or
-    the same clip's embeddings."""
-    if (a.embeddings is None) != (b.embeddings is None):
-        return False
-    if a.embeddings is None:
-        return a.tokens == b.tokens
-    return a.embeddings is b.embeddings or (a.embeddings.shape == b.embeddings.shape and bool(np.array_equal(a.embeddings, b.embeddings)))

@@ -17,13 +17,16 @@ sequence id in front::
     v_trans = 0: n_layer x (i32 v_type, u64 v_row_bytes, cell_count rows)
     v_trans = 1: n_layer x (i32 v_type, u32 element_bytes, u32 n_embd_v, n_embd_v x cell_count)
 
-``v_trans`` is 1 when flash attention is off. Torch-free.
+``v_trans`` is 1 when flash attention is off. :func:`save_sequence` and :func:`restore_sequence`
+make llama.cpp's two calls for a context its owner (``runtime/decoder.py``) passes in. Torch-free.
 """
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +53,10 @@ class SequenceKV:
             raise ValueError(f"keys {self.k.shape}, values {self.v.shape} and {self.positions.shape[0]} positions do not agree")
         if self.k.dtype.newbyteorder("<") not in KV_TYPE_IDS or self.v.dtype != self.k.dtype:
             raise ValueError(f"KV cells must be float16 or float32, got {self.k.dtype} / {self.v.dtype}")
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.positions.shape[0])
 
 
 def write_sequence(kv: SequenceKV, seq_id: int = 0) -> bytearray:
@@ -173,3 +180,22 @@ def _kv_dtype(type_id: int) -> np.dtype:
     if type_id not in KV_DTYPES:
         raise MdlEdgeError(f"llama.cpp sequence state: KV cache of ggml type {type_id}; mdl-edge hands over f16 and f32 caches only")
     return KV_DTYPES[type_id]
+
+
+def save_sequence(llama: Any, ctx: Any, seq_id: int = 0) -> SequenceKV:
+    """The KV cells of sequence ``seq_id`` of a llama.cpp context (``llama``: the ``llama_cpp``
+    module). Raises :class:`MdlEdgeError` where llama.cpp saves another layout."""
+    size = llama.llama_state_seq_get_size(ctx, seq_id)
+    buf = (ctypes.c_ubyte * size)()
+    got = llama.llama_state_seq_get_data(ctx, buf, size, seq_id)
+    if got != size:
+        raise MdlEdgeError(f"llama.cpp saved {got} of {size} bytes of the sequence state")
+    return read_sequence(bytes(buf))
+
+
+def restore_sequence(llama: Any, ctx: Any, kv: SequenceKV, seq_id: int = 0) -> None:
+    """Replace sequence ``seq_id``'s KV cells in a llama.cpp context with ``kv``."""
+    blob = write_sequence(kv, seq_id)
+    buf = (ctypes.c_ubyte * len(blob)).from_buffer(blob)
+    if llama.llama_state_seq_set_data(ctx, buf, len(blob), seq_id) != len(blob):
+        raise MdlEdgeError("llama.cpp refused the keys and values handed to it (see the mdl_edge.llama_cpp log)")

@@ -25,7 +25,7 @@ from . import constants as C
 from .audio import AudioSource, describe, expected_samples, iter_audio
 from .bundle import Bundle
 from .batching import NOT_READY, DecodeRequest, Failed, generate_many
-from .decoder import Segment, split_prompt
+from .prompt import Segment, split_prompt
 from .stream import Stream
 from .errors import AudioError, MdlEdgeError
 from .mel import log_mel_blocks

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MdlEdgeError
+from .kv_state import SequenceKV
 from .onnx_meta import read_metadata
 
 logger = logging.getLogger("mdl_edge")
@@ -66,3 +67,27 @@ class PrefillEngine:
         }
         k, v = self.session.run(list(PREFILL_OUTPUTS), feed)
         return k, v
+
+    def check(self, n_layer: int, n_embd: int, saved: SequenceKV, dtype: np.dtype, decoder: str) -> None:
+        """Refuse a decoder this graph was not made for: its depth and width, and the key width and
+        type of the cells llama.cpp saved for it (``saved``, cache type ``dtype``)."""
+        if (self.n_layer, self.hidden_size) != (n_layer, n_embd):
+            raise CheckpointError(f"{self.path}: a prompt graph of {self.n_layer} layers x {self.hidden_size} for a decoder of "
+                                  f"{n_layer} x {n_embd} ({decoder})")
+        if saved.k.shape[::2] != (n_layer, self.kv_dim) or saved.k.dtype != dtype:
+            raise CheckpointError(f"{self.path}: keys of {self.kv_dim} values per position; {decoder} caches "
+                                  f"{saved.k.shape[-1]} ({saved.k.dtype})")
+
+    def cells(self, rows: np.ndarray, past: SequenceKV | None, dtype: np.dtype, *, v_trans: bool) -> SequenceKV:
+        """The KV cells of positions ``0..`` through ``rows``: ``past`` (the cached positions before
+        them, none for a prompt from position 0) followed by the rows' own, in the cache's ``dtype``."""
+        start = past.n_cells if past is not None else 0
+        if past is not None and not np.array_equal(past.positions, np.arange(start)):
+            raise MdlEdgeError(f"the KV cache holds positions {past.positions[:8].tolist()}..., not 0..{start - 1}")
+        if past is None:
+            k, v = self.run(rows, 0)
+            k, v = k.astype(dtype), v.astype(dtype)
+        else:
+            k, v = self.run(rows, start, past.k.astype(np.float32), past.v.astype(np.float32))
+            k, v = np.concatenate([past.k, k.astype(dtype)], axis=1), np.concatenate([past.v, v.astype(dtype)], axis=1)
+        return SequenceKV(np.arange(start + rows.shape[0], dtype=np.int32), k, v, v_trans)

@@ -2,7 +2,8 @@
 
 Product decisions 2-3: the prompt is the checkpoint's own chat template rendered with jinja2 the
 way Hugging Face's ``apply_chat_template`` renders it (sandboxed), then every single ``<|AUDIO|>``
-is expanded to one placeholder per audio token (spec §3.2).
+is expanded to one placeholder per audio token (spec §3.2). The expanded ids and the audio
+embeddings become the decoder's input, text and audio :class:`Segment` runs (:func:`split_prompt`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from .errors import CheckpointError, ConfigError, OptionError, one_line
 
@@ -234,3 +237,59 @@ def _find_chat_template(d: Path) -> str:
             if template is not None:
                 raise CheckpointError(f"{path}: chat_template must be a string, got {type(template).__name__}")
     return FALLBACK_CHAT_TEMPLATE
+
+
+# -- the prompt as the decoder takes it: text and audio segments ------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    """A run of prompt input: text token ids, or audio embeddings ``[n, hidden]``."""
+
+    tokens: tuple[int, ...] = ()
+    embeddings: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens) if self.embeddings is None else int(self.embeddings.shape[0])
+
+
+def split_prompt(ids: Sequence[int], audio: Sequence[np.ndarray], audio_token_id: int) -> list[Segment]:
+    """Prompt ids with ``<|AUDIO|>`` runs -> alternating token and embedding segments.
+
+    The i-th run of placeholders takes ``audio[i]``; its length must match."""
+    segments: list[Segment] = []
+    run: list[int] = []
+    k = 0
+    i = 0
+    while i < len(ids):
+        if ids[i] != audio_token_id:
+            run.append(ids[i])
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and ids[j] == audio_token_id:
+            j += 1
+        if k >= len(audio):
+            raise ConfigError("the prompt has more audio placeholder runs than audio clips")
+        emb = np.ascontiguousarray(audio[k], dtype=np.float32)
+        if emb.shape[0] != j - i:
+            raise ConfigError(f"audio clip {k} has {emb.shape[0]} embeddings but its placeholder run has {j - i} tokens")
+        if run:
+            segments.append(Segment(tokens=tuple(run)))
+            run = []
+        segments.append(Segment(embeddings=emb))
+        k += 1
+        i = j
+    if run:
+        segments.append(Segment(tokens=tuple(run)))
+    if k != len(audio):
+        raise ConfigError(f"{len(audio)} audio clips given but the prompt has {k} placeholder runs")
+    return segments
+
+
+def same_segment(a: Segment, b: Segment) -> bool:
+    """Whether two prompt segments put the same rows in the KV cache: the same text tokens, or
+    the same clip's embeddings."""
+    if (a.embeddings is None) != (b.embeddings is None):
+        return False
+    if a.embeddings is None:
+        return a.tokens == b.tokens
+    return a.embeddings is b.embeddings or (a.embeddings.shape == b.embeddings.shape and bool(np.array_equal(a.embeddings, b.embeddings)))

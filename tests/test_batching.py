@@ -10,7 +10,8 @@ import pytest
 from conftest import chirp
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.batching import DecodeRequest, Failed, generate_many
-from mdl_edge.runtime.decoder import LlamaDecoder, Segment, split_prompt
+from mdl_edge.runtime.decoder import LlamaDecoder
+from mdl_edge.runtime.prompt import Segment, split_prompt
 from mdl_edge.runtime.errors import ContextLengthError, MdlEdgeError
 from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.options import SamplingOptions

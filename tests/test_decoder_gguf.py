@@ -10,7 +10,8 @@ import torch
 
 from mdl_edge.export.convert.gguf_decoder import export_decoder_gguf
 from mdl_edge.runtime import constants as C
-from mdl_edge.runtime.decoder import LlamaDecoder, Segment, split_prompt
+from mdl_edge.runtime.decoder import LlamaDecoder
+from mdl_edge.runtime.prompt import Segment, split_prompt
 from mdl_edge.runtime.sampling import Utf8Pieces
 from mdl_edge.runtime.gguf_meta import KEY_SOURCE_HASH, read_gguf_metadata
 from mdl_edge.runtime.options import SamplingOptions

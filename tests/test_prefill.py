@@ -43,7 +43,8 @@ def _state(dec) -> bytes:
 @pytest.mark.parametrize("f32_kv,flash_attn", [(True, False), (False, True), (False, False)])
 def test_sequence_state_layout_round_trips_llama_cpp(ggufs, f32_kv, flash_attn) -> None:
     """What llama.cpp saves, read and written back, is the same bytes: the layout is llama.cpp's."""
-    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.decoder import LlamaDecoder
+    from mdl_edge.runtime.prompt import Segment
     from mdl_edge.runtime.kv_state import read_sequence, write_sequence
 
     with LlamaDecoder(ggufs["qwen3"], n_ctx=256, f32_kv=f32_kv, flash_attn=flash_attn) as dec:
@@ -76,7 +77,8 @@ def test_sequence_state_errors_name_the_problem() -> None:
 def test_prompt_graph_matches_llama_cpp_keys_and_values(ggufs, graphs, arch) -> None:
     """The graph's keys (after the per-head norm and RoPE) and values are llama.cpp's own, and a
     prompt run in two parts (the second after the first's cache) gives the same as one run."""
-    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.decoder import LlamaDecoder
+    from mdl_edge.runtime.prompt import Segment
     from mdl_edge.runtime.kv_state import read_sequence
     from mdl_edge.runtime.prefill import PrefillEngine
 
@@ -101,7 +103,8 @@ def test_generation_through_the_prompt_engine_matches_llama_cpp(ggufs, graphs, f
     """Text + audio + text prompts, then a second request that reuses the cached text prefix: the
     same tokens, the same positions evaluated, and logits equal to llama.cpp's own prompt pass
     (to float round-off with an f32 cache; to the f16 cache's rounding otherwise)."""
-    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.decoder import LlamaDecoder
+    from mdl_edge.runtime.prompt import Segment
     from mdl_edge.runtime.prefill import PrefillEngine
 
     audio = np.random.default_rng(0).standard_normal((15, 64)).astype(np.float32) * 0.02
@@ -127,7 +130,7 @@ def test_bundle_prompt_engine(bundle: Path, tmp_path: Path) -> None:
     default uses it for the quantized decoder only, outside parity mode, on a CPU with int8 dot
     products; a foreign graph is refused."""
     from mdl_edge.runtime.bundle import Bundle
-    from mdl_edge.runtime.decoder import Segment
+    from mdl_edge.runtime.prompt import Segment
     from mdl_edge.runtime.errors import CheckpointError, OptionError
     from mdl_edge.runtime.manifest import MANIFEST
     from mdl_edge.runtime.options import DecoderOptions
@@ -199,7 +202,8 @@ def test_unknown_state_layout_keeps_llama_cpp_prompt_pass(ggufs, graphs, monkeyp
     import logging
 
     from mdl_edge.runtime import kv_state
-    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.decoder import LlamaDecoder
+    from mdl_edge.runtime.prompt import Segment
     from mdl_edge.runtime.prefill import PrefillEngine
 
     monkeypatch.setattr(kv_state, "MAGIC", 0x12345678)
@@ -213,7 +217,8 @@ def test_unknown_state_layout_keeps_llama_cpp_prompt_pass(ggufs, graphs, monkeyp
 def test_prompt_engine_in_a_context_of_several_sequences(ggufs, graphs) -> None:
     """After the context was resized for batched decoding (several sequences, one unified cache),
     a prompt through the engine lands in sequence 0 and generates as in a fresh context."""
-    from mdl_edge.runtime.decoder import LlamaDecoder, Segment
+    from mdl_edge.runtime.decoder import LlamaDecoder
+    from mdl_edge.runtime.prompt import Segment
     from mdl_edge.runtime.prefill import PrefillEngine
 
     engine = PrefillEngine(graphs["qwen3"], threads=1)

@@ -225,6 +225,11 @@ def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = N
     return "\n".join(lines)
 
 
+def _by_seconds(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """A configuration's clip rows by whole clip seconds."""
+    return {round(r["seconds"]): r for r in result["clips"]}
+
+
 def goal_lines(results: list[dict[str, Any]], fractions: dict[tuple[str, int], dict[str, float]] | None = None) -> list[str]:
     """The goals, met or not, for int8 + Q4_K_M (else the last runtime configuration as it runs by
     default, neither legacy nor with the prompt moved to llama.cpp);
@@ -235,10 +240,8 @@ def goal_lines(results: list[dict[str, Any]], fractions: dict[tuple[str, int], d
     if not runtime:
         return out
     fast = next((r for r in runtime if r["config"] == GOAL_CONFIG), runtime[-1])
-    by_len = {round(r["seconds"]): r for r in fast["clips"]}
-    ref = {round(r["seconds"]): r for r in results[0]["clips"]} if results[0]["config"] == REFERENCE else {}
-    legacy = [r for r in results if r.get("legacy")]
-    old = {round(r["seconds"]): r for r in legacy[0]["clips"]} if legacy else {}
+    by_len = _by_seconds(fast)
+    ref = _by_seconds(results[0]) if results[0]["config"] == REFERENCE else {}
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
@@ -259,17 +262,14 @@ def goal_lines(results: list[dict[str, Any]], fractions: dict[tuple[str, int], d
             parts = [f"{STAGE_GOALS[k][1]} {frac[k]:.0%} of {STAGE_GOALS[k][2]} (>= {STAGE_GOALS[k][0]:.0%}: {verdict(frac[k] >= STAGE_GOALS[k][0])})"
                      for k in STAGE_GOALS if k in frac]
             out.append(f"goal ({fast['config']}, {s:g} s clip): " + ", ".join(parts))
-    alt = [r for r in results if r.get("llama_prompt")]
-    by_llama = {round(r["seconds"]): r for r in alt[0]["clips"]} if alt else {}
-    for s, r in sorted(by_len.items()):
-        if s in by_llama:
-            o = by_llama[s]
-            out.append(f"{fast['config']} vs prompt in llama.cpp, {s:g} s clip: time to first token {r['ttft'] / o['ttft']:.2f}x, "
-                       f"prompt {r['prefill'] / o['prefill']:.2f}x, total {r['total'] / o['total']:.2f}x")
-    for s, r in sorted(by_len.items()):
-        if s in old:
-            out.append(f"{fast['config']} vs legacy, {s:g} s clip: time to first token {r['ttft'] / old[s]['ttft']:.2f}x, "
-                       f"prompt {r['prefill'] / old[s]['prefill']:.2f}x, encoder {r['encoder'] / old[s]['encoder']:.2f}x")
+    # the same pair run another way in the same run: the prompt in llama.cpp, and the legacy configuration
+    for flag, label, third in (("llama_prompt", "prompt in llama.cpp", "total"), ("legacy", "legacy", "encoder")):
+        other = next((r for r in results if r.get(flag)), None)
+        o = _by_seconds(other) if other else {}
+        for s, r in sorted(by_len.items()):
+            if s in o:
+                out.append(f"{fast['config']} vs {label}, {s:g} s clip: time to first token {r['ttft'] / o[s]['ttft']:.2f}x, "
+                           f"prompt {r['prefill'] / o[s]['prefill']:.2f}x, {third} {r[third] / o[s][third]:.2f}x")
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 from ...runtime import constants as C
 from ...runtime.audio import demo_clip, load_audio
 from ...runtime.bundle import Bundle
-from ...runtime.decoder import Segment, split_prompt
+from ...runtime.prompt import Segment, split_prompt
 from ...runtime.mel import log_mel
 from ...runtime.options import DecoderOptions, EncoderOptions
 from ...runtime.prompt import CAPTION_PROMPT, user_message

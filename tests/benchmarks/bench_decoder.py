@@ -91,7 +91,8 @@ def main() -> None:
     from mdl_edge.export.convert.gguf_decoder import export_decoder_gguf
     from mdl_edge.export.reference.model import MiDashengLM
     from mdl_edge.quantize.decoder import quantize_decoder
-    from mdl_edge.runtime.decoder import LlamaDecoder, split_prompt
+    from mdl_edge.runtime.decoder import LlamaDecoder
+    from mdl_edge.runtime.prompt import split_prompt
     from mdl_edge.runtime.options import SamplingOptions
     from mdl_edge.runtime.prompt import user_message
 

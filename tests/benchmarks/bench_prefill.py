@@ -33,7 +33,8 @@ def main() -> None:
     import llama_cpp
 
     from mdl_edge.runtime.cpu import cpu_info
-    from mdl_edge.runtime.decoder import LlamaDecoder, Segment, extra_bufts_safe
+    from mdl_edge.runtime.decoder import LlamaDecoder, extra_bufts_safe
+    from mdl_edge.runtime.prompt import Segment
 
     lengths = [int(x) for x in args.positions.split(",")]
     safe = extra_bufts_safe()
