@@ -98,6 +98,28 @@ def test_prompt_graph_matches_llama_cpp_keys_and_values(ggufs, graphs, arch) -> 
         engine.run(rows[12:], 5, k1, v1)
 
 
+def test_float16_prompt_graph_is_the_float32_one_rounded(ggufs, graphs, tmp_path: Path) -> None:
+    """A graph made for an f16 KV cache (as bundles carry) takes and returns float16 keys and values
+    equal to the float32 graph's to float16 rounding, in one run and after a cached part."""
+    from mdl_edge.export.convert.onnx_prefill import export_prefill_onnx
+    from mdl_edge.runtime.prefill import PrefillEngine
+
+    f32 = PrefillEngine(graphs["qwen3"], threads=1)
+    f16 = PrefillEngine(export_prefill_onnx(ggufs["qwen3"], tmp_path / "f16.onnx", kv_dtype="float16"), threads=1)
+    assert (f32.kv_dtype, f16.kv_dtype) == (np.float32, np.float16)
+    rows = np.random.default_rng(1).standard_normal((len(TOKENS), f16.hidden_size)).astype(np.float32) * 0.05
+    k, v = f32.run(rows, 0)
+    k16, v16 = f16.run(rows, 0)
+    assert k16.dtype == v16.dtype == np.float16
+    assert rel_max_error(k16.astype(np.float32), k) <= 1e-3, rel_max_error(k16.astype(np.float32), k)
+    assert rel_max_error(v16.astype(np.float32), v) <= 1e-3, rel_max_error(v16.astype(np.float32), v)
+    k1, v1 = f16.run(rows[:12], 0)
+    k2, _ = f16.run(rows[12:], 12, k1, v1)
+    assert rel_max_error(k2.astype(np.float32), k[:, 12:]) <= 2e-3, rel_max_error(k2.astype(np.float32), k[:, 12:])
+    with pytest.raises(ValueError, match="kv_dtype must be one of"):
+        export_prefill_onnx(ggufs["qwen3"], tmp_path / "bf16.onnx", kv_dtype="bfloat16")
+
+
 @pytest.mark.parametrize("f32_kv,flash_attn", [(True, False), (False, True)])
 def test_generation_through_the_prompt_engine_matches_llama_cpp(ggufs, graphs, f32_kv, flash_attn) -> None:
     """Text + audio + text prompts, then a second request that reuses the cached text prefix: the
@@ -140,6 +162,7 @@ def test_bundle_prompt_engine(bundle: Path, tmp_path: Path) -> None:
     assert part is not None and part.file == "prefill.int8.onnx" and part.source == "f32"
     drift = part.drift_vs_fp32
     assert drift["positions"] == 48 and drift["key_cosine_mean"] >= 0.999 and drift["value_cosine_min"] >= 0.99, drift
+    assert b.load_prefill(DecoderOptions(prefill="onnx"), {}, threads=1).kv_dtype == np.float16  # the f16 cache's type
     from mdl_edge.runtime.cpu import cpu_info
 
     expect = {DecoderOptions(variant="Q8_0"): cpu_info().fast_int8, DecoderOptions(variant="f32"): False, DecoderOptions(variant="Q8_0", f32_kv=True): False,

@@ -30,7 +30,7 @@ from torch import nn
 from ...runtime.errors import CheckpointError
 from ...runtime.gguf_meta import KEY_ARCHITECTURE, KEY_SOURCE_HASH
 from ...runtime.onnx_meta import write_metadata
-from ...runtime.prefill import PREFILL_INPUTS, PREFILL_OUTPUTS
+from ...runtime.prefill import KV_DTYPES, PREFILL_INPUTS, PREFILL_OUTPUTS
 from .onnx_encoder import OPSET, export_graph
 
 logger = logging.getLogger("mdl_edge")
@@ -71,23 +71,40 @@ class DecoderShape:
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    # written x / sqrt(...), the form ONNX Runtime fuses into one SimplifiedLayerNormalization
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
 class PrefillGraph(nn.Module):
-    """Prompt rows -> every layer's keys and values (see the module docstring)."""
+    """Prompt rows -> every layer's keys and values (see the module docstring).
 
-    def __init__(self, shape: DecoderShape, blocks: list[dict[str, torch.Tensor]]) -> None:
+    Laid out for ONNX Runtime's CPU kernels: each block's q, k and v projections are one matrix
+    product, as are the MLP's gate and up (fewer, wider products, and one quantization of their
+    input); the query heads that share a key/value head are attended as one batch, so keys and
+    values are never repeated per head; the attention scale rides on the queries' RoPE tables.
+    ``blocks`` are emptied as they are taken, so the fp32 weights are not held twice.
+    ``kv_dtype``: the type of the cached keys and values in and out (the KV cache's; float16 saves
+    the runtime a conversion that costs more than the graph's own)."""
+
+    def __init__(self, shape: DecoderShape, blocks: list[dict[str, torch.Tensor]], *, kv_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.shape = shape
+        self.kv_dtype = kv_dtype
         self.blocks = nn.ModuleList()
         for i, b in enumerate(blocks):
             m = nn.Module()
             last = i == len(blocks) - 1
-            for name, t in b.items():
-                if last and name in ("o", "ffn_norm", "gate", "up", "down", "q", "q_bias", "q_norm"):
-                    continue  # the last layer's keys and values are all it leaves in the cache
-                m.register_buffer(name, t.contiguous())
+            # the last layer's keys and values are all it leaves in the cache
+            proj = ("k", "v") if last else ("q", "k", "v")
+            m.register_buffer("qkv", torch.cat([b.pop(n) for n in proj]).contiguous())
+            if "k_bias" in b:
+                m.register_buffer("qkv_bias", torch.cat([b.pop(f"{n}_bias") for n in proj]).contiguous())
+            if not last:
+                m.register_buffer("gate_up", torch.cat([b.pop("gate"), b.pop("up")]).contiguous())
+            for name in ("attn_norm", "k_norm") if last else ("attn_norm", "k_norm", "q_norm", "o", "ffn_norm", "down"):
+                if name in b:
+                    m.register_buffer(name, b.pop(name).contiguous())
+            b.clear()
             self.blocks.append(m)
         half = shape.head_dim // 2
         inv = 1.0 / (shape.rope_base ** (np.arange(half, dtype=np.float64) * 2.0 / shape.head_dim))
@@ -102,37 +119,48 @@ class PrefillGraph(nn.Module):
     def forward(self, rows: torch.Tensor, start: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.shape
         t, p = rows.shape[0], past_k.shape[1]
+        n_kv, d = s.n_head_kv, s.head_dim
+        group = s.n_head // n_kv
         pos = (torch.arange(t, dtype=torch.int64) + start).to(torch.float32)
         ang = pos[:, None] * self.inv_freq[None, :]
         cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
+        scale = 1.0 / d**0.5
         key_pos = torch.arange(p + t, dtype=torch.int64)
         query_pos = torch.arange(t, dtype=torch.int64) + p
         mask = torch.where(key_pos[None, :] > query_pos[:, None], float("-inf"), 0.0)
+        past_k, past_v = past_k.to(torch.float32), past_v.to(torch.float32)
         x = rows
         ks, vs = [], []
-        group = s.n_head // s.n_head_kv
         for i, b in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
             h = _rms(x, b.attn_norm, s.rms_eps)
-            k = F.linear(h, b.k, getattr(b, "k_bias", None)).view(t, s.n_head_kv, s.head_dim)
-            v = F.linear(h, b.v, getattr(b, "v_bias", None)).view(t, s.n_head_kv, s.head_dim)
+            qkv = F.linear(h, b.qkv, getattr(b, "qkv_bias", None))
+            if last:
+                k, v = qkv.split([s.kv_dim, s.kv_dim], -1)
+            else:
+                q, k, v = qkv.split([s.n_head * d, s.kv_dim, s.kv_dim], -1)
+            k = k.reshape(t, n_kv, d)
             if hasattr(b, "k_norm"):
                 k = _rms(k, b.k_norm, s.rms_eps)
             k = self._rope(k, cos, sin)
-            ks.append(k.reshape(t, s.kv_dim))
-            vs.append(v.reshape(t, s.kv_dim))
-            if i == len(self.blocks) - 1:
+            ks.append(k.reshape(t, s.kv_dim).to(self.kv_dtype))  # each layer's cast at once: the graph never holds all in fp32
+            vs.append(v.to(self.kv_dtype))
+            if last:
                 break
-            q = F.linear(h, b.q, getattr(b, "q_bias", None)).view(t, s.n_head, s.head_dim)
+            q = q.reshape(t, s.n_head, d)
             if hasattr(b, "q_norm"):
                 q = _rms(q, b.q_norm, s.rms_eps)
-            q = self._rope(q, cos, sin)
-            k_all = torch.cat([past_k[i].view(p, s.n_head_kv, s.head_dim), k], dim=0).repeat_interleave(group, dim=1)
-            v_all = torch.cat([past_v[i].view(p, s.n_head_kv, s.head_dim), v], dim=0).repeat_interleave(group, dim=1)
-            att = torch.einsum("qhd,khd->hqk", q, k_all) * (1.0 / s.head_dim**0.5) + mask
-            y = torch.einsum("hqk,khd->qhd", att.softmax(-1), v_all).reshape(t, s.n_head * s.head_dim)
-            x = x + F.linear(y, b.o)
+            q = self._rope(q, cos * scale, sin * scale)
+            # query head j reads key/value head j // group: [n_kv, group * t, d] against [n_kv, d, p + t]
+            q = q.reshape(t, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * t, d)
+            k_all = torch.cat([past_k[i].view(p, n_kv, d), k], dim=0).permute(1, 2, 0)
+            v_all = torch.cat([past_v[i].view(p, n_kv, d), v.reshape(t, n_kv, d)], dim=0).permute(1, 0, 2)
+            att = (torch.matmul(q, k_all).reshape(n_kv, group, t, p + t) + mask).softmax(-1)
+            y = torch.matmul(att.reshape(n_kv, group * t, p + t), v_all)
+            x = x + F.linear(y.reshape(n_kv, group, t, d).permute(2, 0, 1, 3).reshape(t, s.n_head * d), b.o)
             h = _rms(x, b.ffn_norm, s.rms_eps)
-            x = x + F.linear(F.silu(F.linear(h, b.gate)) * F.linear(h, b.up), b.down)
+            gate, up = F.linear(h, b.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, b.down)
         return torch.stack(ks), torch.stack(vs)
 
 
@@ -186,20 +214,24 @@ def read_decoder(path: str | Path) -> tuple[DecoderShape, list[dict[str, torch.T
     return shape, blocks, {"source_hash": field(KEY_SOURCE_HASH, "")}
 
 
-def export_prefill_onnx(gguf_path: str | Path, out_path: str | Path) -> Path:
+def export_prefill_onnx(gguf_path: str | Path, out_path: str | Path, *, kv_dtype: str = "float32") -> Path:
     """The fp32 prompt graph of a GGUF decoder at ``out_path`` (weights in ``<name>.data``), its
-    shape and source in the graph's metadata."""
+    shape and source in the graph's metadata; ``kv_dtype`` (float32 / float16): the type of the
+    keys and values it takes and returns."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    dtype = getattr(torch, kv_dtype)
     shape, blocks, carried = read_decoder(gguf_path)
-    graph = PrefillGraph(shape, blocks).eval()
+    graph = PrefillGraph(shape, blocks, kv_dtype=dtype).eval()
     del blocks
     out = Path(out_path)
     t, p = torch.export.Dim("rows", min=1, max=1 << 16), torch.export.Dim("past", min=0, max=1 << 20)
     args = (torch.zeros(3, shape.hidden), torch.tensor(2, dtype=torch.int64),
-            torch.zeros(shape.n_layer, 2, shape.kv_dim), torch.zeros(shape.n_layer, 2, shape.kv_dim))
+            torch.zeros(shape.n_layer, 2, shape.kv_dim, dtype=dtype), torch.zeros(shape.n_layer, 2, shape.kv_dim, dtype=dtype))
     with torch.no_grad():
         export_graph(graph, args, out, list(PREFILL_INPUTS), list(PREFILL_OUTPUTS), ({0: t}, None, {1: p}, {1: p}),
                      {"rows": {0: "rows"}, "past_k": {1: "past"}, "past_v": {1: "past"}, "k": {1: "rows"}, "v": {1: "rows"}})
-    write_metadata(out, {**carried, **shape.metadata(), "kind": "prefill", "opset": OPSET, "precision": "fp32"})
+    write_metadata(out, {**carried, **shape.metadata(), "kind": "prefill", "opset": OPSET, "precision": "fp32", "kv_dtype": kv_dtype})
     logger.info("exported the prompt graph of %s to %s", gguf_path, out)
     return out
 
