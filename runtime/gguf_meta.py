@@ -179,14 +179,17 @@ class TokenEmbeddings:
         self.ggml_type = info.ggml_type
         self._row_bytes = self.n_embd // block * block_bytes
         self._table = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(self.n_vocab, self._row_bytes))
-
-    def rows(self, ids: "np.ndarray | list[int] | tuple[int, ...]") -> np.ndarray:
-        """``[len(ids), n_embd]`` float32."""
+        # imported with the model rather than on its first request, whose time to first token
+        # would carry the import (~40 ms)
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
+        self._dequantize, self._quant_type = dequantize, GGMLQuantizationType(self.ggml_type)
+
+    def rows(self, ids: "np.ndarray | list[int] | tuple[int, ...]") -> np.ndarray:
+        """``[len(ids), n_embd]`` float32."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
             raise CheckpointError(f"{self.path}: token id out of range 0..{self.n_vocab - 1}")
         raw = np.ascontiguousarray(self._table[ids])
-        return np.ascontiguousarray(dequantize(raw, GGMLQuantizationType(self.ggml_type)), dtype=np.float32).reshape(ids.size, self.n_embd)
+        return np.ascontiguousarray(self._dequantize(raw, self._quant_type), dtype=np.float32).reshape(ids.size, self.n_embd)
