@@ -3,7 +3,8 @@ measured drift against the fp32 graph.
 
 Every MatMul of the decoder blocks is quantized dynamically (weights int8 per output channel,
 activations uint8 on the fly), as the encoder's ``int8`` variant is; the attention products stay
-fp32. Its keys and values are float16 in and out, the KV cache's type. The fp32 graph is only a step on the way (at 0.6B it is 1.7 GB) and is not kept.
+fp32. Its keys and values are float16 in and out, the KV cache's type. The fp32 graph is only a
+step on the way (at 0.6B it is 1.7 GB) and is not kept.
 """
 
 from __future__ import annotations

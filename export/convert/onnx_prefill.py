@@ -143,7 +143,8 @@ class PrefillGraph(nn.Module):
             if hasattr(b, "k_norm"):
                 k = _rms(k, b.k_norm, s.rms_eps)
             k = self._rope(k, cos, sin)
-            ks.append(k.reshape(t, s.kv_dim).to(self.kv_dtype))  # each layer's cast at once: the graph never holds all in fp32
+            # each layer's cast at once, so the graph never holds every layer's keys in fp32
+            ks.append(k.reshape(t, s.kv_dim).to(self.kv_dtype))
             vs.append(v.to(self.kv_dtype))
             if last:
                 break
