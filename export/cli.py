@@ -161,7 +161,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
     peaks = measure(resolve_threads(args.threads))
     results = run_bench(model, bundle, clips, tokens=args.tokens, threads=args.threads, variants=pairs,  # type: ignore[arg-type]
-                        reference=reference, legacy=not args.no_legacy)
+                        reference=reference, legacy=not args.no_legacy, repeats=args.repeats)
     print(format_bench(results, bundle=bundle, peaks=peaks))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -388,6 +388,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
     b.add_argument("--parallel-tokens", default="32,128", help="new tokens per file in the --parallel table (default: %(default)s)")
     b.add_argument("--extra-bufts", action="store_true", help="--parallel with llama.cpp's repacked weights (refused on builds with AMX)")
     b.add_argument("--tokens", type=int, default=32, help="new tokens per caption (stop tokens ignored)")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="run each clip this many times in a row and report the median of its times (default: %(default)s)")
     b.add_argument("--variants", default=None, help="runtime ENCODER+DECODER pairs to time (default: fp32+f16,int8+Q4_K_M)")
     b.add_argument("--threads", type=int)
     b.add_argument("--json", help="also write the results here")

@@ -112,6 +112,12 @@ class AudioLM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def clear_cache(self) -> None:
+        """Forget the audio embeddings kept for clips asked about again (up to
+        :data:`EMBEDDING_CACHE_BYTES`): the next request about any clip runs the encoder."""
+        with self._cache_lock:
+            self._cache.clear()
+
     # -- audio -------------------------------------------------------------------------------
     def embed(
         self,

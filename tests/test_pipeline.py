@@ -49,6 +49,9 @@ def test_result_fields_streaming_and_questions(bundle) -> None:
         assert b.timings["encoder"] == 0.0  # the second question reused the clip's encoding
         assert lm.decoder.evaluate(lm.decoder._cached) == len(lm.decoder._cached[-1])  # and the KV prefix
         assert a.n_audio_tokens == b.n_audio_tokens == 15
+        lm.clear_cache()
+        c = lm.ask(wave, "Is it loud?", G(max_new_tokens=4, audio_first=True), sample_rate=C.SAMPLE_RATE)
+        assert c.timings["encoder"] > 0.0 and c.token_ids == b.token_ids  # encoded again, the same answer
         assert lm.transcribe(wave, G(max_new_tokens=2), language="en", sample_rate=C.SAMPLE_RATE).n_audio_tokens == 15
 
 
@@ -159,9 +162,13 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     assert main(args) == 2  # the default pairs need f16 / Q4_K_M, which this bundle lacks: refused before any run
     assert "no decoder variant 'f16'" in capsys.readouterr().err
     out = tmp_path / "bench.json"
-    assert main(args + ["--variants", "fp32+f32,int8+Q8_0", "--json", str(out)]) == 0
+    assert main(args + ["--variants", "fp32+f32,int8+Q8_0", "--json", str(out), "--repeats", "2"]) == 0
     table = capsys.readouterr().out
     results = json.loads(out.read_text())
+    # each clip twice in a row, its row the median of the two runs
+    assert all(r["repeats"] == 2 and all(len(c["ttft_runs"]) == 2 and min(c["ttft_runs"]) <= c["ttft"] <= max(c["ttft_runs"])
+                                         for c in r["clips"]) for r in results)
+    assert "each clip 2 times in a row" in table
     assert [r["config"] for r in results][:3] == ["reference fp32 (PyTorch)", "runtime fp32 + f32", "runtime int8 + Q8_0"]
     # the quantized pair runs its prompt on the bundle's prompt engine, and again on llama.cpp beside it
     assert results[3]["config"] == "runtime int8 + Q8_0, prompt in llama.cpp"

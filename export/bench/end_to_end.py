@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REFERENCE = "reference fp32 (PyTorch)"
 DEFAULT_VARIANTS = (("fp32", "f16"), ("int8", "Q4_K_M"))
@@ -62,7 +62,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
             (warm,) = ref.encode_audio([np.zeros(WARMUP_SAMPLES, np.float32)])
             warm_ids = ref.prompt.encode(user_message(WARMUP_PROMPT), [warm.shape[0]])
             ref.generate_from_embeds(ref.embed_prompt(warm_ids, [warm]), max_new_tokens=2, stop_ids=[])
-        for c in clips:
+        for c, _ in _runs(clips, job["repeats"]):
             _reset_peak_rss()
             t0 = time.perf_counter()
             wave = load_audio(c)
@@ -90,11 +90,13 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         load = time.perf_counter() - t
         lm.generate(np.zeros(WARMUP_SAMPLES, np.float32), WARMUP_PROMPT, GenerationOptions(max_new_tokens=2, ignore_eos=True), sample_rate=16000)
         options = GenerationOptions(max_new_tokens=tokens, ignore_eos=True)
-        for c in clips:
+        for c, _ in _runs(clips, job["repeats"]):
             _reset_peak_rss()
-            # Each clip from an empty KV cache, as a single request meets it: after a request with
-            # the same prompt the decoder would reuse the opening positions it has cached.
+            # Each clip from an empty KV cache and without its cached embeddings, as a single
+            # request meets it: after a request with the same prompt the decoder would reuse the
+            # opening positions it has cached, and a clip asked about again skips the encoder.
             lm.decoder.reset()
+            lm.clear_cache()
             r = lm.generate(c, CAPTION_PROMPT, options)
             rows.append({"clip": c, "seconds": r.audio_seconds, "n_samples": int(round(r.audio_seconds * 16000)),
                          "ttft": r.timings["time_to_first_token"], "total": r.timings["total"],
@@ -103,8 +105,36 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         prompt_by = "onnx" if lm.decoder.prefill is not None else "llama"
         lm.close()
     return {"config": job["config"], "variants": job["variants"], "legacy": job.get("options") == LEGACY,
-            "llama_prompt": job.get("options") == LLAMA_PROMPT, "load_s": load, "clips": rows,
+            "llama_prompt": job.get("options") == LLAMA_PROMPT, "load_s": load, "repeats": job["repeats"],
+            "clips": _medians(rows, job["repeats"]),
             **({"prompt_by": prompt_by} if job["variants"] else {})}
+
+
+def _runs(clips: list[str], repeats: int) -> Iterator[tuple[str, int]]:
+    """Each clip ``repeats`` times in a row (``(clip, repeat)``)."""
+    for c in clips:
+        for i in range(repeats):
+            yield c, i
+
+
+# A clip's row over its repeats: the median of each time and rate, the largest peak.
+_MEDIAN_KEYS = ("ttft", "total", "encoder", "prefill", "decode_tok_s")
+
+
+def _medians(rows: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
+    """One row per clip from ``repeats`` consecutive rows of each: the median of every time and
+    rate (each on its own), the largest peak RSS, and each run's time to first token."""
+    import statistics
+
+    out = []
+    for i in range(0, len(rows), repeats):
+        group = rows[i : i + repeats]
+        row = dict(group[0])
+        row.update({k: statistics.median(r[k] for r in group) for k in _MEDIAN_KEYS})
+        row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in group)
+        row["ttft_runs"] = [r["ttft"] for r in group]
+        out.append(row)
+    return out
 
 
 def _reset_peak_rss() -> None:
@@ -131,11 +161,15 @@ def _peak_rss() -> int:
 
 
 def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, tokens: int = 32, threads: int | None = None,
-              variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, reference: bool = True, legacy: bool = True) -> list[dict[str, Any]]:
+              variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, reference: bool = True, legacy: bool = True,
+              repeats: int = 1) -> list[dict[str, Any]]:
     """Run the reference (unless ``reference=False``), each (encoder, decoder) variant pair, the
     int8 + Q4_K_M pair (else the last one with a quantized decoder) with llama.cpp evaluating the
     prompt instead of the bundle's prompt engine, and (``legacy``) the last pair as the runtime ran before
-    (:data:`LEGACY`), each in its own process."""
+    (:data:`LEGACY`), each in its own process; each clip ``repeats`` times, its row the median."""
+    from ...runtime.options import whole_number
+
+    whole_number("repeats", repeats, minimum=1)
     from ...runtime.bundle import Bundle
     from ...runtime.errors import MdlEdgeError
     from ...runtime.gguf_meta import FULL_PRECISION_TYPES
@@ -156,7 +190,7 @@ def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, token
     results = []
     for config, pair, options in configs:
         job = {"config": config, "variants": pair, "options": options, "model": str(model), "bundle": str(bundle),
-               "clips": [str(c) for c in clips], "tokens": tokens, "threads": threads}
+               "clips": [str(c) for c in clips], "tokens": tokens, "threads": threads, "repeats": repeats}
         proc = subprocess.run([sys.executable, "-m", "mdl_edge.export.bench.end_to_end", json.dumps(job)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise MdlEdgeError(f"benchmark worker for {config!r} failed:\n{proc.stderr[-3000:]}")
@@ -202,6 +236,9 @@ def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = N
     has_ref = results[0]["config"] == REFERENCE
     ref = {r["clip"]: r for r in results[0]["clips"]} if has_ref else {}
     lines = [peaks.header(), ""] if peaks is not None else []
+    repeats = results[0].get("repeats", 1)
+    if repeats > 1:
+        lines += [f"each clip {repeats} times in a row; every time and rate is the median of its runs, peak RSS the largest", ""]
     lines += ["| configuration | clip | time to first token (s) | total (s) | TTFT vs reference | total vs reference | real-time factor | "
               "encoder s (% of GEMM peak) | prompt s / positions (% of fp32 GEMM) | decode tok/s (% of read bandwidth) | load (s) | peak RSS (GB) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
