@@ -117,7 +117,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .synthetic.checkpoint import write_synthetic_checkpoint
     from ..runtime import constants as C
     from ..runtime.audio import demo_clip
+    from ..runtime.options import whole_number
 
+    whole_number("repeats", args.repeats)  # before minutes of synthesis and export
+    if args.parallel and args.repeats != 1:
+        from ..runtime.errors import OptionError
+
+        raise OptionError("repeats", "applies to the end-to-end table, not to --parallel")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else work / f"synth-{args.preset}"

@@ -161,6 +161,10 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     args = ["bench", "--model", str(tiny_qwen2_dir), "--bundle", str(bundle), "--work", str(tmp_path), "--clips", "3,30", "--tokens", "4"]
     assert main(args) == 2  # the default pairs need f16 / Q4_K_M, which this bundle lacks: refused before any run
     assert "no decoder variant 'f16'" in capsys.readouterr().err
+    assert main(args + ["--repeats", "0"]) == 2
+    assert "repeats: must be a whole number >= 1" in capsys.readouterr().err
+    assert main(args + ["--repeats", "2", "--parallel", "1"]) == 2
+    assert "not to --parallel" in capsys.readouterr().err
     out = tmp_path / "bench.json"
     assert main(args + ["--variants", "fp32+f32,int8+Q8_0", "--json", str(out), "--repeats", "2"]) == 0
     table = capsys.readouterr().out
