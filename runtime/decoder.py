@@ -376,7 +376,7 @@ class LlamaDecoder:
             self._decode(seg, self._n_past, want_logits=i == len(batch) - 1)
             self._n_past += len(seg)
         self._cached.extend(rest)
-        return total - sum(len(s) for s in segments[:keep])
+        return n_new
 
     # -- the prompt engine ----------------------------------------------------------------
     @property

@@ -12,16 +12,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Container, Iterator, Sequence
+from typing import Callable, Container, Iterator, Sequence
 
 import numpy as np
 
 from . import constants as C
 from .config import MAX_ACOUSTIC_MELS
 from .cpu import cpu_info
-from .errors import CheckpointError, ConfigError, OptionError
+from .errors import CheckpointError, ConfigError
 from .mel import log_mel
-from .onnx_meta import ENCODER_FILE, FRAMES_AXIS, PROJECTOR_FILE, read_metadata
+from .onnx_meta import ENCODER_FILE, FRAMES_AXIS, PRECISE_INT8_KEY, PROJECTOR_FILE, ort_session, read_metadata
 from .options import resolve_threads, whole_number
 
 logger = logging.getLogger("mdl_edge")
@@ -78,51 +78,6 @@ def schedule(jobs: Sequence[tuple[int, ChunkSpec]], max_batch: int) -> list[list
     for job in sorted(jobs, key=lambda j: j[1].n_real != C.CHUNK_PATCHES):  # stable: full chunks first
         by_width.setdefault(job[1].n_real, []).append(job)
     return [group[b : b + max_batch] for group in by_width.values() for b in range(0, len(group), max_batch)]
-
-
-# ONNX Runtime's switch from u8 x s8 to u8 x u8 int8 kernels on x86-64 without VNNI (see cpu.py).
-PRECISE_INT8_KEY = "session.x64quantprecision"
-
-
-def ort_session(path: Path, *, threads: int, provider: str = "cpu", optimized_dir: Path | None = None, static_frames: bool = False,
-                precise_int8: bool = False, spin: bool = True) -> Any:
-    """An ONNX Runtime session of ``path`` as mdl-edge runs its graphs (``threads`` intra-op
-    threads, all graph optimizations, no memory arena, ORT's own log quiet); load failures name
-    the file.
-    ``spin=False``: ORT's idle threads sleep at once after a run instead of spinning, for a
-    session whose run is followed at once by llama.cpp's on the same cores."""
-    import onnxruntime as ort
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
-    opts = ort.SessionOptions()
-    if precise_int8:
-        opts.add_session_config_entry(PRECISE_INT8_KEY, "1")
-    if static_frames:
-        opts.add_free_dimension_override_by_name(FRAMES_AXIS, C.CHUNK_FRAMES)
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    # No arena: a run's intermediates go back to the system, where an arena would keep each
-    # session's largest run resident for good (0.6B shapes, 30 s clip: peak RSS 0.07 GB lower,
-    # the same speed within run-to-run noise).
-    opts.enable_cpu_mem_arena = False
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # ORT's own warnings go nowhere unless asked
-    if optimized_dir is not None:
-        opts.optimized_model_filepath = str(optimized_dir / (path.stem + ".optimized.onnx"))
-    providers = ["CPUExecutionProvider"]
-    if provider == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ConfigError("provider 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    elif provider != "cpu":
-        raise OptionError("provider", f"must be 'cpu' or 'cuda', got {provider!r}")
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
-        raise CheckpointError(f"{path}: onnxruntime cannot load it: {e}") from e
 
 
 class AudioEncoder:

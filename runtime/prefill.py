@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import CheckpointError, MdlEdgeError
 from .kv_state import SequenceKV
-from .onnx_meta import read_metadata
+from .onnx_meta import ort_session, read_metadata
 
 logger = logging.getLogger("mdl_edge")
 
@@ -42,8 +42,6 @@ class PrefillEngine:
     :class:`~mdl_edge.runtime.encoder.AudioEncoder`)."""
 
     def __init__(self, path: str | Path, *, threads: int, precise_int8: bool = False) -> None:
-        from .encoder import ort_session
-
         self.path = Path(path)
         self.session = ort_session(self.path, threads=threads, precise_int8=precise_int8, spin=False)
         self.meta = read_metadata(self.session, self.path)
@@ -92,10 +90,8 @@ class PrefillEngine:
         start = past.n_cells if past is not None else 0
         if past is not None and not np.array_equal(past.positions, np.arange(start)):
             raise MdlEdgeError(f"the KV cache holds positions {past.positions[:8].tolist()}..., not 0..{start - 1}")
-        if past is None:
-            k, v = self.run(rows, 0)
-            k, v = k.astype(dtype, copy=False), v.astype(dtype, copy=False)
-        else:
-            k, v = self.run(rows, start, past.k, past.v)
-            k, v = np.concatenate([past.k, k.astype(dtype, copy=False)], axis=1), np.concatenate([past.v, v.astype(dtype, copy=False)], axis=1)
+        k, v = self.run(rows, start, past.k, past.v) if past is not None else self.run(rows, 0)
+        k, v = k.astype(dtype, copy=False), v.astype(dtype, copy=False)
+        if past is not None:
+            k, v = np.concatenate([past.k, k], axis=1), np.concatenate([past.v, v], axis=1)
         return SequenceKV(np.arange(start + rows.shape[0], dtype=np.int32), k, v, v_trans)

@@ -62,7 +62,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
             (warm,) = ref.encode_audio([np.zeros(WARMUP_SAMPLES, np.float32)])
             warm_ids = ref.prompt.encode(user_message(WARMUP_PROMPT), [warm.shape[0]])
             ref.generate_from_embeds(ref.embed_prompt(warm_ids, [warm]), max_new_tokens=2, stop_ids=[])
-        for c, _ in _runs(clips, job["repeats"]):
+        for c in _runs(clips, job["repeats"]):
             _reset_peak_rss()
             t0 = time.perf_counter()
             wave = load_audio(c)
@@ -90,7 +90,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         load = time.perf_counter() - t
         lm.generate(np.zeros(WARMUP_SAMPLES, np.float32), WARMUP_PROMPT, GenerationOptions(max_new_tokens=2, ignore_eos=True), sample_rate=16000)
         options = GenerationOptions(max_new_tokens=tokens, ignore_eos=True)
-        for c, _ in _runs(clips, job["repeats"]):
+        for c in _runs(clips, job["repeats"]):
             _reset_peak_rss()
             # Each clip from an empty KV cache and without its cached embeddings, as a single
             # request meets it: after a request with the same prompt the decoder would reuse the
@@ -110,11 +110,10 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
             **({"prompt_by": prompt_by} if job["variants"] else {})}
 
 
-def _runs(clips: list[str], repeats: int) -> Iterator[tuple[str, int]]:
-    """Each clip ``repeats`` times in a row (``(clip, repeat)``)."""
+def _runs(clips: list[str], repeats: int) -> Iterator[str]:
+    """Each clip ``repeats`` times in a row."""
     for c in clips:
-        for i in range(repeats):
-            yield c, i
+        yield from [c] * repeats
 
 
 # A clip's row over its repeats: the median of each time and rate, the largest peak.
@@ -167,12 +166,12 @@ def run_bench(model: str | Path, bundle: str | Path, clips: list[Path], *, token
     int8 + Q4_K_M pair (else the last one with a quantized decoder) with llama.cpp evaluating the
     prompt instead of the bundle's prompt engine, and (``legacy``) the last pair as the runtime ran before
     (:data:`LEGACY`), each in its own process; each clip ``repeats`` times, its row the median."""
-    from ...runtime.options import whole_number
-
-    whole_number("repeats", repeats, minimum=1)
     from ...runtime.bundle import Bundle
     from ...runtime.errors import MdlEdgeError
     from ...runtime.gguf_meta import FULL_PRECISION_TYPES
+    from ...runtime.options import whole_number
+
+    whole_number("repeats", repeats)
 
     b = Bundle.open(bundle)
     for enc, dec in variants:  # fail before any long run
