@@ -21,13 +21,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Sequence
+from typing import Any, Generator, Sequence
 
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, ContextLengthError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, TokenEmbeddings, read_gguf_header
-from .kv_state import restore_sequence, save_sequence
+from .heap import release_freed_memory
+from .kv_state import SequenceBlob, restore_sequence, save_sequence
 from .options import DEFAULT_MAX_NEW_TOKENS, MIN_CTX, SamplingOptions, resolve_threads, whole_number
 from .prefill import MIN_PREFILL_POSITIONS, PrefillEngine
 from .prompt import Segment, same_segment
@@ -278,9 +279,15 @@ class LlamaDecoder:
             pass
 
     # -- tokens ---------------------------------------------------------------------------
+    def _open(self) -> Any:
+        # the vocabulary belongs to the model, which close() frees
+        if not getattr(self, "_model", None):
+            raise MdlEdgeError(f"{self.path}: the decoder is closed")
+        return self._L
+
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         """llama.cpp's tokenization of ``text`` (special tokens parsed when ``special``)."""
-        L = self._L
+        L = self._open()
         raw = text.encode("utf-8")
         buf = (L.llama_token * (len(raw) + 8))()
         n = L.llama_tokenize(self._vocab, raw, len(raw), buf, len(buf), False, special)
@@ -291,7 +298,7 @@ class LlamaDecoder:
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token (special tokens render as empty)."""
-        L = self._L
+        L = self._open()
         buf = ctypes.create_string_buffer(64)
         n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         if n < 0:
@@ -402,8 +409,18 @@ class LlamaDecoder:
     def _prefill_rows(self, engine: PrefillEngine, rows: np.ndarray, pos: int) -> None:
         """Rows at positions ``pos..``: all but the last through the prompt engine into the KV
         cache (after the ``pos`` positions it holds), the last through llama.cpp for its logits."""
-        past = save_sequence(self._L, self._ctx) if pos else None
-        restore_sequence(self._L, self._ctx, engine.cells(rows[:-1], past, self._kv_dtype, v_trans=not self.flash_attn))
+        cells = rows[:-1]
+        if pos == 0 and self.flash_attn and engine.kv_dtype == self._kv_dtype:
+            # the usual case, a prompt from an empty cache: the engine writes each layer's keys
+            # and values straight into the buffer llama.cpp reads, so they exist once
+            blob = SequenceBlob(np.arange(cells.shape[0], dtype=np.int32), engine.n_layer, engine.kv_dim, self._kv_dtype, v_trans=False)
+            engine.run_into(cells, 0, [blob.k(i) for i in range(engine.n_layer)], [blob.v(i) for i in range(engine.n_layer)])
+            restore_sequence(self._L, self._ctx, blob)
+        else:
+            past = save_sequence(self._L, self._ctx) if pos else None
+            restore_sequence(self._L, self._ctx, engine.cells(cells, past, self._kv_dtype, v_trans=not self.flash_attn))
+            del past
+        release_freed_memory()  # the engine's run and the cells handed over
         self._decode(Segment(embeddings=rows[-1:]), pos + rows.shape[0] - 1, want_logits=True)
         self._n_past = pos + rows.shape[0]
 

@@ -20,6 +20,7 @@ from . import constants as C
 from .config import MAX_ACOUSTIC_MELS
 from .cpu import cpu_info
 from .errors import CheckpointError, ConfigError
+from .heap import release_freed_memory
 from .mel import log_mel
 from .onnx_meta import ENCODER_FILE, FRAMES_AXIS, PRECISE_INT8_KEY, PROJECTOR_FILE, ort_session, read_metadata
 from .options import resolve_threads, whole_number
@@ -186,6 +187,7 @@ class AudioEncoder:
         for group in schedule(jobs, self.max_batch):
             feed = chunk_batch([(mels[i], spec) for i, spec in group], frames=self.chunk_frames, keep=self.acoustic_mels > 0)
             (feats,) = self.encoder.run(None, feed)
+            release_freed_memory()  # each run's working set, before the next chunk's
             for k, (i, spec) in enumerate(group):
                 yield i, spec.first_frame // C.CHUNK_FRAMES, feats[k, : spec.n_real]
             done += len(group)

@@ -59,48 +59,62 @@ class SequenceKV:
         return int(self.positions.shape[0])
 
 
-def write_sequence(kv: SequenceKV, seq_id: int = 0) -> bytearray:
-    """``kv`` in the layout ``llama_state_seq_set_data`` reads: one buffer, filled in place (a
-    30 s prompt's cells are ~20 MB; joining copies would cost more than the handover)."""
+class SequenceBlob:
+    """A ``llama_state_seq_set_data`` buffer for ``n`` cells at ``positions``, its headers written
+    and its key and value rows left for the caller to fill through :meth:`k` and :meth:`v` (so a
+    30 s prompt's ~20 MB of cells are written once, where they will be read)."""
+
+    def __init__(self, positions: np.ndarray, n_layer: int, dim: int, dtype: np.dtype, *, v_trans: bool, seq_id: int = 0) -> None:
+        n = int(positions.shape[0])
+        dtype = np.dtype(dtype).newbyteorder("<")
+        if dtype not in KV_TYPE_IDS:
+            raise ValueError(f"KV cells must be float16 or float32, got {dtype}")
+        self.n_cells, self.n_layer, self.dim, self.dtype, self.v_trans = n, n_layer, dim, dtype, v_trans
+        head = struct.pack("<IiII", MAGIC, seq_id, 1, n)
+        type_id, row = KV_TYPE_IDS[dtype], dim * dtype.itemsize
+        k_head = struct.pack("<iQ", type_id, row)
+        v_head = struct.pack("<iII", type_id, dtype.itemsize, dim) if v_trans else struct.pack("<iQ", type_id, row)
+        cell = np.dtype([("pos", "<i4"), ("n_seq", "<u4"), ("seq", "<i4")])
+        size = len(head) if n == 0 else len(head) + n * cell.itemsize + 8 + n_layer * (len(k_head) + len(v_head) + 2 * n * row)
+        self.data = bytearray(size)
+        view = memoryview(self.data)
+        view[: len(head)] = head
+        self._k: list[int] = []
+        self._v: list[int] = []
+        if n == 0:
+            return
+        at = len(head)
+        cells = np.frombuffer(self.data, dtype=cell, count=n, offset=at)
+        cells["pos"], cells["n_seq"], cells["seq"] = positions, 1, seq_id
+        at += cells.nbytes
+        view[at : at + 8] = struct.pack("<II", int(v_trans), n_layer)
+        at += 8
+        for offsets, layer_head in ((self._k, k_head), (self._v, v_head)):
+            for _ in range(n_layer):
+                view[at : at + len(layer_head)] = layer_head
+                offsets.append(at + len(layer_head))
+                at += len(layer_head) + n * row
+
+    def k(self, layer: int) -> np.ndarray:
+        """Layer ``layer``'s key rows ``[n, dim]``, a writable view into :attr:`data`."""
+        return np.frombuffer(self.data, dtype=self.dtype, count=self.n_cells * self.dim, offset=self._k[layer]).reshape(self.n_cells, self.dim)
+
+    def v(self, layer: int) -> np.ndarray:
+        """Layer ``layer``'s values: ``[n, dim]``, or ``[dim, n]`` when llama.cpp stores them
+        transposed (``v_trans``); a writable view into :attr:`data`."""
+        shape = (self.dim, self.n_cells) if self.v_trans else (self.n_cells, self.dim)
+        return np.frombuffer(self.data, dtype=self.dtype, count=self.n_cells * self.dim, offset=self._v[layer]).reshape(shape)
+
+
+def write_sequence(kv: SequenceKV, seq_id: int = 0) -> SequenceBlob:
+    """``kv`` in the layout ``llama_state_seq_set_data`` reads."""
     n_layer, n, dim = kv.k.shape
-    dtype = kv.k.dtype.newbyteorder("<")
-    type_id = KV_TYPE_IDS[dtype]
-    head = struct.pack("<IiII", MAGIC, seq_id, 1, n)
-    if n == 0:
-        return bytearray(head)
-    cell = np.dtype([("pos", "<i4"), ("n_seq", "<u4"), ("seq", "<i4")])
-    row = dim * dtype.itemsize
-    k_head, v_head = struct.pack("<iQ", type_id, row), struct.pack("<iII", type_id, dtype.itemsize, dim) if kv.v_trans else struct.pack("<iQ", type_id, row)
-    size = len(head) + n * cell.itemsize + 8 + n_layer * (len(k_head) + len(v_head) + 2 * n * row)
-    out = bytearray(size)
-    view = memoryview(out)
-    at = 0
-
-    def put(data: bytes) -> None:
-        nonlocal at
-        view[at : at + len(data)] = data
-        at += len(data)
-
-    def array(shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
-        nonlocal at
-        a = np.frombuffer(out, dtype=dt, count=int(np.prod(shape)), offset=at).reshape(shape)
-        at += a.nbytes
-        return a
-
-    put(head)
-    cells = array((n,), cell)
-    cells["pos"], cells["n_seq"], cells["seq"] = kv.positions, 1, seq_id
-    put(struct.pack("<II", int(kv.v_trans), n_layer))
-    for il in range(n_layer):
-        put(k_head)
-        array((n, dim), dtype)[:] = kv.k[il]
-    for il in range(n_layer):
-        put(v_head)
-        if kv.v_trans:
-            array((dim, n), dtype)[:] = kv.v[il].T
-        else:
-            array((n, dim), dtype)[:] = kv.v[il]
-    return out
+    blob = SequenceBlob(kv.positions, n_layer, dim, kv.k.dtype, v_trans=kv.v_trans, seq_id=seq_id)
+    if n:
+        for il in range(n_layer):
+            blob.k(il)[:] = kv.k[il]
+            blob.v(il)[:] = kv.v[il].T if kv.v_trans else kv.v[il]
+    return blob
 
 
 class _Reader:
@@ -193,9 +207,10 @@ def save_sequence(llama: Any, ctx: Any, seq_id: int = 0) -> SequenceKV:
     return read_sequence(bytes(buf))
 
 
-def restore_sequence(llama: Any, ctx: Any, kv: SequenceKV, seq_id: int = 0) -> None:
-    """Replace sequence ``seq_id``'s KV cells in a llama.cpp context with ``kv``."""
-    blob = write_sequence(kv, seq_id)
-    buf = (ctypes.c_ubyte * len(blob)).from_buffer(blob)
-    if llama.llama_state_seq_set_data(ctx, buf, len(blob), seq_id) != len(blob):
+def restore_sequence(llama: Any, ctx: Any, kv: "SequenceKV | SequenceBlob", seq_id: int = 0) -> None:
+    """Replace sequence ``seq_id``'s KV cells in a llama.cpp context with ``kv`` (cells, or a blob
+    already filled for ``seq_id``)."""
+    data = (kv if isinstance(kv, SequenceBlob) else write_sequence(kv, seq_id)).data
+    buf = (ctypes.c_ubyte * len(data)).from_buffer(data)
+    if llama.llama_state_seq_set_data(ctx, buf, len(data), seq_id) != len(data):
         raise MdlEdgeError("llama.cpp refused the keys and values handed to it (see the mdl_edge.llama_cpp log)")

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator
 
@@ -28,6 +28,7 @@ from .batching import NOT_READY, DecodeRequest, Failed, generate_many
 from .prompt import Segment, split_prompt
 from .stream import Stream
 from .errors import AudioError, MdlEdgeError
+from .heap import release_freed_memory
 from .mel import log_mel_blocks
 from .options import DecoderOptions, EncoderOptions, GenerationOptions, decoder_options, encoder_options, resolve_threads, whole_number
 from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt, user_message
@@ -96,6 +97,11 @@ class AudioLM:
         self.encoder_options, self.decoder_options = encoder_options(encoder), decoder_options(decoder)
         self.encoder_variant, self.encoder = self.bundle.load_encoder(self.encoder_options, threads=threads)
         self.decoder_variant, self.decoder = self.bundle.load_decoder(self.decoder_options, threads=threads)
+        # prompts tokenized by the decoder's own vocabulary where it agrees with tokenizer.json,
+        # whose tokenizer is then dropped
+        self.prompt = self.bundle.prompt.on_llama_vocab(self.decoder)
+        self.bundle = replace(self.bundle, prompt=self.prompt)
+        release_freed_memory()
         self.threads = threads
         # Recent clips' embeddings, for follow-up questions: source key -> (embeddings, samples).
         self._cache: OrderedDict[bytes, tuple[np.ndarray, int]] = OrderedDict()
@@ -155,6 +161,8 @@ class AudioLM:
         n_samples = blocks.n_samples
         t.update(decode_audio=decode_s[0], mel=time.perf_counter() - t0 - decode_s[0])
         emb = self.encoder.embed_mel(mel, n_samples, timings=t, on_chunks=on_chunks)
+        del mel, blocks
+        release_freed_memory()  # the encoder's runs are freed by now
         if key is not None and emb.nbytes <= EMBEDDING_CACHE_BYTES:
             emb.setflags(write=False)  # shared between requests
             with self._cache_lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -22,9 +23,18 @@ from .onnx_meta import ort_session, read_metadata
 
 logger = logging.getLogger("mdl_edge")
 
-# The graph's inputs and outputs, as the exporter names them.
+# The graph's inputs, as the exporter names them.
 PREFILL_INPUTS = ("rows", "start", "past_k", "past_v")
-PREFILL_OUTPUTS = ("k", "v")
+# Outputs of graphs exported before each layer had its own: every layer's keys, then values,
+# stacked [n_layer, n, kv_dim]. They still load; the stacking costs a copy of the prompt's cells.
+STACKED_OUTPUTS = ("k", "v")
+
+
+def layer_outputs(n_layer: int) -> list[str]:
+    """The graph's outputs: each layer's keys ``k.<i>`` ``[n, kv_dim]``, then its values
+    ``v.<i>``. Being separate, they can be written straight into the buffer handed to llama.cpp
+    (:meth:`PrefillEngine.run_into`), so the prompt's cells exist once."""
+    return [f"k.{i}" for i in range(n_layer)] + [f"v.{i}" for i in range(n_layer)]
 # Types of the keys and values a graph takes and returns (its metadata's ``kv_dtype``; graphs
 # without it are float32). Bundles carry float16, the KV cache's type, which ONNX Runtime casts
 # to in a fraction of what numpy takes (a 30 s prompt's cells: ~1 ms against ~25 ms).
@@ -56,23 +66,56 @@ class PrefillEngine:
         if kv_dtype not in KV_DTYPES:
             raise CheckpointError(f"{self.path}: keys and values of type {kv_dtype!r} (known: {', '.join(KV_DTYPES)})")
         self.kv_dtype = np.dtype(kv_dtype)
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.per_layer = outputs == layer_outputs(self.n_layer)
+        if not self.per_layer and outputs != list(STACKED_OUTPUTS):
+            raise CheckpointError(f"{self.path}: outputs {outputs[:4]}... are not a prompt graph's of {self.n_layer} layers")
 
     def run(self, rows: np.ndarray, start: int, past_k: np.ndarray | None = None, past_v: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values ``[n_layer, n, kv_dim]`` (of :attr:`kv_dtype`) of ``rows`` (``[n, hidden]``)
         at positions ``start..start+n-1``, after the cached positions ``0..start-1`` whose keys and
         values are ``past_k`` / ``past_v`` (``[n_layer, start, kv_dim]``; none when ``start`` is 0)."""
+        feed = self._feed(rows, start, past_k, past_v)
+        if not self.per_layer:
+            k, v = self.session.run(list(STACKED_OUTPUTS), feed)
+            return k, v
+        out = self.session.run(None, feed)
+        return np.stack(out[: self.n_layer]), np.stack(out[self.n_layer :])
+
+    def run_into(self, rows: np.ndarray, start: int, k_out: Sequence[np.ndarray], v_out: Sequence[np.ndarray],
+                 past_k: np.ndarray | None = None, past_v: np.ndarray | None = None) -> None:
+        """:meth:`run`, with layer ``i``'s keys and values written into ``k_out[i]`` and
+        ``v_out[i]`` (C-contiguous ``[n, kv_dim]`` arrays of :attr:`kv_dtype`, views into the
+        buffer llama.cpp reads); ONNX Runtime writes them there itself, no copy made."""
+        n = rows.shape[0]
+        dests = [*k_out, *v_out]
+        if len(dests) != 2 * self.n_layer or any(d.shape != (n, self.kv_dim) or d.dtype != self.kv_dtype or not d.flags.c_contiguous
+                                                 or not d.flags.writeable for d in dests):
+            raise ValueError(f"run_into needs {self.n_layer} writable C-contiguous [{n}, {self.kv_dim}] {self.kv_dtype} arrays each for keys and values")
+        feed = self._feed(rows, start, past_k, past_v)
+        if not self.per_layer:
+            k, v = self.session.run(list(STACKED_OUTPUTS), feed)
+            for dst, src in zip(dests, [*k, *v]):
+                dst[...] = src
+            return
+        io = self.session.io_binding()
+        for name, value in feed.items():
+            io.bind_cpu_input(name, value)
+        for name, dst in zip(layer_outputs(self.n_layer), dests):
+            io.bind_output(name, "cpu", 0, dst.dtype, dst.shape, dst.ctypes.data)
+        self.session.run_with_iobinding(io)
+
+    def _feed(self, rows: np.ndarray, start: int, past_k: np.ndarray | None, past_v: np.ndarray | None) -> dict[str, np.ndarray]:
         if past_k is None or past_v is None:
             past_k = past_v = np.zeros((self.n_layer, 0, self.kv_dim), self.kv_dtype)
         if past_k.shape != (self.n_layer, start, self.kv_dim) or past_v.shape != past_k.shape:
             raise ValueError(f"past keys {past_k.shape} / values {past_v.shape} do not fit {start} positions of {self.path.name}")
-        feed = {
+        return {
             "rows": np.ascontiguousarray(rows, dtype=np.float32),
             "start": np.asarray(start, dtype=np.int64),
             "past_k": np.ascontiguousarray(past_k, dtype=self.kv_dtype),
             "past_v": np.ascontiguousarray(past_v, dtype=self.kv_dtype),
         }
-        k, v = self.session.run(list(PREFILL_OUTPUTS), feed)
-        return k, v
 
     def check(self, n_layer: int, n_embd: int, saved: SequenceKV, dtype: np.dtype, decoder: str) -> None:
         """Refuse a decoder this graph was not made for: its depth and width, and the key width and

@@ -9,6 +9,7 @@ embeddings become the decoder's input, text and audio :class:`Segment` runs (:fu
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, OptionError, one_line
+
+logger = logging.getLogger("mdl_edge")
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS = "<|audio_bos|>"
@@ -190,6 +193,66 @@ class PromptFormat:
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids to text, special tokens skipped."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def on_llama_vocab(self, vocab: Any) -> "PromptFormat":
+        """This format tokenizing with a llama.cpp model's own vocabulary (``vocab``: see
+        :class:`LlamaVocabTokenizer`) where that gives the same ids as this tokenizer on
+        :data:`VOCAB_PROBE` and the same special tokens; otherwise this format itself.
+
+        A runtime whose decoder is llama.cpp then holds one vocabulary, not two (the
+        ``tokenizers`` one is ~20-50 MB resident)."""
+        theirs = LlamaVocabTokenizer(vocab)
+        for text in VOCAB_PROBE:
+            ours = self.tokenizer.encode(text, add_special_tokens=False).ids
+            if theirs.encode(text).ids != ours:
+                logger.info("%s: llama.cpp's vocabulary tokenizes %r otherwise; prompts keep tokenizer.json", self.source, text[:40])
+                return self
+        try:
+            other = PromptFormat(theirs, self.chat_template, stop_ids=self.stop_ids, source=self.source)
+        except CheckpointError:
+            return self
+        return other if (other.special, other.stop_ids) == (self.special, self.stop_ids) else self
+
+
+# Texts a llama.cpp vocabulary must tokenize exactly as the checkpoint's tokenizer before it
+# replaces it (:meth:`PromptFormat.on_llama_vocab`): every class of the Qwen pre-tokenizer's
+# pattern (letters, digits in threes, contractions, punctuation, whitespace runs and newlines,
+# accents, CJK, emoji) and the special tokens a prompt holds.
+VOCAB_PROBE = (
+    "Caption the audio.",
+    "Transcribe the speech into text <|en|>",
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "What sound is heard?<|audio_bos|><|AUDIO|><|audio_eos|><|im_end|>\n<|im_start|>assistant\n",
+    "A dog barks twice, then a car passes by in the rain... 12345 6.78 1,000,000 3rd 2024-05-06",
+    "  leading spaces\tand tabs\n\n\nnewlines   \r\n trailing ",
+    "Unicode: café naïve Ünïcödé 北京 汉字 日本語の音声 한국어 😀👍🏽 — “quotes” «guillemets» and 'apostrophes' it's we're I'LL",
+    "MIXED case WORDS, punctuation!?;: (brackets) [more] {braces} <tags> a/b\\c @#$%^&*_+=|~`",
+    "<|endoftext|><|im_end|> spoken:\u00a0non-breaking\u2009thin space",
+)
+
+
+class LlamaVocabTokenizer:
+    """A llama.cpp model's own vocabulary behind the few calls :class:`PromptFormat` makes of a
+    ``tokenizers`` tokenizer (``token_to_id``, ``encode(...).ids``, ``decode``). ``vocab``: an
+    object with llama.cpp's ``tokenize(text, special=True)`` and ``piece(id)``
+    (:class:`~mdl_edge.runtime.decoder.LlamaDecoder`)."""
+
+    @dataclass(frozen=True)
+    class Encoding:
+        ids: list[int]
+
+    def __init__(self, vocab: Any) -> None:
+        self.vocab = vocab
+
+    def token_to_id(self, token: str) -> int | None:
+        ids = self.vocab.tokenize(token, special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> "LlamaVocabTokenizer.Encoding":
+        return self.Encoding(self.vocab.tokenize(text, special=True))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return b"".join(self.vocab.piece(int(i)) for i in ids).decode("utf-8", errors="replace")
 
 
 def expand_audio_placeholders(ids: Sequence[int], n_audio_tokens: Sequence[int], special: SpecialIds) -> list[int]:

@@ -53,7 +53,7 @@ def test_sequence_state_layout_round_trips_llama_cpp(ggufs, f32_kv, flash_attn) 
     kv = read_sequence(blob)
     assert kv.k.shape == (2, len(TOKENS), 32) and kv.k.dtype == (np.float32 if f32_kv else np.float16)
     assert kv.v_trans == (not flash_attn) and kv.positions.tolist() == list(range(len(TOKENS)))
-    assert write_sequence(kv) == blob
+    assert write_sequence(kv).data == blob
 
 
 def test_sequence_state_errors_name_the_problem() -> None:
@@ -61,7 +61,7 @@ def test_sequence_state_errors_name_the_problem() -> None:
     from mdl_edge.runtime.kv_state import SequenceKV, read_sequence, write_sequence
 
     k = np.ones((2, 3, 8), np.float16)
-    blob = write_sequence(SequenceKV(np.arange(3, dtype=np.int32), k, k, False))
+    blob = bytes(write_sequence(SequenceKV(np.arange(3, dtype=np.int32), k, k, False)).data)
     assert read_sequence(blob).k.tolist() == k.tolist()
     with pytest.raises(MdlEdgeError, match="ends early"):
         read_sequence(blob[:-5])
@@ -145,6 +145,75 @@ def test_generation_through_the_prompt_engine_matches_llama_cpp(ggufs, graphs, f
     tol = 1e-5 if f32_kv else 2e-3
     for got, want in ((fa, la), (fb, lb)):
         assert rel_max_error(got, want) <= tol, rel_max_error(got, want)
+
+
+def test_float16_engine_writes_straight_into_llama_cpps_buffer(ggufs, tmp_path: Path) -> None:
+    """The bundles' case (float16 graph, f16 cache, flash attention): each layer's keys and values
+    are bound into the buffer handed to llama.cpp, equal to the graph's own outputs, and generation
+    matches llama.cpp's prompt pass to the f16 cache's rounding."""
+    from mdl_edge.export.convert.onnx_prefill import export_prefill_onnx
+    from mdl_edge.runtime.decoder import LlamaDecoder
+    from mdl_edge.runtime.kv_state import SequenceBlob, read_sequence
+    from mdl_edge.runtime.prefill import PrefillEngine, layer_outputs
+    from mdl_edge.runtime.prompt import Segment
+
+    engine = PrefillEngine(export_prefill_onnx(ggufs["qwen3"], tmp_path / "f16.onnx", kv_dtype="float16"), threads=1)
+    assert engine.per_layer and [o.name for o in engine.session.get_outputs()] == layer_outputs(engine.n_layer)
+    rows = np.random.default_rng(2).standard_normal((9, engine.hidden_size)).astype(np.float32) * 0.05
+    k, v = engine.run(rows, 0)
+    blob = SequenceBlob(np.arange(9, dtype=np.int32), engine.n_layer, engine.kv_dim, np.float16, v_trans=False)
+    engine.run_into(rows, 0, [blob.k(i) for i in range(engine.n_layer)], [blob.v(i) for i in range(engine.n_layer)])
+    got = read_sequence(bytes(blob.data))
+    assert np.array_equal(got.k, k) and np.array_equal(got.v, v) and got.positions.tolist() == list(range(9))
+    with pytest.raises(ValueError, match="writable C-contiguous"):
+        engine.run_into(rows, 0, [blob.k(i) for i in range(engine.n_layer)], [blob.v(i).T for i in range(engine.n_layer)])
+
+    bound: list[int] = []
+    run_into = engine.run_into
+    engine.run_into = lambda rows, *rest: (bound.append(rows.shape[0]), run_into(rows, *rest))[1]  # type: ignore[method-assign]
+    audio = np.random.default_rng(0).standard_normal((15, 64)).astype(np.float32) * 0.02
+    prompt = [Segment(tokens=TOKENS[:12]), Segment(embeddings=audio), Segment(tokens=TOKENS[12:22])]
+    runs = []
+    for eng in (None, engine):
+        with LlamaDecoder(ggufs["qwen3"], n_ctx=256, prefill=eng) as dec:
+            assert dec.flash_attn
+            runs.append((dec.generate(prompt, max_new_tokens=8).result().token_ids, dec.logits()))
+    assert bound == [36] and runs[1][0] == runs[0][0]
+    assert rel_max_error(runs[1][1], runs[0][1]) <= 2e-3, rel_max_error(runs[1][1], runs[0][1])
+
+
+def test_graphs_with_stacked_outputs_still_run(graphs, tmp_path: Path) -> None:
+    """A prompt graph exported before each layer had its own outputs (``k``, ``v`` stacked
+    [n_layer, n, kv_dim]) loads and gives the same cells, through either call."""
+    import onnx
+    from onnx import helper
+
+    from mdl_edge.runtime.prefill import PrefillEngine, layer_outputs
+
+    src = graphs["qwen3"]
+    model = onnx.load(str(src), load_external_data=False)
+    n_layer = PrefillEngine(src, threads=1).n_layer
+    g = model.graph
+    names = layer_outputs(n_layer)
+    axis = helper.make_tensor("stack_axis", onnx.TensorProto.INT64, [1], [0])
+    g.initializer.append(axis)
+    for kind, part in (("k", names[:n_layer]), ("v", names[n_layer:])):
+        for name in part:
+            g.node.append(helper.make_node("Unsqueeze", [name, "stack_axis"], [f"{name}.stacked"]))
+        g.node.append(helper.make_node("Concat", [f"{n}.stacked" for n in part], [kind], axis=0))
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info(kind, onnx.TensorProto.FLOAT, [n_layer, "rows", None]) for kind in ("k", "v")])
+    old = src.with_name("stacked.onnx")
+    onnx.save(model, str(old))  # the weights stay in the source graph's .data file beside it
+    new, stacked = PrefillEngine(src, threads=1), PrefillEngine(old, threads=1)
+    assert new.per_layer and not stacked.per_layer
+    rows = np.random.default_rng(3).standard_normal((7, new.hidden_size)).astype(np.float32) * 0.05
+    k, v = new.run(rows, 0)
+    k_old, v_old = stacked.run(rows, 0)
+    assert np.array_equal(k_old, k) and np.array_equal(v_old, v)
+    k_out, v_out = np.zeros_like(k), np.zeros_like(v)
+    stacked.run_into(rows, 0, list(k_out), list(v_out))
+    assert np.array_equal(k_out, k) and np.array_equal(v_out, v)
 
 
 def test_bundle_prompt_engine(bundle: Path, tmp_path: Path) -> None:

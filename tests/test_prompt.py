@@ -85,3 +85,42 @@ def test_tokenizer_without_audio_tokens_is_refused(tiny_dir, tmp_path) -> None:
 def test_missing_tokenizer_file(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="tokenizer.json: not found"):
         PromptFormat.from_dir(tmp_path)
+
+
+def test_prompts_use_the_decoders_vocabulary_where_it_agrees(bundle, caplog) -> None:
+    """A bundle opened as AudioLM tokenizes prompts with llama.cpp's own vocabulary (one
+    vocabulary in memory, not two), giving the tokenizer.json ids on the probe texts and on real
+    prompts; a vocabulary that disagrees on any probe leaves tokenizer.json in place."""
+    import logging
+
+    from mdl_edge.runtime.pipeline import AudioLM
+    from mdl_edge.runtime.prompt import VOCAB_PROBE, LlamaVocabTokenizer, question_prompt, transcribe_prompt
+
+    with AudioLM(bundle, threads=1) as lm:
+        fmt, original = lm.prompt, PromptFormat.from_dir(bundle)
+        assert isinstance(fmt.tokenizer, LlamaVocabTokenizer) and lm.bundle.prompt is fmt
+        assert (fmt.special, fmt.stop_ids) == (original.special, original.stop_ids)
+        texts = [*VOCAB_PROBE, "Tiếng Việt, Ελληνικά, עברית, हिन्दी 1234567 --- ..."]
+        for text in texts:
+            assert fmt.tokenizer.encode(text).ids == original.tokenizer.encode(text, add_special_tokens=False).ids, text
+        for prompt in ("Caption the audio.", transcribe_prompt("en"), question_prompt("Is it raining?  Twice!")):
+            assert fmt.encode(user_message(prompt), [5]) == original.encode(user_message(prompt), [5]), prompt
+        ids = original.tokenizer.encode("a dog barks, 3 times", add_special_tokens=False).ids
+        assert fmt.decode(ids) == original.decode(ids) == "a dog barks, 3 times"
+
+        class Odd:  # a vocabulary that splits digits one by one
+            def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+                ids = lm.decoder.tokenize(text, special=special)
+                return ids + [0] if any(c.isdigit() for c in text) else ids
+
+            def piece(self, token: int) -> bytes:
+                return lm.decoder.piece(token)
+
+        with caplog.at_level(logging.INFO, logger="mdl_edge"):
+            assert original.on_llama_vocab(Odd()) is original
+        assert "prompts keep tokenizer.json" in caplog.text
+    # the vocabulary went with the model: a closed AudioLM says so instead of reading freed memory
+    from mdl_edge.runtime.errors import MdlEdgeError
+
+    with pytest.raises(MdlEdgeError, match="the decoder is closed"):
+        lm.prompt.encode(user_message("Caption the audio."), [5])

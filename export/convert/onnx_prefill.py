@@ -9,8 +9,10 @@ evaluates only the prompt's last position and generates as before.
 
 The graph takes the prompt rows (text tokens as their ``token_embd`` rows, audio as its
 embeddings), the position of the first row, and the keys and values of positions before it
-(possibly none); it returns every layer's keys (after the per-head norm and RoPE, as llama.cpp
-caches them) and values for the new rows. The last layer's attention output and MLP feed nothing
+(possibly none); it returns each layer's keys (after the per-head norm and RoPE, as llama.cpp
+caches them) and values for the new rows as outputs of their own (``runtime/prefill.py``
+``layer_outputs``), which the runtime binds straight into the buffer llama.cpp reads. The last
+layer's attention output and MLP feed nothing
 that is cached, so they are left out. Weights are read from the GGUF (any type ``gguf`` can
 dequantize), so a checkpoint and the official GGUF pair take one path.
 """
@@ -30,7 +32,7 @@ from torch import nn
 from ...runtime.errors import CheckpointError
 from ...runtime.gguf_meta import KEY_ARCHITECTURE, KEY_SOURCE_HASH
 from ...runtime.onnx_meta import write_metadata
-from ...runtime.prefill import KV_DTYPES, PREFILL_INPUTS, PREFILL_OUTPUTS
+from ...runtime.prefill import KV_DTYPES, PREFILL_INPUTS, layer_outputs
 from .onnx_encoder import OPSET, export_graph
 
 logger = logging.getLogger("mdl_edge")
@@ -116,7 +118,7 @@ class PrefillGraph(nn.Module):
         a, b = x[..., :half], x[..., half:]
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
-    def forward(self, rows: torch.Tensor, start: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, rows: torch.Tensor, start: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = self.shape
         t, p = rows.shape[0], past_k.shape[1]
         n_kv, d = s.n_head_kv, s.head_dim
@@ -128,7 +130,6 @@ class PrefillGraph(nn.Module):
         key_pos = torch.arange(p + t, dtype=torch.int64)
         query_pos = torch.arange(t, dtype=torch.int64) + p
         mask = torch.where(key_pos[None, :] > query_pos[:, None], float("-inf"), 0.0)
-        past_k, past_v = past_k.to(torch.float32), past_v.to(torch.float32)
         x = rows
         ks, vs = [], []
         for i, b in enumerate(self.blocks):
@@ -142,27 +143,33 @@ class PrefillGraph(nn.Module):
             k = k.reshape(t, n_kv, d)
             if hasattr(b, "k_norm"):
                 k = _rms(k, b.k_norm, s.rms_eps)
-            k = self._rope(k, cos, sin)
-            # each layer's cast at once, so the graph never holds every layer's keys in fp32
-            ks.append(k.reshape(t, s.kv_dim).to(self.kv_dtype))
+            k = self._rope(k, cos, sin).reshape(t, s.kv_dim)
+            ks.append(k.to(self.kv_dtype))
             vs.append(v.to(self.kv_dtype))
             if last:
                 break
+            if self.kv_dtype != torch.float32:
+                # The layer attends over the keys and values as cached, as llama.cpp's own prompt
+                # pass does. Reading the casts back also makes ONNX Runtime run them inside their
+                # layer: its order otherwise leaves them for the end of the graph, holding every
+                # layer's fp32 keys and values alive until then (~0.4 MB per prompt position).
+                k, v = ks[-1].to(torch.float32), vs[-1].to(torch.float32)
             q = q.reshape(t, s.n_head, d)
             if hasattr(b, "q_norm"):
                 q = _rms(q, b.q_norm, s.rms_eps)
             q = self._rope(q, cos * scale, sin * scale)
             # query head j reads key/value head j // group: [n_kv, group * t, d] against [n_kv, d, p + t]
             q = q.reshape(t, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * t, d)
-            k_all = torch.cat([past_k[i].view(p, n_kv, d), k], dim=0).permute(1, 2, 0)
-            v_all = torch.cat([past_v[i].view(p, n_kv, d), v.reshape(t, n_kv, d)], dim=0).permute(1, 0, 2)
+            # the cached positions' keys and values are widened one layer at a time, for the same reason
+            k_all = torch.cat([past_k[i].to(torch.float32).view(p, n_kv, d), k.reshape(t, n_kv, d)], dim=0).permute(1, 2, 0)
+            v_all = torch.cat([past_v[i].to(torch.float32).view(p, n_kv, d), v.reshape(t, n_kv, d)], dim=0).permute(1, 0, 2)
             att = (torch.matmul(q, k_all).reshape(n_kv, group, t, p + t) + mask).softmax(-1)
             y = torch.matmul(att.reshape(n_kv, group * t, p + t), v_all)
             x = x + F.linear(y.reshape(n_kv, group, t, d).permute(2, 0, 1, 3).reshape(t, s.n_head * d), b.o)
             h = _rms(x, b.ffn_norm, s.rms_eps)
             gate, up = F.linear(h, b.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, b.down)
-        return torch.stack(ks), torch.stack(vs)
+        return (*ks, *vs)
 
 
 def read_decoder(path: str | Path) -> tuple[DecoderShape, list[dict[str, torch.Tensor]], dict[str, Any]]:
@@ -230,8 +237,9 @@ def export_prefill_onnx(gguf_path: str | Path, out_path: str | Path, *, kv_dtype
     args = (torch.zeros(3, shape.hidden), torch.tensor(2, dtype=torch.int64),
             torch.zeros(shape.n_layer, 2, shape.kv_dim, dtype=dtype), torch.zeros(shape.n_layer, 2, shape.kv_dim, dtype=dtype))
     with torch.no_grad():
-        export_graph(graph, args, out, list(PREFILL_INPUTS), list(PREFILL_OUTPUTS), ({0: t}, None, {1: p}, {1: p}),
-                     {"rows": {0: "rows"}, "past_k": {1: "past"}, "past_v": {1: "past"}, "k": {1: "rows"}, "v": {1: "rows"}})
+        outputs = layer_outputs(shape.n_layer)
+        export_graph(graph, args, out, list(PREFILL_INPUTS), outputs, ({0: t}, None, {1: p}, {1: p}),
+                     {"rows": {0: "rows"}, "past_k": {1: "past"}, "past_v": {1: "past"}, **{name: {0: "rows"} for name in outputs}})
     write_metadata(out, {**carried, **shape.metadata(), "kind": "prefill", "opset": OPSET, "precision": "fp32", "kv_dtype": kv_dtype})
     logger.info("exported the prompt graph of %s to %s", gguf_path, out)
     return out
