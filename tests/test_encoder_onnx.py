@@ -53,6 +53,20 @@ def reference(model, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.numpy(), emb.numpy()
 
 
+@pytest.mark.parametrize("name", ["encoder.onnx", "encoder.int8.onnx", "projector.onnx"])
+def test_gelu_runs_as_one_onnx_runtime_kernel(onnx_dir, tmp_path, name: str) -> None:
+    """The graphs' exact GELU is written in the form ONNX Runtime fuses into its Gelu kernel: the
+    graph it runs has Gelu (or BiasGelu, the bias added in it) nodes, no Erf left (five elementwise
+    ops per MLP otherwise) and no tanh approximation."""
+    import onnx
+
+    from mdl_edge.runtime.onnx_meta import ort_session
+
+    ort_session(onnx_dir / name, threads=1, optimized_dir=tmp_path)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / (Path(name).stem + ".optimized.onnx")), load_external_data=False).graph.node]
+    assert {"Gelu", "BiasGelu"} & set(ops) and "Erf" not in ops and "FastGelu" not in ops, sorted(set(ops))
+
+
 @pytest.mark.parametrize("n", LENGTHS)
 def test_fp32_onnx_matches_reference(encoder, tiny_model, n: int) -> None:
     wave = clip(n)

@@ -20,6 +20,7 @@ semantic output; and a third input ``n_keep [B]`` says how many leading semantic
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -118,7 +119,29 @@ def _block(blk: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     scores = (q @ k.transpose(-1, -2)) * (d // attn.num_heads) ** -0.5 + bias
     y = torch.softmax(scores, dim=-1) @ v
     x = x + attn.proj(y.transpose(1, 2).reshape(b, n, d))
-    return x + blk.mlp(blk.norm2(x))
+    mlp = blk.mlp
+    return x + mlp.fc2(_gelu(mlp.fc1(blk.norm2(x))))
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU written in the order ONNX Runtime's GeluFusion matches (x / sqrt 2, erf,
+    + 1, times x, times 0.5; PyTorch's own export halves first, which it does not match), so the
+    graph runs one Gelu kernel instead of five elementwise ops: ~6.5 of a 0.6B encoder chunk's
+    ~66 ms on a 2-core AMX Xeon."""
+    return (x * (torch.erf(x / math.sqrt(2.0)) + 1.0)) * 0.5
+
+
+class _Projector(nn.Module):
+    """The projector's Linear -> GELU -> Linear with :func:`_gelu`."""
+
+    def __init__(self, net: nn.Sequential) -> None:
+        super().__init__()
+        if len(net) != 3 or not isinstance(net[1], nn.GELU) or net[1].approximate != "none":
+            raise MdlEdgeError(f"the projector is not Linear -> exact GELU -> Linear: {net}")
+        self.fc1, self.fc2 = net[0], net[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(_gelu(self.fc1(x)))
 
 
 def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic: tuple,
@@ -180,7 +203,7 @@ def write_audio_onnx(encoder: nn.Module, projector: nn.Module, cfg: EncoderConfi
             export_graph(chunk, (mel, n_keys), enc_path, ["mel", "n_keys"], ["features"], ({0: batch, 2: frames}, {0: batch}), names)
         rows = torch.export.Dim("rows", min=1, max=1 << 20)
         stacked = torch.zeros(3, cfg.embed_dim * C.SUBSAMPLE)
-        export_graph(projector.net, (stacked,), proj_path, ["stacked"], ["embeddings"], ({0: rows},))
+        export_graph(_Projector(projector.net), (stacked,), proj_path, ["stacked"], ["embeddings"], ({0: rows},))
     common = {"source_hash": source_hash, "opset": OPSET, "embed_dim": cfg.embed_dim, "precision": "fp32"}
     write_metadata(enc_path, {
         **common, "kind": "encoder", "depth": cfg.depth, "num_heads": cfg.num_heads,
