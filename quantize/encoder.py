@@ -17,6 +17,7 @@ generated clips) is measured right after quantization and stored in the variant'
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +30,7 @@ from ..runtime.encoder import AudioEncoder
 from ..runtime.errors import ConfigError
 from ..runtime.mel import log_mel
 from ..runtime.onnx_meta import ENCODER_FILE, model_metadata, write_metadata
+from . import writing_into
 
 logger = logging.getLogger("mdl_edge")
 
@@ -112,7 +114,7 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
 
     if variant not in VARIANTS:
         raise ConfigError(f"unknown encoder variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    d = Path(model_dir)
+    d = Path(os.path.abspath(model_dir))
     src, dst = d / ENCODER_FILE, d / variant_file(variant)
     clips = clips if clips is not None else calibration_clips()
     for p in (dst, dst.with_name(dst.name + ".data")):
@@ -121,7 +123,7 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
     keep_fp32 = patch_embed_nodes(graph)
     acoustic_mels = int(model_metadata(graph, src).get("acoustic_mels", 0))
     if variant == "int8":
-        with quiet_third_party():
+        with quiet_third_party(), writing_into(d):
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"], use_external_data_format=True,
                              nodes_to_exclude=keep_fp32)
     else:
@@ -132,7 +134,7 @@ def quantize_encoder(model_dir: str | Path, variant: str = "int8", *, clips: lis
             def get_next(self):  # noqa: ANN201 (onnxruntime's interface)
                 return next(self.it, None)
 
-        with quiet_third_party():
+        with quiet_third_party(), writing_into(d):
             quantize_static(
                 src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=["MatMul"],
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, use_external_data_format=True,

@@ -10,6 +10,7 @@ step on the way (at 0.6B it is 1.7 GB) and is not kept.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..runtime.gguf_meta import TokenEmbeddings
 from ..runtime.onnx_meta import PREFILL_FILE, model_metadata, write_metadata
 from ..runtime.options import resolve_threads
 from ..runtime.prefill import PrefillEngine
+from . import writing_into
 
 logger = logging.getLogger("mdl_edge")
 
@@ -56,12 +58,12 @@ def quantize_prefill(gguf_path: str | Path, out_dir: str | Path) -> Path:
     from ..export.convert.onnx_prefill import export_prefill_onnx
 
     src_gguf = Path(gguf_path)
-    dst = Path(out_dir) / PREFILL_FILE
+    dst = Path(os.path.abspath(out_dir)) / PREFILL_FILE
     for p in (dst, dst.with_name(dst.name + ".data")):
         p.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="mdl-edge-prefill-") as tmp:
         src = export_prefill_onnx(src_gguf, Path(tmp) / "prefill.onnx", kv_dtype="float16")
-        with quiet_third_party():
+        with quiet_third_party(), writing_into(dst.parent):
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
                              use_external_data_format=True)
         meta = {**model_metadata(onnx.load(str(src), load_external_data=False), src), "precision": "int8"}

@@ -35,6 +35,8 @@ def layer_outputs(n_layer: int) -> list[str]:
     ``v.<i>``. Being separate, they can be written straight into the buffer handed to llama.cpp
     (:meth:`PrefillEngine.run_into`), so the prompt's cells exist once."""
     return [f"k.{i}" for i in range(n_layer)] + [f"v.{i}" for i in range(n_layer)]
+
+
 # Types of the keys and values a graph takes and returns (its metadata's ``kv_dtype``; graphs
 # without it are float32). Bundles carry float16, the KV cache's type, which ONNX Runtime casts
 # to in a fraction of what numpy takes (a 30 s prompt's cells: ~1 ms against ~25 ms).

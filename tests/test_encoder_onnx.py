@@ -162,6 +162,26 @@ def test_clips_batched_together_equal_each_alone(onnx_dir, encoder) -> None:
         assert rel_max_error(t, alone) <= 1e-5, f"clip of {w.size} samples"
 
 
+def test_quantizing_where_an_older_bundle_lies(onnx_dir, tmp_path, monkeypatch) -> None:
+    """Run from a folder that holds a file named like the output's data file (an older bundle's),
+    quantizing still writes its own: onnx's writer checks that name in the working directory."""
+    import shutil
+
+    from mdl_edge.quantize.encoder import quantize_encoder
+
+    out = tmp_path / "new"
+    out.mkdir()
+    for name in ("encoder.onnx", "encoder.onnx.data", "projector.onnx", "projector.onnx.data"):
+        shutil.copy(onnx_dir / name, out / name)
+    old = tmp_path / "old-bundle"
+    old.mkdir()
+    (old / "encoder.int8.onnx.data").write_bytes(b"an older bundle's weights")
+    monkeypatch.chdir(old)
+    made = quantize_encoder(Path("..") / "new", "int8")
+    assert made == out / "encoder.int8.onnx" and (out / "encoder.int8.onnx.data").stat().st_size > 1000
+    assert (old / "encoder.int8.onnx.data").read_bytes() == b"an older bundle's weights" and Path.cwd() == old
+
+
 @pytest.mark.parametrize("variant", ["int8", "int8-static"])
 def test_int8_variants_drift(onnx_dir, encoder, variant: str) -> None:
     """Per-frame cosine to fp32 on held-out audio, floor 0.9995 mean / 0.999 min: the goal's

@@ -148,7 +148,7 @@ class PrefillGraph(nn.Module):
                 # The layer attends over the keys and values as cached, as llama.cpp's own prompt
                 # pass does. Reading the casts back also makes ONNX Runtime run them inside their
                 # layer: its order otherwise leaves them for the end of the graph, holding every
-                # layer's fp32 keys and values alive until then (~0.4 MB per prompt position).
+                # layer's fp32 keys and values alive until then (~0.2 MB per prompt position).
                 k, v = ks[-1].to(torch.float32), vs[-1].to(torch.float32)
             q = F.linear(h, b.q, getattr(b, "q_bias", None)).reshape(t, s.n_head, d)
             if hasattr(b, "q_norm"):
