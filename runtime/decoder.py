@@ -412,9 +412,10 @@ class LlamaDecoder:
         cells = rows[:-1]
         if pos == 0 and self.flash_attn and engine.kv_dtype == self._kv_dtype:
             # the usual case, a prompt from an empty cache: the engine writes each layer's keys
-            # and values straight into the buffer llama.cpp reads, so they exist once
+            # and values straight into the buffer llama.cpp reads, so they exist once, and a long
+            # prompt's pieces read the earlier pieces' cells there
             blob = SequenceBlob(np.arange(cells.shape[0], dtype=np.int32), engine.n_layer, engine.kv_dim, self._kv_dtype, v_trans=False)
-            engine.run_into(cells, 0, [blob.k(i) for i in range(engine.n_layer)], [blob.v(i) for i in range(engine.n_layer)])
+            engine.write_prompt(cells, [blob.k(i) for i in range(engine.n_layer)], [blob.v(i) for i in range(engine.n_layer)])
             restore_sequence(self._L, self._ctx, blob)
         else:
             past = save_sequence(self._L, self._ctx) if pos else None

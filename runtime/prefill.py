@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -23,11 +23,17 @@ from .onnx_meta import ort_session, read_metadata
 
 logger = logging.getLogger("mdl_edge")
 
-# The graph's inputs, as the exporter names them.
-PREFILL_INPUTS = ("rows", "start", "past_k", "past_v")
-# Outputs of graphs exported before each layer had its own: every layer's keys, then values,
-# stacked [n_layer, n, kv_dim]. They still load; the stacking costs a copy of the prompt's cells.
+# Inputs and outputs of graphs exported before each layer had its own: every layer's keys, then
+# values, stacked [n_layer, n, kv_dim]. They still load; the stacking costs copies of the cells.
+STACKED_INPUTS = ("rows", "start", "past_k", "past_v")
 STACKED_OUTPUTS = ("k", "v")
+
+
+def layer_inputs(n_layer: int) -> list[str]:
+    """The graph's inputs after ``rows`` and ``start``: each layer's cached keys ``past_k.<i>``
+    ``[p, kv_dim]``, then its values ``past_v.<i>``. A long prompt runs in pieces, each reading
+    the cells the pieces before it wrote, in place (:meth:`PrefillEngine.run_into`)."""
+    return [f"past_k.{i}" for i in range(n_layer)] + [f"past_v.{i}" for i in range(n_layer)]
 
 
 def layer_outputs(n_layer: int) -> list[str]:
@@ -41,6 +47,12 @@ def layer_outputs(n_layer: int) -> list[str]:
 # without it are float32). Bundles carry float16, the KV cache's type, which ONNX Runtime casts
 # to in a fraction of what numpy takes (a 30 s prompt's cells: ~1 ms against ~25 ms).
 KV_DTYPES = ("float32", "float16")
+# The most rows one engine run takes: a longer prompt runs in pieces (PrefillEngine.write_prompt).
+# One run's working memory grows with its rows, its attention scores with their square: a
+# 1,500-position prompt took +0.68 GB in one run (0.6B, 2-core AMX Xeon).
+PIECE_ROWS = 256
+# Keys or values cached before a run: [n_layer, p, kv_dim], or one [p, kv_dim] array per layer.
+Past = Union[np.ndarray, Sequence[np.ndarray], None]
 # Prompts of fewer new positions than this are left to llama.cpp, where the handover costs as
 # much as it saves: measured on a 2-core AMX Xeon (0.6B, Q4_K_M), 2 / 4 / 6 / 8 positions took
 # 76 / 61 / 63 / 65 ms through the engine and 49 / 59 / 80 / 80 ms in llama.cpp.
@@ -68,15 +80,18 @@ class PrefillEngine:
         if kv_dtype not in KV_DTYPES:
             raise CheckpointError(f"{self.path}: keys and values of type {kv_dtype!r} (known: {', '.join(KV_DTYPES)})")
         self.kv_dtype = np.dtype(kv_dtype)
-        outputs = [o.name for o in self.session.get_outputs()]
+        inputs, outputs = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
         self.per_layer = outputs == layer_outputs(self.n_layer)
-        if not self.per_layer and outputs != list(STACKED_OUTPUTS):
-            raise CheckpointError(f"{self.path}: outputs {outputs[:4]}... are not a prompt graph's of {self.n_layer} layers")
+        self.per_layer_past = inputs == ["rows", "start", *layer_inputs(self.n_layer)]
+        if not (self.per_layer or outputs == list(STACKED_OUTPUTS)) or not (self.per_layer_past or inputs == list(STACKED_INPUTS)):
+            raise CheckpointError(f"{self.path}: inputs {inputs[:4]}... and outputs {outputs[:4]}... are not a prompt graph's of "
+                                  f"{self.n_layer} layers")
 
-    def run(self, rows: np.ndarray, start: int, past_k: np.ndarray | None = None, past_v: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, rows: np.ndarray, start: int, past_k: Past = None, past_v: Past = None) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values ``[n_layer, n, kv_dim]`` (of :attr:`kv_dtype`) of ``rows`` (``[n, hidden]``)
         at positions ``start..start+n-1``, after the cached positions ``0..start-1`` whose keys and
-        values are ``past_k`` / ``past_v`` (``[n_layer, start, kv_dim]``; none when ``start`` is 0)."""
+        values are ``past_k`` / ``past_v`` (``[n_layer, start, kv_dim]``, or one ``[start, kv_dim]``
+        array per layer; none when ``start`` is 0)."""
         feed = self._feed(rows, start, past_k, past_v)
         if not self.per_layer:
             k, v = self.session.run(list(STACKED_OUTPUTS), feed)
@@ -85,7 +100,7 @@ class PrefillEngine:
         return np.stack(out[: self.n_layer]), np.stack(out[self.n_layer :])
 
     def run_into(self, rows: np.ndarray, start: int, k_out: Sequence[np.ndarray], v_out: Sequence[np.ndarray],
-                 past_k: np.ndarray | None = None, past_v: np.ndarray | None = None) -> None:
+                 past_k: Past = None, past_v: Past = None) -> None:
         """:meth:`run`, with layer ``i``'s keys and values written into ``k_out[i]`` and
         ``v_out[i]`` (C-contiguous ``[n, kv_dim]`` arrays of :attr:`kv_dtype`, views into the
         buffer llama.cpp reads); ONNX Runtime writes them there itself, no copy made."""
@@ -107,17 +122,30 @@ class PrefillEngine:
             io.bind_output(name, "cpu", 0, dst.dtype, dst.shape, dst.ctypes.data)
         self.session.run_with_iobinding(io)
 
-    def _feed(self, rows: np.ndarray, start: int, past_k: np.ndarray | None, past_v: np.ndarray | None) -> dict[str, np.ndarray]:
-        if past_k is None or past_v is None:
-            past_k = past_v = np.zeros((self.n_layer, 0, self.kv_dim), self.kv_dtype)
-        if past_k.shape != (self.n_layer, start, self.kv_dim) or past_v.shape != past_k.shape:
-            raise ValueError(f"past keys {past_k.shape} / values {past_v.shape} do not fit {start} positions of {self.path.name}")
-        return {
-            "rows": np.ascontiguousarray(rows, dtype=np.float32),
-            "start": np.asarray(start, dtype=np.int64),
-            "past_k": np.ascontiguousarray(past_k, dtype=self.kv_dtype),
-            "past_v": np.ascontiguousarray(past_v, dtype=self.kv_dtype),
-        }
+    def write_prompt(self, rows: np.ndarray, k_out: Sequence[np.ndarray], v_out: Sequence[np.ndarray], *, piece: int | None = None) -> None:
+        """The keys and values of a prompt from position 0, written into ``k_out`` / ``v_out`` (as
+        :meth:`run_into`) in pieces of at most ``piece`` rows (default :data:`PIECE_ROWS`), each
+        piece reading the cells the pieces before it wrote, in place. The graph's working memory
+        grows with the rows of one run (attention scores with their square), so a long prompt's
+        stays that of one piece."""
+        piece = piece or PIECE_ROWS
+        for s in range(0, rows.shape[0], piece):
+            e = min(rows.shape[0], s + piece)
+            past = ([k[:s] for k in k_out], [v[:s] for v in v_out]) if s else (None, None)
+            self.run_into(rows[s:e], s, [k[s:e] for k in k_out], [v[s:e] for v in v_out], *past)
+
+    def _feed(self, rows: np.ndarray, start: int, past_k: Past, past_v: Past) -> dict[str, np.ndarray]:
+        layers = []
+        for name, past in (("keys", past_k), ("values", past_v)):
+            if past is None:
+                past = [np.zeros((0, self.kv_dim), self.kv_dtype)] * self.n_layer
+            if len(past) != self.n_layer or any(p.shape != (start, self.kv_dim) for p in past):
+                raise ValueError(f"past {name} {[p.shape for p in past][:2]}... do not fit {start} positions of {self.path.name}")
+            layers.append([np.ascontiguousarray(p, dtype=self.kv_dtype) for p in past])
+        feed = {"rows": np.ascontiguousarray(rows, dtype=np.float32), "start": np.asarray(start, dtype=np.int64)}
+        if self.per_layer_past:
+            return {**feed, **dict(zip(layer_inputs(self.n_layer), layers[0] + layers[1]))}
+        return {**feed, "past_k": np.stack(layers[0]), "past_v": np.stack(layers[1])}
 
     def check(self, n_layer: int, n_embd: int, saved: SequenceKV, dtype: np.dtype, decoder: str) -> None:
         """Refuse a decoder this graph was not made for: its depth and width, and the key width and

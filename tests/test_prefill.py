@@ -182,38 +182,90 @@ def test_float16_engine_writes_straight_into_llama_cpps_buffer(ggufs, tmp_path: 
     assert rel_max_error(runs[1][1], runs[0][1]) <= 2e-3, rel_max_error(runs[1][1], runs[0][1])
 
 
-def test_graphs_with_stacked_outputs_still_run(graphs, tmp_path: Path) -> None:
-    """A prompt graph exported before each layer had its own outputs (``k``, ``v`` stacked
-    [n_layer, n, kv_dim]) loads and gives the same cells, through either call."""
+def test_graphs_in_the_stacked_layout_still_run(graphs, tmp_path: Path) -> None:
+    """A prompt graph exported before each layer had its own inputs and outputs (``past_k`` /
+    ``past_v`` in, ``k`` / ``v`` out, all layers stacked [n_layer, n, kv_dim]) loads and gives the
+    same cells through every call, a cached prefix and pieces included."""
     import onnx
     from onnx import helper
 
-    from mdl_edge.runtime.prefill import PrefillEngine, layer_outputs
+    from mdl_edge.runtime.prefill import PrefillEngine, layer_inputs, layer_outputs
 
     src = graphs["qwen3"]
+    new = PrefillEngine(src, threads=1)
+    n_layer, dim = new.n_layer, new.kv_dim
     model = onnx.load(str(src), load_external_data=False)
-    n_layer = PrefillEngine(src, threads=1).n_layer
     g = model.graph
-    names = layer_outputs(n_layer)
     axis = helper.make_tensor("stack_axis", onnx.TensorProto.INT64, [1], [0])
     g.initializer.append(axis)
-    for kind, part in (("k", names[:n_layer]), ("v", names[n_layer:])):
+    ins, outs = layer_inputs(n_layer), layer_outputs(n_layer)
+    for kind, part in (("past_k", ins[:n_layer]), ("past_v", ins[n_layer:])):
+        g.node.insert(0, helper.make_node("Split", [kind], [f"{n}.3d" for n in part], axis=0, num_outputs=n_layer))
+        for name in part:
+            g.node.insert(1, helper.make_node("Squeeze", [f"{name}.3d", "stack_axis"], [name]))
+    for kind, part in (("k", outs[:n_layer]), ("v", outs[n_layer:])):
         for name in part:
             g.node.append(helper.make_node("Unsqueeze", [name, "stack_axis"], [f"{name}.stacked"]))
         g.node.append(helper.make_node("Concat", [f"{n}.stacked" for n in part], [kind], axis=0))
+    kept = [i for i in g.input if i.name not in ins]
+    del g.input[:]
+    g.input.extend(kept + [helper.make_tensor_value_info(kind, onnx.TensorProto.FLOAT, [n_layer, "past", dim]) for kind in ("past_k", "past_v")])
     del g.output[:]
-    g.output.extend([helper.make_tensor_value_info(kind, onnx.TensorProto.FLOAT, [n_layer, "rows", None]) for kind in ("k", "v")])
-    old = src.with_name("stacked.onnx")
-    onnx.save(model, str(old))  # the weights stay in the source graph's .data file beside it
-    new, stacked = PrefillEngine(src, threads=1), PrefillEngine(old, threads=1)
-    assert new.per_layer and not stacked.per_layer
-    rows = np.random.default_rng(3).standard_normal((7, new.hidden_size)).astype(np.float32) * 0.05
+    g.output.extend([helper.make_tensor_value_info(kind, onnx.TensorProto.FLOAT, [n_layer, "rows", dim]) for kind in ("k", "v")])
+    old_path = src.with_name("stacked.onnx")
+    onnx.save(model, str(old_path))  # the weights stay in the source graph's .data file beside it
+    old = PrefillEngine(old_path, threads=1)
+    assert new.per_layer and new.per_layer_past and not old.per_layer and not old.per_layer_past
+    rows = np.random.default_rng(3).standard_normal((9, new.hidden_size)).astype(np.float32) * 0.05
     k, v = new.run(rows, 0)
-    k_old, v_old = stacked.run(rows, 0)
-    assert np.array_equal(k_old, k) and np.array_equal(v_old, v)
-    k_out, v_out = np.zeros_like(k), np.zeros_like(v)
-    stacked.run_into(rows, 0, list(k_out), list(v_out))
-    assert np.array_equal(k_out, k) and np.array_equal(v_out, v)
+    for engine in (new, old):
+        k_old, v_old = engine.run(rows, 0)
+        assert np.array_equal(k_old, k) and np.array_equal(v_old, v)
+        k1, v1 = engine.run(rows[:4], 0)
+        k2, v2 = engine.run(rows[4:], 4, k1, v1)
+        assert_close(np.concatenate([k1, k2], 1), k, atol=1e-6, what="keys in two parts")
+        k_out, v_out = np.zeros_like(k), np.zeros_like(v)
+        engine.write_prompt(rows, list(k_out), list(v_out), piece=4)
+        assert_close(k_out, k, atol=1e-6, what="keys in pieces of 4")
+        assert_close(v_out, v, atol=1e-6, what="values in pieces of 4")
+
+
+def test_a_long_prompt_runs_in_pieces_that_read_the_cells_in_place(ggufs, tmp_path: Path) -> None:
+    """Through the decoder, a prompt longer than one piece is written piece by piece into the
+    buffer llama.cpp reads, each piece attending over the earlier pieces' cells there: the same
+    cells as one run, and generation as through llama.cpp's own prompt pass."""
+    from mdl_edge.export.convert.onnx_prefill import export_prefill_onnx
+    from mdl_edge.runtime import prefill
+    from mdl_edge.runtime.decoder import LlamaDecoder
+    from mdl_edge.runtime.kv_state import SequenceBlob
+    from mdl_edge.runtime.prefill import PrefillEngine
+    from mdl_edge.runtime.prompt import Segment
+
+    engine = PrefillEngine(export_prefill_onnx(ggufs["qwen3"], tmp_path / "f16.onnx", kv_dtype="float16"), threads=1)
+    rows = np.random.default_rng(5).standard_normal((23, engine.hidden_size)).astype(np.float32) * 0.05
+    k, v = engine.run(rows, 0)
+    blob = SequenceBlob(np.arange(23, dtype=np.int32), engine.n_layer, engine.kv_dim, np.float16, v_trans=False)
+    ks, vs = [blob.k(i) for i in range(engine.n_layer)], [blob.v(i) for i in range(engine.n_layer)]
+    runs: list[tuple[int, int]] = []
+    run_into = engine.run_into
+    engine.run_into = lambda rows, start, *rest: (runs.append((start, rows.shape[0])), run_into(rows, start, *rest))[1]  # type: ignore[method-assign]
+    engine.write_prompt(rows, ks, vs, piece=8)
+    assert runs == [(0, 8), (8, 8), (16, 7)]
+    assert rel_max_error(np.stack(ks).astype(np.float32), k.astype(np.float32)) <= 2e-3
+    assert rel_max_error(np.stack(vs).astype(np.float32), v.astype(np.float32)) <= 2e-3
+    runs.clear()
+    prefill.PIECE_ROWS, piece_rows = 8, prefill.PIECE_ROWS
+    try:
+        prompt = [Segment(tokens=TOKENS[:12]), Segment(embeddings=rows[:15] * 0.4), Segment(tokens=TOKENS[12:22])]
+        results = []
+        for eng in (None, engine):
+            with LlamaDecoder(ggufs["qwen3"], n_ctx=256, prefill=eng) as dec:
+                results.append((dec.generate(prompt, max_new_tokens=8).result().token_ids, dec.logits()))
+    finally:
+        prefill.PIECE_ROWS = piece_rows
+    assert [s for s, _ in runs] == [0, 8, 16, 24, 32] and sum(n for _, n in runs) == 36
+    assert results[1][0] == results[0][0]
+    assert rel_max_error(results[1][1], results[0][1]) <= 2e-3, rel_max_error(results[1][1], results[0][1])
 
 
 def test_bundle_prompt_engine(bundle: Path, tmp_path: Path) -> None:

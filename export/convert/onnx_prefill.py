@@ -9,7 +9,7 @@ evaluates only the prompt's last position and generates as before.
 
 The graph takes the prompt rows (text tokens as their ``token_embd`` rows, audio as its
 embeddings), the position of the first row, and the keys and values of positions before it
-(possibly none); it returns each layer's keys (after the per-head norm and RoPE, as llama.cpp
+(possibly none, each layer's its own input); it returns each layer's keys (after the per-head norm and RoPE, as llama.cpp
 caches them) and values for the new rows as outputs of their own (``runtime/prefill.py``
 ``layer_outputs``), which the runtime binds straight into the buffer llama.cpp reads. The last
 layer's attention output and MLP feed nothing
@@ -32,7 +32,7 @@ from torch import nn
 from ...runtime.errors import CheckpointError
 from ...runtime.gguf_meta import KEY_ARCHITECTURE, KEY_SOURCE_HASH
 from ...runtime.onnx_meta import write_metadata
-from ...runtime.prefill import KV_DTYPES, PREFILL_INPUTS, layer_outputs
+from ...runtime.prefill import KV_DTYPES, layer_inputs, layer_outputs
 from .onnx_encoder import OPSET, export_graph
 
 logger = logging.getLogger("mdl_edge")
@@ -118,9 +118,11 @@ class PrefillGraph(nn.Module):
         a, b = x[..., :half], x[..., half:]
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
-    def forward(self, rows: torch.Tensor, start: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, rows: torch.Tensor, start: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = self.shape
-        t, p = rows.shape[0], past_k.shape[1]
+        # each layer's cached keys, then values, [p, kv_dim] apiece (``layer_inputs``)
+        past_k, past_v = past[: s.n_layer], past[s.n_layer :]
+        t, p = rows.shape[0], past_k[0].shape[0]
         n_kv, d = s.n_head_kv, s.head_dim
         group = s.n_head // n_kv
         pos = (torch.arange(t, dtype=torch.int64) + start).to(torch.float32)
@@ -230,11 +232,11 @@ def export_prefill_onnx(gguf_path: str | Path, out_path: str | Path, *, kv_dtype
     out = Path(out_path)
     t, p = torch.export.Dim("rows", min=1, max=1 << 16), torch.export.Dim("past", min=0, max=1 << 20)
     args = (torch.zeros(3, shape.hidden), torch.tensor(2, dtype=torch.int64),
-            torch.zeros(shape.n_layer, 2, shape.kv_dim, dtype=dtype), torch.zeros(shape.n_layer, 2, shape.kv_dim, dtype=dtype))
+            *(torch.zeros(2, shape.kv_dim, dtype=dtype) for _ in range(2 * shape.n_layer)))
     with torch.no_grad():
-        outputs = layer_outputs(shape.n_layer)
-        export_graph(graph, args, out, list(PREFILL_INPUTS), outputs, ({0: t}, None, {1: p}, {1: p}),
-                     {"rows": {0: "rows"}, "past_k": {1: "past"}, "past_v": {1: "past"}, **{name: {0: "rows"} for name in outputs}})
+        inputs, outputs = layer_inputs(shape.n_layer), layer_outputs(shape.n_layer)
+        export_graph(graph, args, out, ["rows", "start", *inputs], outputs, ({0: t}, None, tuple({0: p} for _ in inputs)),
+                     {"rows": {0: "rows"}, **{name: {0: "past"} for name in inputs}, **{name: {0: "rows"} for name in outputs}})
     write_metadata(out, {**carried, **shape.metadata(), "kind": "prefill", "opset": OPSET, "precision": "fp32", "kv_dtype": kv_dtype})
     logger.info("exported the prompt graph of %s to %s", gguf_path, out)
     return out
