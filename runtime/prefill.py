@@ -32,7 +32,7 @@ STACKED_OUTPUTS = ("k", "v")
 def layer_inputs(n_layer: int) -> list[str]:
     """The graph's inputs after ``rows`` and ``start``: each layer's cached keys ``past_k.<i>``
     ``[p, kv_dim]``, then its values ``past_v.<i>``. A long prompt runs in pieces, each reading
-    the cells the pieces before it wrote, in place (:meth:`PrefillEngine.run_into`)."""
+    the cells the pieces before it wrote, in place (:meth:`PrefillEngine.write_prompt`)."""
     return [f"past_k.{i}" for i in range(n_layer)] + [f"past_v.{i}" for i in range(n_layer)]
 
 

@@ -8,11 +8,11 @@ computed by this graph and handed to llama.cpp's KV cache (``runtime/kv_state.py
 evaluates only the prompt's last position and generates as before.
 
 The graph takes the prompt rows (text tokens as their ``token_embd`` rows, audio as its
-embeddings), the position of the first row, and the keys and values of positions before it
-(possibly none, each layer's its own input); it returns each layer's keys (after the per-head norm and RoPE, as llama.cpp
-caches them) and values for the new rows as outputs of their own (``runtime/prefill.py``
-``layer_outputs``), which the runtime binds straight into the buffer llama.cpp reads. The last
-layer's attention output and MLP feed nothing
+embeddings), the position of the first row, and each layer's keys and values of the positions
+before it (possibly none) as inputs of their own; it returns each layer's keys (after the
+per-head norm and RoPE, as llama.cpp caches them) and values for the new rows as outputs of their
+own (``runtime/prefill.py`` ``layer_inputs`` / ``layer_outputs``), so the runtime binds both
+straight to the buffer llama.cpp reads. The last layer's attention output and MLP feed nothing
 that is cached, so they are left out. Weights are read from the GGUF (any type ``gguf`` can
 dequantize), so a checkpoint and the official GGUF pair take one path.
 """
