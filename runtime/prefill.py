@@ -109,12 +109,12 @@ class PrefillEngine:
         if len(dests) != 2 * self.n_layer or any(d.shape != (n, self.kv_dim) or d.dtype != self.kv_dtype or not d.flags.c_contiguous
                                                  or not d.flags.writeable for d in dests):
             raise ValueError(f"run_into needs {self.n_layer} writable C-contiguous [{n}, {self.kv_dim}] {self.kv_dtype} arrays each for keys and values")
-        feed = self._feed(rows, start, past_k, past_v)
-        if not self.per_layer:
-            k, v = self.session.run(list(STACKED_OUTPUTS), feed)
+        if not self.per_layer:  # a graph that stacks its outputs: copied from them
+            k, v = self.run(rows, start, past_k, past_v)
             for dst, src in zip(dests, [*k, *v]):
                 dst[...] = src
             return
+        feed = self._feed(rows, start, past_k, past_v)
         io = self.session.io_binding()
         for name, value in feed.items():
             io.bind_cpu_input(name, value)
