@@ -5,8 +5,8 @@ each costs about 13 ms, nearly all of it start-up. A helper process (``export/to
 keeps the engine (``libespeak-ng``, installed with the program by the Debian package) initialised
 and forks a fresh child per utterance, so each is still spoken from a just-started engine and its
 samples are the program's own (``tests/test_toy.py`` compares them); the library also reports
-where each word starts, which the program cannot. Where no helper can run (no ``fork``, no
-library), the program is run per utterance instead, without word places.
+where each word and each phoneme starts, which the program cannot. Where no helper can run (no
+``fork``, no library), the program is run per utterance instead, without word or phoneme places.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from ...runtime.errors import MdlEdgeError
-from .espeak_helper import HEADER, WORDS
+from .espeak_helper import COUNT, HEADER, PHONEME_NAME
 
 logger = logging.getLogger("mdl_edge")
 
@@ -44,6 +44,7 @@ class Speech(NamedTuple):
     samples: np.ndarray  # int16
     rate: int
     word_starts: tuple[int, ...] | None  # each word's first sample (espeak-ng's word events); None from the program
+    phonemes: tuple[tuple[str, int], ...] | None = None  # each phoneme's mnemonic and first sample (phoneme events); None from the program
 
 
 def synthesize(text: str, voice: str, speed: int, pitch: int, *, use_helper: bool = True) -> Speech:
@@ -102,10 +103,17 @@ class _Helper:
         status, payload = self._read()
         if status != 0:
             raise MdlEdgeError(f"espeak-ng could not say {text!r} with voice {voice!r}: {payload.decode(errors='replace')}")
-        (n_words,) = WORDS.unpack_from(payload)
-        starts = np.frombuffer(payload, np.int32, n_words, WORDS.size)
-        samples = np.frombuffer(payload, np.int16, offset=WORDS.size + 4 * n_words).copy()
-        return Speech(samples, self.rate, tuple(int(x) for x in starts))
+        (n_words,) = COUNT.unpack_from(payload)
+        at = COUNT.size
+        starts = np.frombuffer(payload, np.int32, n_words, at)
+        at += 4 * n_words
+        (n_phonemes,) = COUNT.unpack_from(payload, at)
+        at += COUNT.size
+        phoneme_starts = np.frombuffer(payload, np.int32, n_phonemes, at)
+        at += 4 * n_phonemes
+        names = [payload[at + k * PHONEME_NAME : at + (k + 1) * PHONEME_NAME].rstrip(b"\0").decode("ascii", "replace") for k in range(n_phonemes)]
+        samples = np.frombuffer(payload, np.int16, offset=at + PHONEME_NAME * n_phonemes).copy()
+        return Speech(samples, self.rate, tuple(int(x) for x in starts), tuple(zip(names, (int(x) for x in phoneme_starts))))
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -4,9 +4,10 @@
 It initialises libespeak-ng once and loads the English tables, then for each request (a JSON
 line ``[text, voice, speed, pitch]`` on stdin) forks a child that speaks the text from that
 freshly initialised state and hands the int16 samples back through a pipe; the reply on stdout
-is :data:`HEADER` then the payload (:data:`WORDS`: the word count, each word's first sample as
-espeak-ng's word events give it, then the samples). The first reply carries the sample rate (or
-why the library could not start). The engine carries state from one utterance to the next, which the fork
+is :data:`HEADER` then the payload (:data:`COUNT`: the word count, each word's first sample as
+espeak-ng's word events give it; :data:`COUNT` again: the phoneme count, each phoneme's first
+sample and its :data:`PHONEME_NAME` bytes as the phoneme events give them; then the samples).
+The first reply carries the sample rate (or why the library could not start). The engine carries state from one utterance to the next, which the fork
 discards: every word comes out as ``espeak-ng -v VOICE -s SPEED -p PITCH`` would say it.
 """
 
@@ -21,16 +22,20 @@ import sys
 
 #: Reply framing: (status: 0 payload is speech or the rate / 1 payload is an error message, payload bytes).
 HEADER = struct.Struct("<ii")
-#: A speech payload opens with the word count; that many int32 word starts and the int16 samples follow.
-WORDS = struct.Struct("<i")
+#: A speech payload opens with the word count and that many int32 word starts, then the phoneme
+#: count, that many int32 phoneme starts and as many phoneme names; the int16 samples follow.
+COUNT = struct.Struct("<i")
+#: A phoneme's name: espeak-ng's ASCII mnemonic ("aU", "@2", "_:"), NUL-padded.
+PHONEME_NAME = 8
 
 # speak_lib.h
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_DONT_EXIT = 0x8000  # report a missing data folder instead of calling exit()
+_INITIALIZE_PHONEME_EVENTS = 0x0001  # events only: the samples stay the program's (tests/test_toy.py)
 _RATE, _PITCH = 1, 3
 _POS_CHARACTER = 1
 _SYNTH_FLAGS = 0x0 | 0x100 | 0x1000  # espeakCHARS_AUTO | espeakPHONEMES | espeakENDPAUSE, as the program sets them
-_EVENT_END_OF_LIST, _EVENT_WORD = 0, 1
+_EVENT_END_OF_LIST, _EVENT_WORD, _EVENT_PHONEME = 0, 1, 7
 
 
 class _Event(ctypes.Structure):
@@ -60,6 +65,7 @@ def _speak_in_child(lib: ctypes.CDLL, w: int, text: str, voice: str, speed: int,
     try:
         parts: list[bytes] = []
         starts: list[int] = []
+        phonemes: list[tuple[int, bytes]] = []
 
         def collect(wav, n: int, events) -> int:
             if wav and n > 0:
@@ -68,6 +74,8 @@ def _speak_in_child(lib: ctypes.CDLL, w: int, text: str, voice: str, speed: int,
             while events and events[k].type != _EVENT_END_OF_LIST:
                 if events[k].type == _EVENT_WORD:
                     starts.append(events[k].sample)  # the word's first sample in the output
+                elif events[k].type == _EVENT_PHONEME:
+                    phonemes.append((events[k].sample, bytes(events[k].id)))
                 k += 1
             return 0
 
@@ -81,7 +89,9 @@ def _speak_in_child(lib: ctypes.CDLL, w: int, text: str, voice: str, speed: int,
         if lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _SYNTH_FLAGS, None, None) != 0:
             raise ValueError("espeak_Synth failed")
         lib.espeak_Synchronize()
-        _write_all(w, WORDS.pack(len(starts)) + struct.pack(f"<{len(starts)}i", *starts) + b"".join(parts))
+        head = COUNT.pack(len(starts)) + struct.pack(f"<{len(starts)}i", *starts) + COUNT.pack(len(phonemes))
+        head += struct.pack(f"<{len(phonemes)}i", *(p for p, _ in phonemes)) + b"".join(n.ljust(PHONEME_NAME, b"\0") for _, n in phonemes)
+        _write_all(w, head + b"".join(parts))
         code = 0
     except BaseException as e:  # the message goes back on the pipe; the parent reports it
         try:
@@ -95,7 +105,7 @@ def _speak_in_child(lib: ctypes.CDLL, w: int, text: str, voice: str, speed: int,
 def main() -> None:
     try:
         lib = ctypes.CDLL(ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1")
-        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, None, _INITIALIZE_DONT_EXIT)
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, None, _INITIALIZE_DONT_EXIT | _INITIALIZE_PHONEME_EVENTS)
         if rate <= 0:
             raise OSError(f"espeak_Initialize failed ({rate})")
         lib.espeak_SetSynthCallback.argtypes = [_CALLBACK]

@@ -58,6 +58,7 @@ class TrainPlan:
     groups: int = 2  # likewise in the joint phase's encoder pass
     threads: int = 2
     acoustic_init: float = 0.1  # the acoustic branch's initial scale (DashengTokenizer-style encoders)
+    phoneme_weight: float = 1.0  # the phoneme head's loss beside the frame head's (0: no phoneme head)
 
     def key(self) -> str:
         """Hash of the plan and of the code that shapes the model, its tokenizer and its data,
@@ -95,10 +96,31 @@ def frame_labels(clip: toyworld.Clip) -> torch.Tensor:
     return torch.from_numpy(labels)
 
 
-def _examples(clips: list[toyworld.Clip], prompt, threads: int, acoustic_mels: int = 0) -> list[dict]:
+def phoneme_inventory(clips: list[toyworld.Clip]) -> tuple[str, ...]:
+    """The phonemes espeak-ng said in ``clips`` (its mnemonics, pauses left out), sorted: the
+    phoneme head's classes after class 0 (no speech)."""
+    return tuple(sorted({p for c in clips for p, _, _ in c.phonemes if not p.startswith("_")}))
+
+
+def phoneme_labels(clip: toyworld.Clip, inventory: tuple[str, ...]) -> torch.Tensor:
+    """The phoneme heard at each 25 Hz encoder position (the one under the position's centre): 0
+    for none (silence, pauses, sound events), else 1 + its index in ``inventory``; every position
+    of a clip whose speech came without phoneme events (espeak-ng's program) is left out (-100)."""
+    n = C.n_patches(max(clip.wave.size, C.MIN_SAMPLES))
+    if clip.words and not clip.phonemes:
+        return torch.full((n,), -100, dtype=torch.long)
+    centre = (np.arange(n) + 0.5) * C.PATCH_HOP_SAMPLES / C.SAMPLE_RATE
+    labels = np.zeros(n, np.int64)
+    index = {p: k + 1 for k, p in enumerate(inventory)}
+    for p, a, b in clip.phonemes:
+        labels[(centre >= a) & (centre < b)] = index.get(p, 0)
+    return torch.from_numpy(labels)
+
+
+def _examples(clips: list[toyworld.Clip], prompt, threads: int, acoustic_mels: int = 0, inventory: tuple[str, ...] = ()) -> list[dict]:
     """Per clip: its log-mel (with the acoustic rows the encoder reads), what is heard at each
-    encoder position (for the training-only frame head), and both tasks' prompt ids and target
-    ids (one encoder pass serves both)."""
+    encoder position (for the training-only frame and phoneme heads), and both tasks' prompt ids
+    and target ids (one encoder pass serves both)."""
     im_end = prompt.special.im_end
     out = []
     for c in clips:
@@ -107,7 +129,7 @@ def _examples(clips: list[toyworld.Clip], prompt, threads: int, acoustic_mels: i
             ids = prompt.encode(user_message(task), [C.n_audio_tokens(c.wave.size)])
             tasks.append((ids, prompt.tokenizer.encode(target, add_special_tokens=False).ids + [im_end]))
         out.append({"mel": torch.from_numpy(log_mel(c.wave, acoustic_mels=acoustic_mels, n_threads=threads)), "n": max(c.wave.size, C.MIN_SAMPLES),
-                    "frames": frame_labels(c), "tasks": tasks})
+                    "frames": frame_labels(c), "phonemes": phoneme_labels(c, inventory), "tasks": tasks})
     return out
 
 
@@ -155,7 +177,8 @@ def _cropped(e: dict, margin: int, rng: np.random.Generator) -> dict:
         a, b = 0, min(labels.numel(), C.SAMPLE_RATE // C.PATCH_HOP_SAMPLES)
     b = min(labels.numel(), max(b, a + C.n_patches(C.MIN_SAMPLES)))
     # n samples such that the clip has exactly b - a patches, all valid keys
-    return {"mel": e["mel"][:, a * C.PATCH_FRAMES : b * C.PATCH_FRAMES], "n": (b - a) * C.PATCH_HOP_SAMPLES, "frames": labels[a:b]}
+    return {"mel": e["mel"][:, a * C.PATCH_FRAMES : b * C.PATCH_FRAMES], "n": (b - a) * C.PATCH_HOP_SAMPLES, "frames": labels[a:b],
+            "phonemes": e["phonemes"][a:b]}
 
 
 def _encode(model: MiDashengLM, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,17 +214,24 @@ def _encode_grouped(model: MiDashengLM, batch: list[dict], groups: int) -> list[
     return out
 
 
-def _frame_loss(frame_head: torch.nn.Module, encoded: list[tuple[list[dict], torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Cross-entropy of the training-only frame head against what is heard at each position,
-    averaged over every labelled position of all groups."""
+def _frame_loss(frame_head: torch.nn.Module, encoded: list[tuple[list[dict], torch.Tensor, torch.Tensor]], key: str = "frames") -> torch.Tensor:
+    """Cross-entropy of a training-only head against the labels ``key`` of each position (what
+    is heard, or the phoneme), averaged over every labelled position of all groups."""
     total, count = 0.0, 0
     for part, feats, _ in encoded:
         labels = torch.full(feats.shape[:2], -100, dtype=torch.long)
         for i, e in enumerate(part):
-            labels[i, : e["frames"].numel()] = e["frames"]
+            labels[i, : e[key].numel()] = e[key]
         total = total + torch.nn.functional.cross_entropy(frame_head(feats).flatten(0, 1), labels.flatten(), reduction="sum")
         count += int((labels != -100).sum())
     return total / count
+
+
+def heads_loss(frame_head: torch.nn.Module, phoneme_head: torch.nn.Module, encoded: list[tuple[list[dict], torch.Tensor, torch.Tensor]],
+               phoneme_weight: float) -> torch.Tensor:
+    """The training-only heads' loss: the frame head's, plus ``phoneme_weight`` times the phoneme head's."""
+    loss = _frame_loss(frame_head, encoded)
+    return loss + phoneme_weight * _frame_loss(phoneme_head, encoded, "phonemes") if phoneme_weight else loss
 
 
 def _lm_loss(model: MiDashengLM, encoded: list[tuple[list[dict], torch.Tensor, torch.Tensor]], pad_id: int) -> torch.Tensor:
@@ -314,8 +344,12 @@ def train_toy(out: str | Path, plan: TrainPlan = TrainPlan(), *, progress: Calla
         model = MiDashengLM.from_pretrained(tmp)
         t = time.perf_counter()
         acoustic_mels = int(model.cfg.encoder.acoustic_mels or 0)
-        train = _examples(list(toyworld.clips("train", plan.n_train, seed=plan.seed)), model.prompt, plan.threads, acoustic_mels)
-        progress(f"generated {plan.n_train} training clips (espeak-ng speech, numpy events) in {time.perf_counter() - t:.0f} s")
+        clips = list(toyworld.clips("train", plan.n_train, seed=plan.seed))
+        inventory = phoneme_inventory(clips)
+        train = _examples(clips, model.prompt, plan.threads, acoustic_mels, inventory)
+        del clips
+        progress(f"generated {plan.n_train} training clips (espeak-ng speech, numpy events; {len(inventory)} phonemes) "
+                 f"in {time.perf_counter() - t:.0f} s")
         model.train()
         semantic_encoder(model).init_bn.eval()  # keep the checkpoint's log-mel statistics fixed
         if isinstance(model.audio_encoder, DashengTokenizerEncoder):
@@ -335,22 +369,31 @@ def train_toy(out: str | Path, plan: TrainPlan = TrainPlan(), *, progress: Calla
         # its blank plateau slowly (0.05), the two phases reach 0.85. The head is discarded: the
         # checkpoint keeps the official layout.
         frame_head = torch.nn.Linear(model.cfg.encoder.embed_dim, FRAME_CLASSES)
+        # A second head names the phoneme at each position (espeak-ng's phoneme events): the
+        # sounds words are made of are shared by every word, accent and filler, where the frame
+        # head's classes are whole vocabulary words. Measured side by side (400 held-out clips):
+        # word accuracy 0.927 -> 0.961, caption exact 0.870 -> 0.910; connected speech moved
+        # within a retraining's spread. Without the frame head's word classes (speech by speaker
+        # and phonemes only) both splits fell (held-out words 0.933, connected 0.696).
+        phoneme_head = torch.nn.Linear(model.cfg.encoder.embed_dim, 1 + len(inventory))
+        heads = list(frame_head.parameters()) + (list(phoneme_head.parameters()) if plan.phoneme_weight else [])
+
+        def head_loss(encoded: list[tuple[list[dict], torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+            return heads_loss(frame_head, phoneme_head, encoded, plan.phoneme_weight)
 
         def batch_of(n: int) -> list[dict]:
             return [train[int(i)] for i in rng.integers(0, len(train), n)]
 
         def encoder_loss(step: int) -> torch.Tensor:
             batch = [_cropped(e, plan.encoder_margin, rng) for e in batch_of(plan.encoder_batch)]
-            return _frame_loss(frame_head, _encode_grouped(model, batch, plan.encoder_groups))
+            return head_loss(_encode_grouped(model, batch, plan.encoder_groups))
 
         def joint_loss(step: int) -> torch.Tensor:
             encoded = _encode_grouped(model, batch_of(plan.batch), plan.groups)
-            return _lm_loss(model, encoded, pad) + plan.frame_weight * _frame_loss(frame_head, encoded)
+            return _lm_loss(model, encoded, pad) + plan.frame_weight * head_loss(encoded)
 
-        _optimise(list(model.audio_encoder.parameters()) + list(frame_head.parameters()), plan.encoder_steps, plan.encoder_lr, plan.warmup,
-                  encoder_loss, "encoder", progress)
-        _optimise([p for p in model.parameters() if p.requires_grad] + list(frame_head.parameters()), plan.steps, plan.lr, plan.warmup,
-                  joint_loss, "joint", progress)
+        _optimise(list(model.audio_encoder.parameters()) + heads, plan.encoder_steps, plan.encoder_lr, plan.warmup, encoder_loss, "encoder", progress)
+        _optimise([p for p in model.parameters() if p.requires_grad] + heads, plan.steps, plan.lr, plan.warmup, joint_loss, "joint", progress)
         model.eval()
         _write_weights(model, tmp)
         cfg = json.loads((tmp / "config.json").read_text())

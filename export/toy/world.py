@@ -6,8 +6,8 @@ made with numpy (tones, chirps, noise bursts, clicks, a bell-like decay, silence
 mixed (speech over noise at several SNRs, an event then speech). Captions follow a fixed small
 grammar ("a high tone, then a man says: three blue"); transcripts are the spoken words.
 
-Training speaks most phrases in one go (connected speech, each word's place from espeak-ng's
-word events) and the rest word by word with short pauses; some training phrases carry filler
+Training speaks most phrases in one go (connected speech, each word's and each phoneme's place
+from espeak-ng's word and phoneme events) and the rest word by word with short pauses; some training phrases carry filler
 words outside the vocabulary, which the transcript leaves out. The splits differ in what a model
 must generalise over: held-out clips use voices, speeds and SNRs that training never uses, and
 word pairs in an order training never contains (rendered word by word); training clips are
@@ -106,6 +106,7 @@ class Clip:
     split: str
     words: tuple[tuple[str, float, float], ...] = ()  # each spoken word (fillers too) with its start and end (seconds)
     sounds: tuple[tuple[str, float, float], ...] = ()  # each sound event with its start and end (seconds)
+    phonemes: tuple[tuple[str, float, float], ...] = ()  # each of their phonemes (espeak-ng's mnemonics) with its start and end (seconds)
 
 
 def speaker(voice: str) -> str:
@@ -141,9 +142,14 @@ def speak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     return _spoken(text, voice, speed, pitch)[0]
 
 
-def _spoken(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, list[int] | None]:
+Spans = list[tuple[str, int, int]]  # (word or phoneme, start sample, end sample)
+
+
+def _spoken(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, list[int] | None, Spans]:
     """``text`` spoken in one go, trimmed and level-normalised: ``(wave, each word's first sample
-    or None where espeak-ng did not report its word events)``."""
+    or None where espeak-ng did not report its word events, its phonemes' spans)``. Each phoneme
+    runs from its event to the next one's (pauses are espeak-ng's ``_`` phonemes); none where
+    espeak-ng's program spoke instead of its library."""
     from ...runtime.audio import load_audio
 
     speech = espeak.synthesize(text, voice, speed, pitch)
@@ -151,42 +157,53 @@ def _spoken(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, 
     nz = np.flatnonzero(np.abs(wave) > 1e-3)  # espeak pads with silence: trim it
     a, b = (max(nz[0] - 160, 0), nz[-1] + 160) if nz.size else (0, wave.size)
     wave = wave[a:b]
+
+    def place(s: int) -> int:
+        return int(min(max(round(s * SR / speech.rate) - a, 0), wave.size))
+
     starts = None
     if speech.word_starts is not None and len(speech.word_starts) == len(text.split()):
-        starts = [int(min(max(round(s * SR / speech.rate) - a, 0), wave.size)) for s in speech.word_starts]
-    return (wave / (np.abs(wave).max() + 1e-9) * 0.5).astype(np.float32), starts  # phrases alike in level
+        starts = [place(s) for s in speech.word_starts]
+    phonemes: Spans = []
+    if speech.phonemes:
+        at = [place(s) for _, s in speech.phonemes] + [wave.size]
+        phonemes = [(name, p, q) for (name, _), p, q in zip(speech.phonemes, at, at[1:]) if q > p]
+    return (wave / (np.abs(wave).max() + 1e-9) * 0.5).astype(np.float32), starts, phonemes  # phrases alike in level
 
 
-def speak_phrase(words: list[str], voice: str, speed: int, pitch: int) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
-    """A phrase spoken in one go (connected speech): ``(wave, [(word, start sample, end sample), ...])``.
+def speak_phrase(words: list[str], voice: str, speed: int, pitch: int) -> tuple[np.ndarray, Spans, Spans]:
+    """A phrase spoken in one go (connected speech): ``(wave, [(word, start sample, end sample), ...],
+    its phonemes' spans)``.
     Each word runs from its word event to the next one's; the last ends with the speech. Where
     the events are missing (espeak-ng's program instead of its library), the places are shared
     out by letters, which is what is logged."""
-    wave, starts = _spoken(" ".join(words), voice, speed, pitch)
+    wave, starts, phonemes = _spoken(" ".join(words), voice, speed, pitch)
     if starts is None:
         logger.info("no word events from espeak-ng for %r: word places estimated from letter counts", " ".join(words))
         weights = np.cumsum([0] + [len(w) + 1 for w in words])
         starts = [int(wave.size * c / weights[-1]) for c in weights[:-1]]
     ends = starts[1:] + [wave.size]
-    return wave, [(w, a, max(b, a + 1)) for w, a, b in zip(words, starts, ends)]
+    return wave, [(w, a, max(b, a + 1)) for w, a, b in zip(words, starts, ends)], phonemes
 
 
-def speak_words(words: list[str], voice: str, speed: int, pitch: int, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+def speak_words(words: list[str], voice: str, speed: int, pitch: int, rng: np.random.Generator) -> tuple[np.ndarray, Spans, Spans]:
     """A phrase rendered word by word with short pauses, so that each word's place is known:
-    ``(wave, [(word, start sample, end sample), ...])``."""
+    ``(wave, [(word, start sample, end sample), ...], its phonemes' spans)``."""
     parts: list[np.ndarray] = []
-    spans = []
+    spans: Spans = []
+    phonemes: Spans = []
     pos = 0
     for k, w in enumerate(words):
         if k:
             gap = np.zeros(int(rng.uniform(0.04, 0.16) * SR), np.float32)
             parts.append(gap)
             pos += gap.size
-        x = speak(w, voice, speed, pitch)
+        x, _, ph = _spoken(w, voice, speed, pitch)
         parts.append(x)
         spans.append((w, pos, pos + x.size))
+        phonemes += [(name, pos + p, pos + q) for name, p, q in ph]
         pos += x.size
-    return np.concatenate(parts), spans
+    return np.concatenate(parts), spans, phonemes
 
 
 def _with_fillers(words: list[str], fillers: tuple[str, ...], rng: np.random.Generator) -> list[str]:
@@ -247,8 +264,9 @@ def make_clip(rng: np.random.Generator, split: str) -> Clip:
     parts: list[np.ndarray] = []
     elements: list[str] = []
     transcript = ""
-    word_spans: list[tuple[str, int, int]] = []
-    sound_spans: list[tuple[str, int, int]] = []
+    word_spans: Spans = []
+    phoneme_spans: Spans = []
+    sound_spans: Spans = []
 
     def add_event(name: str) -> None:
         x = sound_event(name, rng)
@@ -268,10 +286,11 @@ def make_clip(rng: np.random.Generator, split: str) -> Clip:
         # clips stay what they were before connected speech came
         connected, fillers = (_chance(rng, spec.get(k, 0.0)) for k in ("connected", "fillers"))
         spoken = _with_fillers(words, spec["filler_words"], rng) if fillers else words
-        speech, spans = speak_phrase(spoken, voice, speed, pitch) if connected else speak_words(spoken, voice, speed, pitch, rng)
+        speech, spans, phonemes = speak_phrase(spoken, voice, speed, pitch) if connected else speak_words(spoken, voice, speed, pitch, rng)
         who = speaker(voice)
         offset = sum(p.size for p in parts)
         word_spans = [(w, offset + a, offset + b) for w, a, b in spans]
+        phoneme_spans = [(p, offset + a, offset + b) for p, a, b in phonemes]
         parts += [speech, _gap(rng)]
         elements.append(f"{who} says: {transcript}")
         if kind == "speech+event":
@@ -292,10 +311,11 @@ def make_clip(rng: np.random.Generator, split: str) -> Clip:
         elements.append("over noise")
     wave += rng.standard_normal(wave.size).astype(np.float32) * 1e-4  # a quiet room, not digital zero
     caption = caption_of(elements)
-    def seconds(spans: list[tuple[str, int, int]]) -> tuple[tuple[str, float, float], ...]:
+    def seconds(spans: Spans) -> tuple[tuple[str, float, float], ...]:
         return tuple((w, (a + lead) / SR, (b + lead) / SR) for w, a, b in spans)
 
-    return Clip(wave.astype(np.float32), caption, transcript, tuple(elements), split, seconds(word_spans), seconds(sound_spans))
+    return Clip(wave.astype(np.float32), caption, transcript, tuple(elements), split, seconds(word_spans), seconds(sound_spans),
+                seconds(phoneme_spans))
 
 
 def _chance(rng: np.random.Generator, p: float) -> bool:

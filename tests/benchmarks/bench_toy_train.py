@@ -66,9 +66,14 @@ def main() -> None:
     model.train()
     T.semantic_encoder(model).init_bn.eval()
     clips = list(toyworld.clips("train", args.clips, seed=1))
-    train = T._examples(clips, model.prompt, plan.threads, int(model.cfg.encoder.acoustic_mels or 0))
+    inventory = T.phoneme_inventory(clips)
+    train = T._examples(clips, model.prompt, plan.threads, int(model.cfg.encoder.acoustic_mels or 0), inventory)
     head = torch.nn.Linear(model.cfg.encoder.embed_dim, T.FRAME_CLASSES)
-    params = list(model.parameters()) + list(head.parameters())
+    phoneme_head = torch.nn.Linear(model.cfg.encoder.embed_dim, 1 + len(inventory))
+    params = list(model.parameters()) + list(head.parameters()) + list(phoneme_head.parameters())
+
+    def heads(encoded: list) -> torch.Tensor:
+        return T.heads_loss(head, phoneme_head, encoded, plan.phoneme_weight)
     opt = torch.optim.AdamW(params, lr=1e-5)
     rng = np.random.default_rng(0)
     pad = model.prompt.special.end_of_text
@@ -83,17 +88,17 @@ def main() -> None:
         return run
 
     rows = []
-    enc_plain, enc_fast = interleaved(step(lambda b: T._frame_loss(head, T._encode_grouped(model, b, 1)), plan.encoder_batch),
-                                      step(lambda b: T._frame_loss(head, T._encode_grouped(model, b, plan.encoder_groups)), plan.encoder_batch),
+    enc_plain, enc_fast = interleaved(step(lambda b: heads(T._encode_grouped(model, b, 1)), plan.encoder_batch),
+                                      step(lambda b: heads(T._encode_grouped(model, b, plan.encoder_groups)), plan.encoder_batch),
                                       args.steps)
     rows.append(("encoder-phase step (48 clips)", "one padded batch", enc_plain, f"{plan.encoder_groups} length-sorted sub-batches", enc_fast))
 
     def plain_joint(b):
-        return T.plain_lm_loss(model, b, pad) + T._frame_loss(head, T._encode_grouped(model, b, 1))
+        return T.plain_lm_loss(model, b, pad) + plan.frame_weight * heads(T._encode_grouped(model, b, 1))
 
     def fast_joint(b):
         encoded = T._encode_grouped(model, b, plan.groups)
-        return T._lm_loss(model, encoded, pad) + T._frame_loss(head, encoded)
+        return T._lm_loss(model, encoded, pad) + plan.frame_weight * heads(encoded)
 
     joint_plain, joint_fast = interleaved(step(plain_joint, plan.batch), step(fast_joint, plan.batch), args.steps)
     rows.append(("joint-phase step (16 clips, 2 tasks)", "plain (transformers' loss)", joint_plain,
