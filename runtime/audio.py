@@ -99,6 +99,14 @@ class BlockConverter:
     def flush(self) -> np.ndarray:
         return self._resample(np.zeros(0, np.float32), last=True)
 
+    def cut(self) -> np.ndarray:
+        """The resampler's held-back tail now, and a fresh resampler for what follows: at an
+        utterance boundary the audio so far must end with its last sample received (soxr holds
+        back its filter's delay, 76 ms from 8 kHz, until the stream ends)."""
+        tail = self.flush()
+        self._resample = _Resampler(self.rate, self.name)
+        return tail
+
 
 def _blocks_16k(blocks: Iterator[np.ndarray], rate: int, name: str, decoded: bool) -> Iterator[np.ndarray]:
     convert = BlockConverter(rate, name, decoded=decoded)

@@ -257,7 +257,12 @@ class LiveSession:
             self._cond.notify_all()
 
     def commit(self) -> None:
-        """Close the open utterance now (its final follows), as a pause would."""
+        """Close the open utterance now (its final follows), as a pause would. It holds every
+        sample pushed before the commit, the resampler's held-back tail included."""
+        if not self._closed:
+            tail = self._convert.cut()
+            if tail.size:
+                self._put(tail, None)
         self._control("commit")
 
     def clear(self) -> None:

@@ -187,3 +187,27 @@ def test_ffmpeg_garbage_is_an_error(tmp_path) -> None:
 def test_missing_file() -> None:
     with pytest.raises(AudioError, match="/no/such/file.wav: no such file"):
         load_audio("/no/such/file.wav")
+
+
+def test_block_converter_cut_hands_over_the_resamplers_tail() -> None:
+    """At an utterance boundary (a live commit) the 16 kHz audio so far must end with the last
+    sample received: ``cut`` hands over what soxr holds back, and the next stretch starts a stream
+    of its own, as long as a one-shot resampling of it and as close in value."""
+    from mdl_edge.runtime.audio import BlockConverter, load_audio
+
+    rng = np.random.default_rng(0)
+    t = np.arange(8000 * 2) / 8000
+    first = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    second = (0.3 * np.sin(2 * np.pi * 300 * t[:12000])).astype(np.float32)
+    conv = BlockConverter(8000, "stream")
+    out = np.concatenate([conv(b) for b in np.array_split(first, 37)])
+    assert out.size < 2 * first.size  # soxr holds its delay back...
+    out = np.concatenate([out, conv.cut()])
+    assert out.size == 2 * first.size, out.size  # ...and the cut hands it over
+    want = load_audio(first, sample_rate=8000)
+    worst = float(np.abs(out - want).max())
+    assert worst < 1e-4, f"worst difference from a one-shot resampling {worst:.2e}"
+    nxt = np.concatenate([conv(b) for b in np.array_split(second, 11)] + [conv.flush()])
+    assert nxt.size == 2 * second.size
+    worst = float(np.abs(nxt - load_audio(second, sample_rate=8000)).max())
+    assert worst < 1e-4, f"after the cut: worst difference from a one-shot resampling {worst:.2e}"
