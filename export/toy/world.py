@@ -7,11 +7,11 @@ mixed (speech over noise at several SNRs, an event then speech). Captions follow
 grammar ("a high tone, then a man says: three blue"); transcripts are the spoken words.
 
 Training speaks most phrases in one go (connected speech, each word's and each phoneme's place
-from espeak-ng's word and phoneme events) and the rest word by word with short pauses; some training phrases carry filler
-words outside the vocabulary, which the transcript leaves out. The splits differ in what a model
-must generalise over: held-out clips use voices, speeds and SNRs that training never uses, and
-word pairs in an order training never contains (rendered word by word); training clips are
-mostly speech, the others an even mix of speech, events and silence. The "connected" split is
+from espeak-ng's word and phoneme events) and the rest word by word with short pauses; some
+training phrases carry filler words outside the vocabulary, which the transcript leaves out.
+The splits differ in what a model must generalise over: held-out clips use voices, speeds and
+SNRs that training never uses, and word pairs in an order training never contains (rendered word
+by word); training clips are mostly speech, the others an even mix of speech, events and silence. The "connected" split is
 made by no rendering choice of the others: accents training never hears, speeds between and
 beyond training's, phrases in one go, and short sentences that mix vocabulary words with words
 outside it that training never hears either (the transcript holds the vocabulary words only: a
@@ -172,9 +172,9 @@ def _spoken(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, 
 
 
 def speak_phrase(words: list[str], voice: str, speed: int, pitch: int) -> tuple[np.ndarray, Spans, Spans]:
-    """A phrase spoken in one go (connected speech): ``(wave, [(word, start sample, end sample), ...],
-    its phonemes' spans)``.
-    Each word runs from its word event to the next one's; the last ends with the speech. Where
+    """A phrase spoken in one go (connected speech): ``(wave, [(word, start sample, end sample),
+    ...], its phonemes' spans)``. Each word runs from its word event to the next one's; the last
+    ends with the speech. Where
     the events are missing (espeak-ng's program instead of its library), the places are shared
     out by letters, which is what is logged."""
     wave, starts, phonemes = _spoken(" ".join(words), voice, speed, pitch)
