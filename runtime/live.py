@@ -266,7 +266,10 @@ class LiveSession:
         self._control("commit")
 
     def clear(self) -> None:
-        """Forget the open utterance's audio (no final for it)."""
+        """Forget the open utterance's audio (no final for it), the resampler's held-back tail
+        included, so none of it opens the next utterance."""
+        if not self._closed:
+            self._convert.cut()
         self._control("clear")
 
     def finish(self, timeout: float | None = None) -> None:
