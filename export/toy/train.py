@@ -77,14 +77,18 @@ FRAME_CLASSES = 2 + 2 * len(toyworld.VOCAB) + len(toyworld.EVENTS)
 FILLER_CLASS = FRAME_CLASSES - 1
 
 
+def _position_centres(clip: toyworld.Clip) -> np.ndarray:
+    """The centre (seconds) of each 25 Hz encoder position of ``clip``: where its labels are read."""
+    return (np.arange(C.n_patches(max(clip.wave.size, C.MIN_SAMPLES))) + 0.5) * C.PATCH_HOP_SAMPLES / C.SAMPLE_RATE
+
+
 def frame_labels(clip: toyworld.Clip) -> torch.Tensor:
     """What is heard at each 25 Hz encoder position: 0 nothing, then each word by a man, each word
     by a woman, each sound event, and a word outside the vocabulary (the generator knows where each
     one is). Fillers used to be labelled nothing; a class of their own taught the model to pass
     over words it never heard: measured side by side, connected word accuracy 0.684 -> 0.734."""
-    n = C.n_patches(max(clip.wave.size, C.MIN_SAMPLES))
-    centre = (np.arange(n) + 0.5) * C.PATCH_HOP_SAMPLES / C.SAMPLE_RATE
-    labels = np.zeros(n, np.int64)
+    centre = _position_centres(clip)
+    labels = np.zeros(centre.size, np.int64)
     woman = any("a woman says" in e for e in clip.events)
     for w, a, b in clip.words:
         if w not in toyworld.VOCAB:
@@ -106,18 +110,17 @@ def phoneme_labels(clip: toyworld.Clip, inventory: tuple[str, ...]) -> torch.Ten
     """The phoneme heard at each 25 Hz encoder position (the one under the position's centre): 0
     for none (silence, pauses, sound events), else 1 + its index in ``inventory``; every position
     of a clip whose speech came without phoneme events (espeak-ng's program) is left out (-100)."""
-    n = C.n_patches(max(clip.wave.size, C.MIN_SAMPLES))
+    centre = _position_centres(clip)
     if clip.words and not clip.phonemes:
-        return torch.full((n,), -100, dtype=torch.long)
-    centre = (np.arange(n) + 0.5) * C.PATCH_HOP_SAMPLES / C.SAMPLE_RATE
-    labels = np.zeros(n, np.int64)
+        return torch.full((centre.size,), -100, dtype=torch.long)
+    labels = np.zeros(centre.size, np.int64)
     index = {p: k + 1 for k, p in enumerate(inventory)}
     for p, a, b in clip.phonemes:
         labels[(centre >= a) & (centre < b)] = index.get(p, 0)
     return torch.from_numpy(labels)
 
 
-def _examples(clips: list[toyworld.Clip], prompt, threads: int, acoustic_mels: int = 0, inventory: tuple[str, ...] = ()) -> list[dict]:
+def _examples(clips: list[toyworld.Clip], prompt, threads: int, acoustic_mels: int, inventory: tuple[str, ...]) -> list[dict]:
     """Per clip: its log-mel (with the acoustic rows the encoder reads), what is heard at each
     encoder position (for the training-only frame and phoneme heads), and both tasks' prompt ids
     and target ids (one encoder pass serves both)."""
