@@ -189,7 +189,7 @@ def test_int8_variants_drift(onnx_dir, encoder, variant: str) -> None:
     README): 8-bit error grows with depth, so the floor holds for the deeper model too."""
     import onnx
 
-    from mdl_edge.quantize.encoder import patch_embed_nodes, variant_file
+    from mdl_edge.quantize.encoder import activation_matmul_nodes, patch_embed_nodes, variant_file
 
     # every weighted MatMul is int8 except the patch embedding, which reads the raw log-mel
     fp32 = onnx.load(str(onnx_dir / "encoder.onnx"), load_external_data=False)
@@ -197,6 +197,12 @@ def test_int8_variants_drift(onnx_dir, encoder, variant: str) -> None:
     weights = {i.name for i in q.graph.initializer}
     float_mm = [n.name for n in q.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     assert float_mm == patch_embed_nodes(fp32), float_mm
+    # attention's products of two activations stay fp32 too: no input comes from a DequantizeLinear
+    dequantized = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    by_name = {n.name: n for n in q.graph.node}
+    act_mm = activation_matmul_nodes(fp32)
+    assert len(act_mm) == 2 * len([n for n in fp32.graph.node if n.op_type == "Softmax"]), act_mm
+    assert all(by_name[m].op_type == "MatMul" and not set(by_name[m].input) & dequantized for m in act_mm), act_mm
 
     var = AudioEncoder(onnx_dir, encoder_file=variant_file(variant))
     waves = [clip(int(25 * C.SAMPLE_RATE), seed=99), clip(int(3.3 * C.SAMPLE_RATE), seed=7) * 3]
