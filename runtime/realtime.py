@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi import WebSocket  # the server extra: this module is imported by the server's app alone
 
+from . import g711
 from .errors import MdlEdgeError, OptionError
 
 if TYPE_CHECKING:
@@ -67,28 +68,10 @@ def error_event(message: str, *, code: str, param: str | None = None, event_id: 
             "error": {"type": kind, "code": code, "message": message, "param": param, "event_id": event_id}}
 
 
-# -- G.711 (audio/pcmu, audio/pcma at 8 kHz) --------------------------------------------------------
-def ulaw_table() -> np.ndarray:
-    u = ~np.arange(256, dtype=np.int32) & 0xFF
-    t = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
-    return np.where(u & 0x80, 0x84 - t, t - 0x84).astype(np.int16)
-
-
-def alaw_table() -> np.ndarray:
-    a = np.arange(256, dtype=np.int32) ^ 0x55
-    seg = (a & 0x70) >> 4
-    t = (a & 0x0F) << 4
-    t = np.where(seg == 0, t + 8, np.where(seg == 1, t + 0x108, (t + 0x108) << np.maximum(seg - 1, 0)))
-    return np.where(a & 0x80, t, -t).astype(np.int16)
-
-
-_G711 = {"audio/pcmu": ulaw_table(), "audio/pcma": alaw_table()}
-
-
 def decode_audio(data: bytes, fmt: str) -> np.ndarray:
     """An ``append``'s bytes -> int16 samples (PCM16 little-endian, or G.711 expanded)."""
-    if fmt in _G711:
-        return _G711[fmt][np.frombuffer(data, np.uint8)]
+    if fmt in g711.TABLES:
+        return g711.decode(data, fmt)
     if len(data) % 2:
         raise ValueError(f"audio/pcm is 16-bit samples: {len(data)} bytes is not a whole number of them")
     return np.frombuffer(data, "<i2")
@@ -119,7 +102,7 @@ class Settings:
         fmt = inp.get("format")
         if fmt is not None:
             kind = fmt.get("type", "audio/pcm") if isinstance(fmt, dict) else None
-            if kind not in ("audio/pcm", *_G711):
+            if kind not in ("audio/pcm", *g711.TABLES):
                 raise OptionError("session.audio.input.format.type", f"must be audio/pcm, audio/pcmu or audio/pcma, got {kind!r}")
             rate = fmt.get("rate", 24000) if kind == "audio/pcm" else 8000
             if isinstance(rate, bool) or not isinstance(rate, int) or not PCM_RATES[0] <= rate <= PCM_RATES[1]:

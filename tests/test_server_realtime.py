@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai", reason="the dev extra is not installed")
 pytest.importorskip("websockets", reason="openai[realtime] is not installed")
 
 from mdl_edge.runtime import constants as C  # noqa: E402
-from mdl_edge.runtime.realtime import alaw_table, ulaw_table  # noqa: E402
+from mdl_edge.runtime.g711 import encode  # noqa: E402
 from mdl_edge.runtime.server import Server, ServerOptions  # noqa: E402
 
 SR = C.SAMPLE_RATE
@@ -125,17 +125,12 @@ def test_openai_client_transcribes_as_the_live_engine_does(served, speech, toy_b
 
 def test_manual_commits_without_turn_detection_and_g711(served, speech) -> None:
     """turn_detection null: nothing is transcribed until the client commits; µ-law at 8 kHz. The
-    whole clip arrives (its length and audio tokens), decoded as audioop decodes µ-law (below).
-    What the toy model writes is not checked: trained on 16 kHz speech, it does not hear speech
-    band-limited to 4 kHz (word accuracy about 0.05 on 85 such clips, and often nothing at all)."""
+    whole clip arrives (its length and audio tokens), decoded as audioop decodes µ-law (below),
+    and is heard: the toy model trains on telephone speech too (how well it hears it is
+    test_toy.py's telephone test, over many clips; here at least one word said must come back)."""
     clips, _ = speech
     pcm8 = np.frombuffer(_pcm(clips[0].wave, 8000), "<i2")
-    # encode to µ-law by the nearest table value (the table is checked against audioop below)
-    table = ulaw_table().astype(np.int32)
-    order = np.argsort(table)
-    idx = np.clip(np.searchsorted(table[order], pcm8), 1, 255)
-    nearer = np.where(np.abs(table[order][idx - 1] - pcm8) <= np.abs(table[order][idx] - pcm8), idx - 1, idx)
-    data = order[nearer].astype(np.uint8).tobytes()
+    data = encode(pcm8, "audio/pcmu")
     with _connect(served) as conn:
         conn.recv()
         conn.session.update(session={"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}}})
@@ -151,13 +146,7 @@ def test_manual_commits_without_turn_detection_and_g711(served, speech) -> None:
     want_tokens = C.n_audio_tokens(round(seconds * SR))
     assert abs(done.usage.input_token_details.audio_tokens - want_tokens) <= 1, (done.usage, want_tokens)
     print("µ-law heard:", repr(done.transcript), "said:", clips[0].transcript)
-
-
-def test_g711_tables_equal_audioop() -> None:
-    audioop = pytest.importorskip("audioop")
-    every = bytes(range(256))
-    assert np.array_equal(ulaw_table(), np.frombuffer(audioop.ulaw2lin(every, 2), "<i2"))
-    assert np.array_equal(alaw_table(), np.frombuffer(audioop.alaw2lin(every, 2), "<i2"))
+    assert set(done.transcript.split()) & set(clips[0].transcript.split()), (done.transcript, clips[0].transcript)
 
 
 def test_caption_sessions_send_caption_events(served, speech) -> None:

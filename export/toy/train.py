@@ -65,9 +65,10 @@ class TrainPlan:
         and trains it: a change to any of them retrains."""
         from ..code_key import code_key
         from ..synthetic import checkpoint, tokenizer
+        from ...runtime import g711
         from . import espeak, espeak_helper
 
-        modules = (toyworld, espeak, espeak_helper, checkpoint, tokenizer)
+        modules = (toyworld, espeak, espeak_helper, g711, checkpoint, tokenizer)
         return code_key([Path(__file__), *(Path(m.__file__) for m in modules)], json.dumps(self.__dict__, sort_keys=True))
 
 

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ...runtime import constants as C
+from ...runtime import g711
 from . import espeak
 
 SR = C.SAMPLE_RATE
@@ -78,6 +79,7 @@ _SPLITS = {
         "connected": 0.6,
         "fillers": 0.25,
         "filler_words": TRAIN_FILLERS,
+        "telephone": 0.15,
     },
     "validation": {"voices": _VALIDATION_VOICES, "speeds": (150, 175), "snrs": (12.0,), "kinds": _EVEN_MIX},
     "held-out": {"voices": _HELD_OUT_VOICES, "speeds": (145, 160, 185), "snrs": (15.0, 8.0), "kinds": _EVEN_MIX},
@@ -310,12 +312,27 @@ def make_clip(rng: np.random.Generator, split: str) -> Clip:
         wave += noise * sig / float(np.sqrt(np.mean(noise**2))) * 10 ** (-snr / 20)
         elements.append("over noise")
     wave += rng.standard_normal(wave.size).astype(np.float32) * 1e-4  # a quiet room, not digital zero
+    if _chance(rng, spec.get("telephone", 0.0)):
+        wave = telephone(wave, rng)
     caption = caption_of(elements)
     def seconds(spans: Spans) -> tuple[tuple[str, float, float], ...]:
         return tuple((w, (a + lead) / SR, (b + lead) / SR) for w, a, b in spans)
 
     return Clip(wave.astype(np.float32), caption, transcript, tuple(elements), split, seconds(word_spans), seconds(sound_spans),
                 seconds(phoneme_spans))
+
+
+def telephone(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``wave`` as a telephone line brings it (the Realtime API's ``audio/pcmu`` and ``audio/pcma``):
+    at 8 kHz, coded by G.711 (µ-law or A-law, drawn), back at 16 kHz; the same length."""
+    import soxr
+
+    fmt = "audio/pcmu" if rng.random() < 0.5 else "audio/pcma"
+    line = np.clip(np.round(soxr.resample(wave, SR, 8000) * 32768), -32768, 32767).astype(np.int16)
+    back = soxr.resample(g711.decode(g711.encode(line, fmt), fmt).astype(np.float32) / 32768, 8000, SR)
+    out = np.zeros_like(wave)
+    out[: min(back.size, wave.size)] = back[: wave.size]
+    return out
 
 
 def _chance(rng: np.random.Generator, p: float) -> bool:
