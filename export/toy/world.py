@@ -8,7 +8,8 @@ grammar ("a high tone, then a man says: three blue"); transcripts are the spoken
 
 Training speaks most phrases in one go (connected speech, each word's and each phoneme's place
 from espeak-ng's word and phoneme events) and the rest word by word with short pauses; some
-training phrases carry filler words outside the vocabulary, which the transcript leaves out.
+training phrases carry filler words outside the vocabulary, which the transcript leaves out,
+and some training clips come over a telephone line (8 kHz G.711, back at 16 kHz).
 The splits differ in what a model must generalise over: held-out clips use voices, speeds and
 SNRs that training never uses, and word pairs in an order training never contains (rendered word
 by word); training clips are mostly speech, the others an even mix of speech, events and silence. The "connected" split is
