@@ -81,6 +81,7 @@ _SPLITS = {
         "fillers": 0.25,
         "filler_words": TRAIN_FILLERS,
         "telephone": 0.15,
+        "noise_onset": 0.5,
     },
     "validation": {"voices": _VALIDATION_VOICES, "speeds": (150, 175), "snrs": (12.0,), "kinds": _EVEN_MIX},
     "held-out": {"voices": _HELD_OUT_VOICES, "speeds": (145, 160, 185), "snrs": (15.0, 8.0), "kinds": _EVEN_MIX},
@@ -310,7 +311,16 @@ def make_clip(rng: np.random.Generator, split: str) -> Clip:
         snr = float(spec["snrs"][int(rng.integers(len(spec["snrs"])))])
         noise = rng.standard_normal(wave.size).astype(np.float32)
         sig = float(np.sqrt(np.mean(body**2)))
-        wave += noise * sig / float(np.sqrt(np.mean(noise**2))) * 10 ** (-snr / 20)
+        noise *= sig / float(np.sqrt(np.mean(noise**2))) * 10 ** (-snr / 20)
+        if _chance(rng, spec.get("noise_onset", 0.0)):
+            # The noise starts in the quiet before the speech and stops in the quiet after it, as a
+            # live utterance opened on the noise's onset hears it: a model that never heard an
+            # onset wrote words for it (held-out clips over noise with 0.3 s of quiet before
+            # them: word accuracy 0.90 -> 0.09).
+            a, b = int(rng.uniform(0.0, 1.0) * lead), lead + body.size + int(rng.uniform(0.0, 1.0) * (wave.size - lead - body.size))
+            noise[:a] = 0.0
+            noise[b:] = 0.0
+        wave += noise
         elements.append("over noise")
     wave += rng.standard_normal(wave.size).astype(np.float32) * 1e-4  # a quiet room, not digital zero
     if _chance(rng, spec.get("telephone", 0.0)):

@@ -1,6 +1,6 @@
 """Live transcription: does it hear what offline transcription hears, how soon, and does it keep up.
 
-    python tests/benchmarks/bench_live.py --toy TOY_BUNDLE [--bundle-06b BUNDLE] [--clips 30] [--minutes 30]
+    python tests/benchmarks/bench_live.py --toy TOY_BUNDLE [--bundle-06b BUNDLE] [--clips 30] [--accuracy-clips 100] [--minutes 30]
 
 TOY_BUNDLE: the trained toy model exported (``mdl-edge demo`` leaves one; int8 + Q4_K_M are used).
 BUNDLE: real-size MiDashengLM-0.6B shapes (``mdl-edge synth --preset 0.6b`` then ``mdl-edge export
@@ -13,7 +13,10 @@ Measured in one run, on this machine (named with its SIMD features):
    final expected (the final whose span holds the clip's words); word accuracy of the finals
    against the same clips transcribed offline (whole clip, ``AudioLM.transcribe``); final latency =
    the stream's clock when the final arrived minus the end of the clip's last word; first-partial
-   latency = the clock at the first partial minus the start of its first word.
+   latency = the clock at the first partial minus the start of its first word. The same accuracy
+   over ``--accuracy-clips`` held-out clips (those over background noise also on their own) and
+   as many connected phrases, the stream pushed unpaced with partials off (30 clips hold a few
+   words either way; 100 at real-time pace would take minutes).
 2. **Four concurrent streams** (toy model): four sessions on one shared engine (4 slots), each fed
    by its own thread at real-time pace as a microphone would (``drop=True``): dropped blocks and
    final latency.
@@ -117,6 +120,34 @@ def accuracy_and_latency(lm, clips) -> dict:
             "with_partial": len(first)}
 
 
+def accuracy_unpaced(lm, clips) -> dict:
+    """Live vs offline word accuracy over many clips: the stream pushed as fast as the session
+    takes it, partials off (what is cut and decoded is the same as at real-time pace; only when
+    it happens differs). Also over the clips with background noise alone."""
+    from mdl_edge.export.toy.world import word_accuracy
+    from mdl_edge.runtime.live import LiveOptions, LiveSession
+
+    wave, offsets = _stream(clips)
+    offline = [lm.transcribe(c.wave, sample_rate=SR).text.strip() for c in clips]
+    finals: list = []
+    with LiveSession(lm, LiveOptions(partial_every=0), on_event=lambda ev: finals.append((0.0, ev)) if ev.type == "final" else None) as s:
+        for k in range(0, wave.size, SR // 10):
+            s.push(wave[k : k + SR // 10])
+    matched = _match(finals, clips, offsets)
+    live = [word_accuracy(h[1].text, c.transcript) if h else 0.0 for h, c in zip(matched, clips)]
+    off = [word_accuracy(o, c.transcript) for o, c in zip(offline, clips)]
+    noisy = [i for i, c in enumerate(clips) if "over noise" in c.caption]
+    return {"clips": len(clips), "matched": sum(m is not None for m in matched), "live_acc": float(np.mean(live)),
+            "offline_acc": float(np.mean(off)), "noisy": len(noisy), "noisy_live": float(np.mean([live[i] for i in noisy])) if noisy else float("nan"),
+            "noisy_offline": float(np.mean([off[i] for i in noisy])) if noisy else float("nan")}
+
+
+def _connected(n: int):
+    from mdl_edge.export.toy import world
+
+    return [c for c in world.eval_clips("connected", n) if c.transcript]
+
+
 def concurrent(lm, clips, n: int = 4) -> dict:
     from mdl_edge.runtime.engine import Engine
     from mdl_edge.runtime.live import LiveOptions, LiveSession
@@ -209,6 +240,7 @@ def main() -> None:
     ap.add_argument("--bundle-06b")
     ap.add_argument("--clips", type=int, default=30)
     ap.add_argument("--minutes", type=int, default=30)
+    ap.add_argument("--accuracy-clips", type=int, default=100, help="held-out clips and connected phrases for the unpaced accuracy rows")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args()
     from mdl_edge.runtime.cpu import cpu_info
@@ -224,6 +256,13 @@ def main() -> None:
         print(f"| final after end of speech, p50 / p95 | {a['final_p50']:.2f} / {a['final_p95']:.2f} s | p95 <= 1.0 s |")
         print(f"| first partial after speech start, p50 / p95 | {a['first_partial_p50']:.2f} / {a['first_partial_p95']:.2f} s "
               f"({a['with_partial']} utterances with a partial, {a['partials']} partials) | <= 1.0 s |")
+        for name, many in ((f"held-out clips, {args.accuracy_clips}", _clips(args.accuracy_clips)), (f"connected phrases, {args.accuracy_clips}", _connected(args.accuracy_clips))):
+            u = accuracy_unpaced(lm, many)
+            print(f"| word accuracy live vs offline, {name} (pushed unpaced; {u['matched']} matched) | {u['live_acc']:.3f} vs {u['offline_acc']:.3f} "
+                  f"(diff {u['live_acc'] - u['offline_acc']:+.3f}) | within 0.05 |")
+            if u["noisy"]:
+                print(f"| of which {u['noisy']} over background noise | {u['noisy_live']:.3f} vs {u['noisy_offline']:.3f} "
+                      f"(diff {u['noisy_live'] - u['noisy_offline']:+.3f}) | within 0.05 |")
         c = concurrent(lm, clips)
         print(f"| 4 concurrent streams ({c['audio_s']:.0f} s of audio): dropped blocks, finals, final p95 | "
               f"{c['dropped']}, {c['finals']}, {c['final_p95']:.2f} s | no dropped block |")
