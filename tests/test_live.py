@@ -288,9 +288,22 @@ def test_cancel_stops_at_once(tiny_lm) -> None:
 
 
 # -- mdl-edge live ----------------------------------------------------------------------------------
-def _cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mdl_edge.runtime.cli", "live", *args], input=stdin, capture_output=True, timeout=300,
-                          env=None if env is None else {**os.environ, **env})
+def _cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``mdl-edge live ARGS``; a run that hangs fails with every thread's Python stack (faulthandler
+    on SIGABRT), not a bare timeout."""
+    import signal
+
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "mdl_edge.runtime.cli", "live", *args]
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else None, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={**os.environ, **(env or {})}) as proc:
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"mdl-edge live {' '.join(args)} hung for {timeout} s; its threads:\n{err.decode(errors='replace')[-8000:]}\n"
+                        f"its output:\n{out.decode(errors='replace')[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_cli_live_from_a_file_and_from_stdin_pcm(toy_bundle, utterances, tmp_path) -> None:
