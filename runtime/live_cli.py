@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 from typing import IO, TYPE_CHECKING, Iterator
@@ -209,6 +210,12 @@ def _from_mic(session: "LiveSession", args: argparse.Namespace) -> None:
         except MdlEdgeError:
             stop.set()
 
+    # Ctrl-C (SIGINT) is how a microphone stream ends. A process started in the background
+    # inherits SIGINT ignored (POSIX shells do that to background jobs), and Python then leaves it
+    # ignored: such a process listened for ever, whatever signal it was sent.
+    restore = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        restore = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with sd.InputStream(samplerate=args.rate, channels=1, dtype="float32", device=device,
                             blocksize=int(args.rate * BLOCK_SECONDS), callback=callback):
@@ -217,3 +224,6 @@ def _from_mic(session: "LiveSession", args: argparse.Namespace) -> None:
                 pass
     except sd.PortAudioError as e:
         raise MdlEdgeError(f"microphone {args.device or '(default)'}: {e}") from e
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -288,14 +289,14 @@ def test_cancel_stops_at_once(tiny_lm) -> None:
 
 
 # -- mdl-edge live ----------------------------------------------------------------------------------
-def _cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``mdl-edge live ARGS``; a run that hangs fails with every thread's Python stack (faulthandler
-    on SIGABRT), not a bare timeout."""
-    import signal
-
+def _cli(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 300,
+         sigint: object = signal.SIG_DFL) -> subprocess.CompletedProcess:
+    """``mdl-edge live ARGS``, started with SIGINT's disposition ``sigint`` (SIG_DFL as from a
+    terminal; SIG_IGN as a background job inherits it); a run that hangs fails with every
+    thread's Python stack (faulthandler on SIGABRT), not a bare timeout."""
     cmd = [sys.executable, "-X", "faulthandler", "-m", "mdl_edge.runtime.cli", "live", *args]
     with subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else None, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env={**os.environ, **(env or {})}) as proc:
+                          env={**os.environ, **(env or {})}, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint)) as proc:
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -353,11 +354,15 @@ def test_cli_live_from_the_microphone_until_ctrl_c(toy_bundle, utterances, tmp_p
     env = {"PYTHONPATH": str(Path(__file__).parent / "data" / "fake_sounddevice"), "FAKE_MIC_WAV": str(wav)}
     r = _cli("--list-devices", env=env)
     assert r.returncode == 0 and r.stdout.decode().strip() == "0: fake microphone (1 ch, 16000 Hz)"
-    r = _cli("--mic", "--device", "0", "--model", str(toy_bundle), "--format", "jsonl", "--encoder", "int8", "--decoder", "Q4_K_M", env=env)
-    assert r.returncode == 0, r.stderr.decode()
-    finals = [json.loads(line) for line in r.stdout.decode().splitlines() if '"final"' in line]
-    assert len(finals) == 2, r.stdout.decode()
-    assert b"listening" in r.stderr
+    # started as a terminal starts it, and as a background job (SIGINT inherited ignored): Ctrl-C
+    # ends both (the second listened for ever before)
+    for sigint in (signal.SIG_DFL, signal.SIG_IGN):
+        r = _cli("--mic", "--device", "0", "--model", str(toy_bundle), "--format", "jsonl", "--encoder", "int8", "--decoder", "Q4_K_M", env=env,
+                 timeout=120, sigint=sigint)
+        assert r.returncode == 0, r.stderr.decode()
+        finals = [json.loads(line) for line in r.stdout.decode().splitlines() if '"final"' in line]
+        assert len(finals) == 2, r.stdout.decode()
+        assert b"listening" in r.stderr
     r = _cli("--mic", "--device", "7", "--model", str(toy_bundle), env=env)
     assert r.returncode == 1 and b"microphone 7" in r.stderr
 
