@@ -212,7 +212,7 @@ def _from_mic(session: "LiveSession", args: argparse.Namespace) -> None:
 
     # Ctrl-C (SIGINT) is how a microphone stream ends. A process started in the background
     # inherits SIGINT ignored (POSIX shells do that to background jobs), and Python then leaves it
-    # ignored: such a process listened for ever, whatever signal it was sent.
+    # ignored: such a process listened for ever, however often it was sent SIGINT.
     restore = None
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         restore = signal.signal(signal.SIGINT, signal.default_int_handler)
