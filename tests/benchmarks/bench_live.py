@@ -82,6 +82,13 @@ def _match(finals, clips, offsets):
     return out
 
 
+def _offline_accuracy(lm, clips) -> list[float]:
+    """Each clip's word accuracy transcribed offline (the whole clip): what live is compared with."""
+    from mdl_edge.export.toy.world import word_accuracy
+
+    return [word_accuracy(lm.transcribe(c.wave, sample_rate=SR).text.strip(), c.transcript) for c in clips]
+
+
 def accuracy_and_latency(lm, clips) -> dict:
     from mdl_edge.export.toy.world import word_accuracy
     from mdl_edge.runtime.engine import Engine
@@ -89,7 +96,7 @@ def accuracy_and_latency(lm, clips) -> dict:
     from mdl_edge.runtime.live_audio import paced
 
     wave, offsets = _stream(clips)
-    offline = [lm.transcribe(c.wave, sample_rate=SR).text.strip() for c in clips]
+    offline = _offline_accuracy(lm, clips)
     record: list = []
     with Engine(lm, parallel=2) as engine:
         t0 = time.perf_counter()
@@ -100,9 +107,8 @@ def accuracy_and_latency(lm, clips) -> dict:
     finals = [(t, e) for t, e in record if e.type == "final"]
     partials = [(t, e) for t, e in record if e.type == "partial"]
     matched = _match(finals, clips, offsets)
-    lat, first, live_acc, off_acc = [], [], [], []
-    for (hit, c, off, o) in zip(matched, clips, offsets, offline):
-        off_acc.append(word_accuracy(o, c.transcript))
+    lat, first, live_acc = [], [], []
+    for (hit, c, off) in zip(matched, clips, offsets):
         if hit is None:
             live_acc.append(0.0)
             continue
@@ -113,7 +119,7 @@ def accuracy_and_latency(lm, clips) -> dict:
         if ps:
             first.append(ps[0] - (off + c.words[0][1]))
     return {"clips": len(clips), "finals": len(finals), "matched": sum(m is not None for m in matched), "audio_s": wave.size / SR,
-            "live_acc": float(np.mean(live_acc)), "offline_acc": float(np.mean(off_acc)),
+            "live_acc": float(np.mean(live_acc)), "offline_acc": float(np.mean(offline)),
             "final_p50": float(np.percentile(lat, 50)), "final_p95": float(np.percentile(lat, 95)),
             "first_partial_p50": float(np.percentile(first, 50)) if first else float("nan"),
             "first_partial_p95": float(np.percentile(first, 95)) if first else float("nan"), "partials": len(partials),
@@ -128,14 +134,13 @@ def accuracy_unpaced(lm, clips) -> dict:
     from mdl_edge.runtime.live import LiveOptions, LiveSession
 
     wave, offsets = _stream(clips)
-    offline = [lm.transcribe(c.wave, sample_rate=SR).text.strip() for c in clips]
+    off = _offline_accuracy(lm, clips)
     finals: list = []
     with LiveSession(lm, LiveOptions(partial_every=0), on_event=lambda ev: finals.append((0.0, ev)) if ev.type == "final" else None) as s:
         for k in range(0, wave.size, SR // 10):
             s.push(wave[k : k + SR // 10])
     matched = _match(finals, clips, offsets)
     live = [word_accuracy(h[1].text, c.transcript) if h else 0.0 for h, c in zip(matched, clips)]
-    off = [word_accuracy(o, c.transcript) for o, c in zip(offline, clips)]
     noisy = [i for i, c in enumerate(clips) if "over noise" in c.caption]
     return {"clips": len(clips), "matched": sum(m is not None for m in matched), "live_acc": float(np.mean(live)),
             "offline_acc": float(np.mean(off)), "noisy": len(noisy), "noisy_live": float(np.mean([live[i] for i in noisy])) if noisy else float("nan"),
