@@ -131,8 +131,8 @@ def test_each_utterance_gets_one_final_as_heard_offline(toy_lm, utterances) -> N
     """Five utterances streamed (at 4x real-time pace, partials on): one final each, in order,
     timed within its clip, with partials before it; each final is exactly the offline
     transcription of the same samples (the live path's reused chunks and all), and hears the
-    clips about as well as offline transcription of the whole clips does (measured on 30 clips
-    by tests/benchmarks/bench_live.py)."""
+    clips about as well as offline transcription of the whole clips does (measured on 30 clips at
+    real-time pace and 100 pushed unpaced by tests/benchmarks/bench_live.py)."""
     from mdl_edge.export.toy.world import word_accuracy
     from mdl_edge.runtime.segments import VAD_FRAME
 
