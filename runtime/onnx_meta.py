@@ -72,12 +72,16 @@ PRECISE_INT8_KEY = "session.x64quantprecision"
 
 
 def ort_session(path: Path, *, threads: int, provider: str = "cpu", optimized_dir: Path | None = None, static_frames: bool = False,
-                precise_int8: bool = False, spin: bool = True) -> Any:
+                precise_int8: bool = False, spin: bool = False) -> Any:
     """An ONNX Runtime session of ``path`` as mdl-edge runs its graphs (``threads`` intra-op
     threads, all graph optimizations, no memory arena, ORT's own log quiet); load failures name
     the file.
-    ``spin=False``: ORT's idle threads sleep at once after a run instead of spinning, for a
-    session whose run is followed at once by llama.cpp's on the same cores."""
+    ``spin=False`` (the default): ORT's idle threads sleep at once after a run instead of spinning.
+    Every graph here is followed at once by other work on the same cores (the projector after
+    each encoder chunk, the prompt engine and llama.cpp after the projector), and a pool left
+    spinning takes a core from it: measured on a 2-core AVX-512 EPYC (0.6B shapes, int8 encoder,
+    separate processes, medians of 5), a 30 s clip's encoder stage took 0.35 s with spinning
+    sessions against 0.29 s without, and its time to first token 0.75 s against 0.65 s."""
     import onnxruntime as ort
 
     if not path.is_file():

@@ -67,7 +67,7 @@ class PrefillEngine:
 
     def __init__(self, path: str | Path, *, threads: int, precise_int8: bool = False) -> None:
         self.path = Path(path)
-        self.session = ort_session(self.path, threads=threads, precise_int8=precise_int8, spin=False)
+        self.session = ort_session(self.path, threads=threads, precise_int8=precise_int8)
         self.meta = read_metadata(self.session, self.path)
         if self.meta.get("kind") != "prefill":
             raise CheckpointError(f"{self.path}: not a prompt graph (metadata kind {self.meta.get('kind')!r})")

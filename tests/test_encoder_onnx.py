@@ -67,6 +67,17 @@ def test_gelu_runs_as_one_onnx_runtime_kernel(onnx_dir, tmp_path, name: str) -> 
     assert {"Gelu", "BiasGelu"} & set(ops) and "Erf" not in ops and "FastGelu" not in ops, sorted(set(ops))
 
 
+def test_sessions_do_not_spin_after_a_run(onnx_dir) -> None:
+    """The encoder's and projector's thread pools sleep after a run: each run is followed at once
+    by another pool's on the same cores (projector, prompt engine, llama.cpp), and a pool left
+    spinning slowed a 30 s clip's encoder stage by a fifth on two cores (``runtime/onnx_meta.py``)."""
+    from mdl_edge.runtime.encoder import AudioEncoder
+
+    enc = AudioEncoder(onnx_dir, threads=2)
+    for sess in (enc.encoder, enc.projector):
+        assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 @pytest.mark.parametrize("n", LENGTHS)
 def test_fp32_onnx_matches_reference(encoder, tiny_model, n: int) -> None:
     wave = clip(n)
