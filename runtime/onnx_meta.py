@@ -69,14 +69,16 @@ def read_metadata(session: Any, path: Path) -> dict[str, Any]:
 
 # ONNX Runtime's switch from u8 x s8 to u8 x u8 int8 kernels on x86-64 without VNNI (see cpu.py).
 PRECISE_INT8_KEY = "session.x64quantprecision"
+# Whether a session's idle intra-op threads spin after a run ("0": they sleep at once).
+ALLOW_SPINNING_KEY = "session.intra_op.allow_spinning"
 
 
 def ort_session(path: Path, *, threads: int, provider: str = "cpu", optimized_dir: Path | None = None, static_frames: bool = False,
-                precise_int8: bool = False, spin: bool = False) -> Any:
+                precise_int8: bool = False) -> Any:
     """An ONNX Runtime session of ``path`` as mdl-edge runs its graphs (``threads`` intra-op
     threads, all graph optimizations, no memory arena, ORT's own log quiet); load failures name
     the file.
-    ``spin=False`` (the default): ORT's idle threads sleep at once after a run instead of spinning.
+    ORT's idle threads sleep at once after a run instead of spinning.
     Every graph here is followed at once by other work on the same cores (the projector after
     each encoder chunk, the prompt engine and llama.cpp after the projector), and a pool left
     spinning takes a core from it: measured on a 2-core AVX-512 EPYC (0.6B shapes, int8 encoder,
@@ -91,8 +93,7 @@ def ort_session(path: Path, *, threads: int, provider: str = "cpu", optimized_di
         opts.add_session_config_entry(PRECISE_INT8_KEY, "1")
     if static_frames:
         opts.add_free_dimension_override_by_name(FRAMES_AXIS, C.CHUNK_FRAMES)
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry(ALLOW_SPINNING_KEY, "0")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     # No arena: a run's intermediates go back to the system, where an arena would keep each

@@ -72,10 +72,11 @@ def test_sessions_do_not_spin_after_a_run(onnx_dir) -> None:
     by another pool's on the same cores (projector, prompt engine, llama.cpp), and a pool left
     spinning slowed a 30 s clip's encoder stage by a fifth on two cores (``runtime/onnx_meta.py``)."""
     from mdl_edge.runtime.encoder import AudioEncoder
+    from mdl_edge.runtime.onnx_meta import ALLOW_SPINNING_KEY
 
     enc = AudioEncoder(onnx_dir, threads=2)
     for sess in (enc.encoder, enc.projector):
-        assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert sess.get_session_options().get_session_config_entry(ALLOW_SPINNING_KEY) == "0"
 
 
 @pytest.mark.parametrize("n", LENGTHS)

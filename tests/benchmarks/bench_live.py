@@ -134,7 +134,7 @@ def accuracy_unpaced(lm, clips) -> dict:
     from mdl_edge.runtime.live import LiveOptions, LiveSession
 
     wave, offsets = _stream(clips)
-    off = _offline_accuracy(lm, clips)
+    offline = _offline_accuracy(lm, clips)
     finals: list = []
     with LiveSession(lm, LiveOptions(partial_every=0), on_event=lambda ev: finals.append((0.0, ev)) if ev.type == "final" else None) as s:
         for k in range(0, wave.size, SR // 10):
@@ -143,8 +143,8 @@ def accuracy_unpaced(lm, clips) -> dict:
     live = [word_accuracy(h[1].text, c.transcript) if h else 0.0 for h, c in zip(matched, clips)]
     noisy = [i for i, c in enumerate(clips) if "over noise" in c.caption]
     return {"clips": len(clips), "matched": sum(m is not None for m in matched), "live_acc": float(np.mean(live)),
-            "offline_acc": float(np.mean(off)), "noisy": len(noisy), "noisy_live": float(np.mean([live[i] for i in noisy])) if noisy else float("nan"),
-            "noisy_offline": float(np.mean([off[i] for i in noisy])) if noisy else float("nan")}
+            "offline_acc": float(np.mean(offline)), "noisy": len(noisy), "noisy_live": float(np.mean([live[i] for i in noisy])) if noisy else float("nan"),
+            "noisy_offline": float(np.mean([offline[i] for i in noisy])) if noisy else float("nan")}
 
 
 def _connected(n: int):
