@@ -392,7 +392,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
                    help="instead: aggregate decode rate and files/s at these numbers of sequences decoded together (default 1,2,4,8; "
                         "clips default 5,30; decoders Q4_K_M and f16, or those of --variants)")
     b.add_argument("--parallel-tokens", default="32,128", help="new tokens per file in the --parallel table (default: %(default)s)")
-    b.add_argument("--extra-bufts", action="store_true", help="--parallel with llama.cpp's repacked weights (refused on builds with AMX)")
+    b.add_argument("--extra-bufts", action=argparse.BooleanOptionalAction, default=None,
+                   help="--parallel with or without llama.cpp's repacked weights (default: as the runtime chooses; refused on builds with AMX)")
     b.add_argument("--tokens", type=int, default=32, help="new tokens per caption (stop tokens ignored)")
     b.add_argument("--repeats", type=int, default=1,
                    help="run each clip this many times in a row and report the median of its times (default: %(default)s)")

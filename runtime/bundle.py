@@ -108,15 +108,19 @@ class Bundle:
 
     def load_decoder(self, options: DecoderOptions = DecoderOptions(), *, threads: int | None = None) -> tuple[str, "LlamaDecoder"]:
         """The decoder variant ``options`` name (default: the manifest's), its header checked
-        against the manifest before llama.cpp loads it."""
-        from .decoder import LlamaDecoder
+        against the manifest before llama.cpp loads it; repacked weights where ``options`` leave
+        them unset and the prompt engine evaluates prompts on a build that repacks safely."""
+        from .decoder import LlamaDecoder, extra_bufts_safe
 
         name, path = self.variant("decoder", options.variant)
         meta = G.read_gguf_metadata(path)
         self.check_decoder(path, meta)
         prefill = self.load_prefill(options, meta, threads=threads)
+        extra_bufts = options.extra_bufts
+        if extra_bufts is None:
+            extra_bufts = prefill is not None and extra_bufts_safe()
         return name, LlamaDecoder(path, n_ctx=options.n_ctx, threads=threads, n_batch=options.n_batch, f32_kv=options.f32_kv,
-                                  flash_attn=options.flash_attn, extra_bufts=options.extra_bufts, one_batch=options.one_batch,
+                                  flash_attn=options.flash_attn, extra_bufts=extra_bufts, one_batch=options.one_batch,
                                   prefill=prefill)
 
     def load_prefill(self, options: DecoderOptions, decoder_meta: dict[str, object], *, threads: int | None = None) -> "PrefillEngine | None":

@@ -199,15 +199,15 @@ def audio_lm(args: argparse.Namespace, parallel: int) -> AudioLM:
     return AudioLM(args.model, threads=args.threads, encoder=encoder, decoder=decoder)
 
 
-def _extra_bufts(args: argparse.Namespace, parallel: int) -> bool:
+def _extra_bufts(args: argparse.Namespace, parallel: int) -> bool | None:
     """``--[no-]extra-bufts``, or by default: on when several sequences decode together and this
-    llama.cpp build can repack safely (no AMX). Measured on a 2-core AVX-512 Xeon with a build
-    without AMX (README, "Many files at once"): repacked Q4_K_M decodes 1.25x faster alone and
-    1.42x at 4 sequences, for +0.21 GB; single runs keep the smaller footprint."""
+    llama.cpp build can repack safely (no AMX; repacked Q4_K_M decodes 1.4x faster at 4
+    sequences), else :class:`DecoderOptions`' own default (on where the prompt engine runs the
+    prompts)."""
     if getattr(args, "extra_bufts", None) is not None:
         return bool(args.extra_bufts)
     if parallel <= 1:
-        return False
+        return None
     from .decoder import extra_bufts_safe
 
     return extra_bufts_safe()
@@ -382,8 +382,8 @@ def _add_performance_args(t: argparse.ArgumentParser) -> None:
     perf.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=None,
                       help="llama.cpp flash attention (default: on; faster prompts, logits differ by round-off)")
     perf.add_argument("--extra-bufts", action=argparse.BooleanOptionalAction, default=None,
-                      help="let llama.cpp repack weights for this CPU (faster decoding, +0.2 GB; default: on when several "
-                           "sequences decode together and the build has no AMX)")
+                      help="let llama.cpp repack weights for this CPU (faster decoding; default: on when several "
+                           "sequences decode together or the prompt engine runs the prompts, and the build has no AMX)")
     perf.add_argument("--prefill", choices=PREFILL_CHOICES, default=DecoderOptions().prefill,
                       help="who evaluates the prompt: the bundle's int8 prompt engine (onnx) or llama.cpp (llama); auto: the "
                            "engine for a quantized decoder (default: %(default)s)")
@@ -417,7 +417,8 @@ def _add_serve_parser(sub: "argparse._SubParsersAction", sv_d: "ServerOptions") 
     sv.add_argument("--decoder", help="decoder variant (default: the bundle's)")
     sv.add_argument("--threads", type=int, help="CPU threads (default: all available)")
     sv.add_argument("--extra-bufts", action=argparse.BooleanOptionalAction, default=None,
-                    help="let llama.cpp repack weights for this CPU (default: on when --parallel > 1 and the build has no AMX)")
+                    help="let llama.cpp repack weights for this CPU (default: on when --parallel > 1 or the prompt "
+                         "engine runs the prompts, and the build has no AMX)")
     sv.set_defaults(func=_cmd_serve, parser=sv)
 
 

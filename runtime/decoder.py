@@ -126,10 +126,11 @@ class LlamaDecoder:
     ``flash_attn`` defaults to on, except in parity mode (``f32_kv=True``): measured on a 2-core
     AMX Xeon it raises prefill speed (Qwen3-0.6B Q4_K_M, 268 positions: 267 -> 344 positions/s)
     and changes logits by float round-off (``mdl-edge parity`` shows it).
-    ``extra_bufts=True`` lets ggml repack weights for this CPU's SIMD kernels: measured on the
-    2-core AVX2 machine, Q8_0 prefill 1.4x faster, Q4_K_M unchanged, ~0.2 GB more memory (the
-    mapped file pages stay resident beside the repacked copy). Off by default; refused on builds
-    with AMX (see :func:`extra_bufts_safe`). ``one_batch=False`` evaluates a prompt's text and
+    ``extra_bufts=True`` lets ggml repack weights for this CPU's SIMD kernels (Q4_K_M decoding
+    1.3x faster on a 2-core AVX-512 EPYC; llama.cpp's own prompt pass slower) and reads the file
+    instead of mapping it, so the repacked tensors are resident once. Off here; refused on builds
+    with AMX (see :func:`extra_bufts_safe`); :class:`~mdl_edge.runtime.options.DecoderOptions`
+    decides when a bundle's decoder uses it. ``one_batch=False`` evaluates a prompt's text and
     audio segments in separate calls (the way before text rows were fed as embeddings; kept to
     check that one batch gives the same logits). ``prefill``: a prompt engine
     (:class:`~mdl_edge.runtime.prefill.PrefillEngine`) that computes the prompt's keys and values
@@ -163,6 +164,7 @@ class LlamaDecoder:
         self.meta = header.meta
         self.one_batch = one_batch
         self.flash_attn = bool(flash_attn)
+        self.extra_bufts = bool(extra_bufts)
         self._token_embd = TokenEmbeddings(self.path, header)
         self.arch = str(self.meta.get(KEY_ARCHITECTURE))
         if self.arch not in ("qwen2", "qwen3"):
@@ -180,6 +182,13 @@ class LlamaDecoder:
         mparams.n_gpu_layers = 0
         if hasattr(mparams, "use_extra_bufts"):
             mparams.use_extra_bufts = extra_bufts
+        if extra_bufts:
+            # Read, not mapped: the mapped pages of the tensors ggml repacks would stay resident
+            # beside their repacked copy (+0.2 GB for Qwen3-0.6B Q4_K_M), for nothing.
+            if hasattr(mparams, "load_mode"):
+                mparams.load_mode = L.LLAMA_LOAD_MODE_NONE
+            elif hasattr(mparams, "use_mmap"):
+                mparams.use_mmap = False
         self._model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise CheckpointError(f"{self.path}: llama.cpp could not load it (see the mdl_edge.llama_cpp log)")

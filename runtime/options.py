@@ -165,7 +165,9 @@ class DecoderOptions:
     """How the llama.cpp decoder is loaded. ``variant``: a name from the bundle's manifest;
     ``n_ctx``: context in positions (default: automatic, sized to each request); ``n_batch``:
     prompt positions per llama.cpp batch; ``f32_kv``: f32 KV cache (parity); ``flash_attn``:
-    default on, off in parity mode (``f32_kv``); ``extra_bufts``: llama.cpp's repacked weights;
+    default on, off in parity mode (``f32_kv``); ``extra_bufts``: llama.cpp's weights repacked
+    for this CPU (unset: on where the build repacks safely and the prompt engine evaluates prompts,
+    since repacking speeds decoding but slows llama.cpp's own prompt pass);
     ``one_batch``: the whole prompt in one batch; ``prefill``: who evaluates the prompt,
     ``"auto"`` (the bundle's prompt engine for a quantized decoder outside parity mode, else
     llama.cpp), ``"onnx"`` (the prompt engine, an error if the bundle has none) or ``"llama"``
@@ -176,7 +178,7 @@ class DecoderOptions:
     n_batch: int = 512
     f32_kv: bool = False
     flash_attn: bool | None = None
-    extra_bufts: bool = False
+    extra_bufts: bool | None = None
     one_batch: bool = True
     prefill: str = "auto"
 
@@ -189,7 +191,7 @@ class DecoderOptions:
         whole_number("n_batch", self.n_batch)
         _flag("f32_kv", self.f32_kv)
         _flag("flash_attn", self.flash_attn, optional=True)
-        _flag("extra_bufts", self.extra_bufts)
+        _flag("extra_bufts", self.extra_bufts, optional=True)
         _flag("one_batch", self.one_batch)
 
 

@@ -181,6 +181,12 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
 
     engine = "onnx" if cpu_info().fast_int8 else "llama"  # the default where int8 dot products make it pay
     assert [r.get("prompt_by") for r in results] == [None, "llama", engine, "llama", "llama"]
+    from mdl_edge.runtime.decoder import extra_bufts_safe
+
+    # weights repacked where the engine runs the prompt (and the build repacks safely), and said so
+    repack = engine == "onnx" and extra_bufts_safe()
+    assert [r.get("repacked") for r in results] == [None, False, repack, False, False]
+    assert f"repacked for this CPU (ggml's extra buffer types): {'runtime int8 + Q8_0' if repack else 'none'}" in table
     assert all(len(r["clips"]) == 2 and all(c["peak_rss_gb"] > 0 for c in r["clips"]) for r in results)
     # every runtime clip starts from an empty KV cache: it evaluates the whole prompt, as the reference does
     ref_positions = [c["positions"] for c in results[0]["clips"]]
@@ -212,11 +218,11 @@ def test_bench_parallel_table(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
 
 
 def test_cli_repacks_weights_for_batched_decoding_where_safe(bundle, tmp_path, monkeypatch) -> None:
-    """--extra-bufts by default: on only when several sequences decode together and the build can
-    repack safely; explicit --[no-]extra-bufts wins."""
+    """--extra-bufts by default: on when several sequences decode together and the build can
+    repack safely, else left to DecoderOptions (unset); explicit --[no-]extra-bufts wins."""
     from mdl_edge.runtime import decoder, pipeline
 
-    seen: list[bool] = []
+    seen: list[bool | None] = []
 
     class Stop(Exception):
         pass
@@ -229,7 +235,7 @@ def test_cli_repacks_weights_for_batched_decoding_where_safe(bundle, tmp_path, m
     wav = tmp_path / "a.wav"
     sf.write(wav, _clip(C.SAMPLE_RATE), C.SAMPLE_RATE)
     two = [str(wav), str(wav), "--model", str(bundle)]
-    for safe, args, want in ((True, two, True), (True, two + ["--parallel", "1"], False), (True, [str(wav), "--model", str(bundle)], False),
+    for safe, args, want in ((True, two, True), (True, two + ["--parallel", "1"], None), (True, [str(wav), "--model", str(bundle)], None),
                              (False, two, False), (False, two + ["--extra-bufts"], True), (True, two + ["--no-extra-bufts"], False)):
         monkeypatch.setattr(decoder, "extra_bufts_safe", lambda safe=safe: safe)
         with pytest.raises(Stop):

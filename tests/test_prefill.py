@@ -323,6 +323,30 @@ def test_bundle_prompt_engine(bundle: Path, tmp_path: Path) -> None:
         Bundle.open(foreign).load_decoder(DecoderOptions(variant="Q8_0"))
 
 
+def test_bundle_repacks_weights_where_the_prompt_engine_runs(bundle: Path, caplog) -> None:
+    """Unset, ``extra_bufts`` follows the prompt engine (repacking speeds decoding but slows
+    llama.cpp's own prompt pass) on builds that repack safely; set, it wins. Repacked weights are
+    read, not mapped, so no mapped copy of them stays resident."""
+    import logging
+
+    from mdl_edge.runtime.bundle import Bundle
+    from mdl_edge.runtime.decoder import extra_bufts_safe
+    from mdl_edge.runtime.options import DecoderOptions
+
+    b, safe = Bundle.open(bundle), extra_bufts_safe()
+    cases = [DecoderOptions(variant="Q8_0"), DecoderOptions(variant="Q8_0", prefill="llama"), DecoderOptions(variant="f32"),
+             DecoderOptions(variant="Q8_0", extra_bufts=False)] + ([DecoderOptions(variant="f32", extra_bufts=True)] if safe else [])
+    for opts in cases:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="mdl_edge.llama_cpp"):
+            _, dec = b.load_decoder(opts, threads=1)
+        with dec:
+            want = opts.extra_bufts if opts.extra_bufts is not None else (dec.prefill is not None and safe)
+            assert dec.extra_bufts is want, (opts, dec.extra_bufts)
+            mapped = "CPU_Mapped model buffer" in caplog.text
+            assert mapped is not want, f"{opts}: repacked {want} but the file {'mapped' if mapped else 'read'}"
+
+
 def test_export_leaves_the_engine_out_where_memory_is_short(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """A machine without the memory to export the prompt graph still gets a bundle, without the
     engine, and is told so; a bundle with full-precision decoders only has none either."""

@@ -103,11 +103,12 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
                          "encoder": r.timings["encoder"] + r.timings["projector"], "prefill": r.timings["prefill"], "positions": r.n_evaluated,
                          "decode_tok_s": r.tokens_per_second, "peak_rss_gb": _peak_rss() / 1e9})
         prompt_by = "onnx" if lm.decoder.prefill is not None else "llama"
+        repacked = lm.decoder.extra_bufts
         lm.close()
     return {"config": job["config"], "variants": job["variants"], "legacy": job.get("options") == LEGACY,
             "llama_prompt": job.get("options") == LLAMA_PROMPT, "load_s": load, "repeats": job["repeats"],
             "clips": _medians(rows, job["repeats"]),
-            **({"prompt_by": prompt_by} if job["variants"] else {})}
+            **({"prompt_by": prompt_by, "repacked": repacked} if job["variants"] else {})}
 
 
 def _runs(clips: list[str], repeats: int) -> Iterator[str]:
@@ -257,6 +258,8 @@ def format_bench(results: list[dict[str, Any]], *, bundle: str | Path | None = N
                 f"| {res['config']} | {r['seconds']:g} s | {r['ttft']:.2f} | {r['total']:.2f} | {ttft_ratio} | {total_ratio} | {r['total'] / r['seconds']:.3f} | "
                 f"{r['encoder']:.2f}{f' ({f_enc})' if f_enc else ''} | {r['prefill']:.2f} / {r['positions']}{f' ({f_pre})' if f_pre else ''} | "
                 f"{r['decode_tok_s']:.1f}{f' ({f_bw})' if f_bw else ''} | {res['load_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+    repacked = [r["config"] for r in results if r.get("repacked")]
+    lines += ["", f"decoder weights repacked for this CPU (ggml's extra buffer types): {', '.join(repacked) if repacked else 'none'}"]
     lines += ["", *goal_lines(results, fractions)]
     return "\n".join(lines)
 
@@ -321,7 +324,7 @@ def _parallel_worker(job: dict[str, Any]) -> dict[str, Any]:
     from ...runtime.pipeline import AudioLM, Request
 
     rows = []
-    decoder = DecoderOptions(variant=job["decoder"], extra_bufts=job.get("extra_bufts", False))
+    decoder = DecoderOptions(variant=job["decoder"], extra_bufts=job.get("extra_bufts"))
     with AudioLM(job["bundle"], encoder="int8", decoder=decoder, threads=job["threads"]) as lm:
         warm = [Request(audio=job["clips"][0], options=GenerationOptions(max_new_tokens=2, ignore_eos=True))]
         list(lm.run(warm, parallel=job["parallel"]))
@@ -344,7 +347,7 @@ def _parallel_worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_parallel_bench(bundle: str | Path, clips: list[Path], *, decoders: tuple[str, ...] = ("Q4_K_M", "f16"), parallel: tuple[int, ...] = PARALLEL,
-                       tokens: tuple[int, ...] = (32, 128), threads: int | None = None, extra_bufts: bool = False) -> list[dict[str, Any]]:
+                       tokens: tuple[int, ...] = (32, 128), threads: int | None = None, extra_bufts: bool | None = None) -> list[dict[str, Any]]:
     """Each decoder at each parallelism in its own process (its own peak RSS); every clip is
     captioned ``max(4, 2 x parallel)`` times per workload (16 for the goal's 5 s clips)."""
     from ...runtime.errors import MdlEdgeError
