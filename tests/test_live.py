@@ -184,8 +184,24 @@ def test_steady_noise_does_not_hold_an_utterance_open(tiny_lm, utterances) -> No
     assert len(ends[6.0]) == 1 and abs(ends[6.0][0] - last_word) < 0.3, (ends, last_word)
 
 
+def _word_edits(a: list[str], b: list[str]) -> int:
+    """Words inserted, deleted or replaced between two lists of transcripts, one pair at a time."""
+    import difflib
+
+    assert len(a) == len(b), (a, b)
+    return sum(max(i2 - i1, j2 - j1) for x, y in zip(a, b)
+               for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=x.split(), b=y.split(), autojunk=False).get_opcodes() if tag != "equal")
+
+
+# A stream sent up to 44.1 or 48 kHz and back reaches the model without what lay above the
+# resamplers' passband (~7.3 kHz at 16 kHz), so a model on the edge of a word may hear one word
+# otherwise; a wrong rate, channel or sample conversion changes many, and the utterances' times.
+MAX_RESAMPLED_EDITS = 1
+
+
 def test_any_rate_and_integer_stereo_hear_the_same(toy_lm, utterances) -> None:
-    """44.1 kHz int16 stereo blocks give the same utterances and words as 16 kHz float mono."""
+    """44.1 kHz int16 stereo blocks give the same utterances, at the same times, and the same
+    words (but for at most one) as 16 kHz float mono."""
     import soxr
 
     clips, stream = utterances
@@ -193,9 +209,11 @@ def test_any_rate_and_integer_stereo_hear_the_same(toy_lm, utterances) -> None:
     hi = soxr.resample(stream, SR, 44100)
     stereo = (np.clip(np.stack([hi, hi], axis=1), -1, 1) * 32767).astype(np.int16)
     other, _ = _run(toy_lm, stereo, LiveOptions(partial_every=0), rate=44100)
-    a = [(e.text, round(e.start, 1)) for e in base if e.type == "final"]
-    b = [(e.text, round(e.start, 1)) for e in other if e.type == "final"]
-    assert len(a) == len(b) == len(clips) and [t for t, _ in a] == [t for t, _ in b], (a, b)
+    a = [(e.text, e.start) for e in base if e.type == "final"]
+    b = [(e.text, e.start) for e in other if e.type == "final"]
+    assert len(a) == len(b) == len(clips), (a, b)
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) <= 0.1, (a, b)
+    assert _word_edits([t for t, _ in a], [t for t, _ in b]) <= MAX_RESAMPLED_EDITS, (a, b)
 
 
 def test_without_vad_an_utterance_ends_at_commit_and_clear_forgets(tiny_lm) -> None:
@@ -330,7 +348,8 @@ def test_cli_live_from_a_file_and_from_stdin_pcm(toy_bundle, utterances, tmp_pat
     r = _cli("-", "--rate", "48000", "--channels", "2", "--model", str(toy_bundle), "--encoder", "int8", "--decoder", "Q4_K_M",
              stdin=pcm)
     lines = r.stdout.decode().splitlines()
-    assert r.returncode == 0 and [line.split("] ", 1)[1] for line in lines] == [s.content for s in subs], lines
+    assert r.returncode == 0 and len(lines) == len(subs), lines
+    assert _word_edits([line.split("] ", 1)[1] for line in lines], [s.content for s in subs]) <= MAX_RESAMPLED_EDITS, lines
 
 
 def test_cli_live_says_what_is_wrong(bundle, tmp_path) -> None:
