@@ -325,7 +325,7 @@ def _demo_toy(args: argparse.Namespace) -> int:
     _demo_bundle(model_dir, bundle_dir)
     t = time.perf_counter()
     with AudioLM(bundle_dir, encoder="int8", decoder="Q4_K_M") as lm:
-        print(f"4. loaded the runtime in {time.perf_counter() - t:.1f} s")
+        print(f"4. loaded the runtime in {time.perf_counter() - t:.2f} s")
         options = GenerationOptions(max_new_tokens=args.max_new_tokens)
         for task, prompt, want in (("caption", CAPTION_PROMPT, clip_info.caption), ("transcript", TRANSCRIBE_PROMPT, clip_info.transcript)):
             res = lm.generate(clip, prompt, options)
