@@ -157,6 +157,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         seqs = tuple(int(x) for x in args.parallel.split(","))
         results = run_parallel_bench(bundle, clips, decoders=decoders, parallel=seqs, tokens=tuple(int(x) for x in args.parallel_tokens.split(",")),
                                      threads=args.threads, extra_bufts=args.extra_bufts)
+        peaks = peaks.higher(measure(resolve_threads(args.threads)))
         print(format_parallel(results, bundle=bundle, peaks=peaks))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
@@ -168,6 +169,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     peaks = measure(resolve_threads(args.threads))
     results = run_bench(model, bundle, clips, tokens=args.tokens, threads=args.threads, variants=pairs,  # type: ignore[arg-type]
                         reference=reference, legacy=not args.no_legacy, repeats=args.repeats)
+    peaks = peaks.higher(measure(resolve_threads(args.threads)))
     print(format_bench(results, bundle=bundle, peaks=peaks))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

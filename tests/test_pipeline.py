@@ -192,6 +192,7 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     ref_positions = [c["positions"] for c in results[0]["clips"]]
     assert all([c["positions"] for c in r["clips"]] == ref_positions for r in results[1:]), [[c["positions"] for c in r["clips"]] for r in results]
     assert table.startswith("CPU: ") and "fp32 GEMM" in table.splitlines()[1] and "memory read" in table.splitlines()[1]
+    assert "each the highest of 2 measurements, before and after the runs" in table.splitlines()[1]
     # the goals name the configuration they judge (int8 + Q4_K_M when timed, else the last one)
     assert "goal (runtime int8 + Q8_0, 3 s clip): total" in table and "time to first token" in table
     assert "goal (runtime int8 + Q8_0, 30 s clip): peak RSS" in table
@@ -202,6 +203,19 @@ def test_bench_command(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:
     assert "vs legacy, 3 s clip" in table and "runtime int8 + Q8_0 vs prompt in llama.cpp, 3 s clip: time to first token" in table
     row = next(line for line in table.splitlines() if line.startswith("| runtime int8 + Q8_0 | 3 s"))
     assert row.count("%") == 3, row  # encoder, prompt and decoding each as a fraction of the machine's rate
+
+
+def test_machine_peaks_keep_the_higher_of_two_measurements() -> None:
+    """A stage's fraction of the machine's rate is taken against the higher reading of each rate,
+    so a host that slowed down while it was measured does not flatter the stages."""
+    from mdl_edge.export.bench.machine import MachinePeaks
+    from mdl_edge.runtime.cpu import cpu_info
+
+    before = MachinePeaks(cpu_info(), 2, fp32_gflops=150.0, int8_gops=700.0, read_gbs=32.0)
+    after = MachinePeaks(cpu_info(), 2, fp32_gflops=190.0, int8_gops=650.0, read_gbs=46.0)
+    both = before.higher(after)
+    assert (both.fp32_gflops, both.int8_gops, both.read_gbs, both.samples) == (190.0, 700.0, 46.0, 2)
+    assert "highest of 2 measurements" in both.header() and "highest" not in before.header()
 
 
 def test_bench_parallel_table(bundle, tiny_qwen2_dir, tmp_path, capsys) -> None:

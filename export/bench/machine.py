@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -28,10 +28,19 @@ class MachinePeaks:
     fp32_gflops: float
     int8_gops: float
     read_gbs: float
+    samples: int = 1  # measurements these rates are the highest of
+
+    def higher(self, other: MachinePeaks) -> MachinePeaks:
+        """Each rate the higher of two measurements. A benchmark measures before and after its
+        runs: the host's speed moves during a run (shared machines), and a stage's fraction of a
+        rate read low would flatter the stage."""
+        return replace(self, fp32_gflops=max(self.fp32_gflops, other.fp32_gflops), int8_gops=max(self.int8_gops, other.int8_gops),
+                       read_gbs=max(self.read_gbs, other.read_gbs), samples=self.samples + other.samples)
 
     def header(self) -> str:
+        when = f" (each the highest of {self.samples} measurements, before and after the runs)" if self.samples > 1 else ""
         return (f"CPU: {self.cpu.describe()}\n"
-                f"measured here, {self.threads} threads: fp32 GEMM {self.fp32_gflops:.0f} GFLOP/s, int8 GEMM {self.int8_gops:.0f} GOP/s "
+                f"measured here, {self.threads} threads{when}: fp32 GEMM {self.fp32_gflops:.0f} GFLOP/s, int8 GEMM {self.int8_gops:.0f} GOP/s "
                 f"(ONNX Runtime MatMul / MatMulInteger, {GEMM_N}^3), memory read {self.read_gbs:.1f} GB/s")
 
 
