@@ -146,18 +146,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     pairs = tuple(tuple(v.split("+")) for v in args.variants.split(","))
     if any(len(p) != 2 for p in pairs):
         raise MdlEdgeError(f"--variants wants ENCODER+DECODER pairs, got {args.variants!r}")
-    from .bench.machine import measure
+    from .bench.machine import measure_around
     from ..runtime.options import resolve_threads
 
+    threads = resolve_threads(args.threads)
     if args.parallel:
         from .bench.end_to_end import format_parallel, run_parallel_bench
 
-        peaks = measure(resolve_threads(args.threads))
         decoders = tuple(v.split("+")[1] for v in args.variants.split(",")) if args.variants_given else ("Q4_K_M", "f16")
         seqs = tuple(int(x) for x in args.parallel.split(","))
-        results = run_parallel_bench(bundle, clips, decoders=decoders, parallel=seqs, tokens=tuple(int(x) for x in args.parallel_tokens.split(",")),
-                                     threads=args.threads, extra_bufts=args.extra_bufts)
-        peaks = peaks.higher(measure(resolve_threads(args.threads)))
+        results, peaks = measure_around(threads, lambda: run_parallel_bench(
+            bundle, clips, decoders=decoders, parallel=seqs, tokens=tuple(int(x) for x in args.parallel_tokens.split(",")),
+            threads=args.threads, extra_bufts=args.extra_bufts))
         print(format_parallel(results, bundle=bundle, peaks=peaks))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
@@ -166,10 +166,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not reference:
         print("runtime only: " + ("--no-reference" if args.no_reference else "the 7B PyTorch reference needs more memory than this benchmark assumes"),
               file=sys.stderr)
-    peaks = measure(resolve_threads(args.threads))
-    results = run_bench(model, bundle, clips, tokens=args.tokens, threads=args.threads, variants=pairs,  # type: ignore[arg-type]
-                        reference=reference, legacy=not args.no_legacy, repeats=args.repeats)
-    peaks = peaks.higher(measure(resolve_threads(args.threads)))
+    results, peaks = measure_around(threads, lambda: run_bench(model, bundle, clips, tokens=args.tokens, threads=args.threads,
+                                                               variants=pairs, reference=reference,  # type: ignore[arg-type]
+                                                               legacy=not args.no_legacy, repeats=args.repeats))
     print(format_bench(results, bundle=bundle, peaks=peaks))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

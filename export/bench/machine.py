@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from ...runtime.cpu import CpuInfo, cpu_info
 
 GEMM_N = 2048  # square side: large enough that the kernels, not the edges, set the rate
 READ_BYTES = 1 << 30  # well beyond any last-level cache
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,13 @@ def read_bandwidth(threads: int, repeats: int = 3) -> float:
 def measure(threads: int) -> MachinePeaks:
     """All three rates at ``threads`` threads (a few seconds)."""
     return MachinePeaks(cpu_info(), threads, gemm_rate(False, threads), gemm_rate(True, threads), read_bandwidth(threads))
+
+
+def measure_around(threads: int, run: Callable[[], T]) -> tuple[T, MachinePeaks]:
+    """``run()``'s result, and the rates measured before and after it (the higher of each)."""
+    before = measure(threads)
+    result = run()
+    return result, before.higher(measure(threads))
 
 
 def encoder_flops(embed_dim: int, depth: int, mlp_dim: int, patches: list[int], *, acoustic_mels: int = 0) -> float:
