@@ -22,8 +22,10 @@ and its Q8_0 / Q4_K_M quantizations when missing. Measured in one run, on this m
 3. The decode rate as the context grows, with flash attention on (the default) and off: the
    attention's own cost per cached position.
 
-Each variant decodes with the weights the runtime gives it: quantized ones repacked for this CPU
-where the runtime does (its prompt engine in use: int8 dot products, a build that repacks safely).
+Each variant decodes with the weights the runtime gives it: quantized ones with ggml's repacking
+on where the runtime turns it on (its prompt engine in use: int8 dot products, a build that
+repacks safely; ggml then repacks the types it has kernels for on this CPU, e.g. Q4_K on x86 but
+not Q6_K or Q8_0), read rather than mapped; the others mapped.
 """
 
 from __future__ import annotations
@@ -229,7 +231,7 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         b = base[r["threads"]]
-        weights = "-" if "repacked" not in r else ("repacked" if r["repacked"] else "mapped")
+        weights = "-" if "repacked" not in r else ("repack on" if r["repacked"] else "mapped")
         print(f"| {r['variant']} | {r['threads']} | {weights} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / b['prefill_tok_s']:.1f}x | "
               f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / b['decode_tok_s']:.1f}x | {r['size_gb'] * 1e3:.1f} | "
               f"{r['bandwidth_fraction'] * 100:.0f}% | " + (f"{r['python_overhead'] * 100:+.1f}% | {r['python_share'] * 100:.2f}% |"
@@ -247,7 +249,7 @@ def main() -> None:
         def rate(gb: float, ms: float) -> str:
             return f"{gb / ms * 1e3:.1f} ({gb / ms * 1e3 / bw[threads]:.0%})" if ms > 0 else "-"
 
-        print(f"| {r['variant']} | {'repacked' if r['repacked'] else 'mapped'} | {full:.2f} | {head:.2f} ({head / full:.0%}) | "
+        print(f"| {r['variant']} | {'repack on' if r['repacked'] else 'mapped'} | {full:.2f} | {head:.2f} ({head / full:.0%}) | "
               f"{r['head_gb'] * 1e3:.1f}, {rate(r['head_gb'], head)} | {rest:.2f} | {r['rest_gb'] * 1e3:.1f}, {rate(r['rest_gb'], rest)} | "
               f"{rate(r['head_gb'] + r['rest_gb'], full)} |")
 
