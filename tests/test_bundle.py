@@ -198,6 +198,45 @@ def test_gguf_reader_value_types_round_trip(tmp_path) -> None:
         read_gguf_metadata(path)
 
 
+def test_gguf_reader_steps_over_long_arrays(tmp_path) -> None:
+    """A vocabulary-sized string array is stepped over (its length returned), the keys after it
+    still read; a file cut inside it, or a string length past any sane size, is refused."""
+    import struct
+
+    import gguf
+
+    from mdl_edge.runtime.gguf_meta import read_gguf_header
+
+    path = tmp_path / "v.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    words = [f"tok{i}" * (1 + i % 3) for i in range(5000)]
+    w.add_array("tokenizer.ggml.tokens", words)
+    w.add_array("t.floats", [0.5] * 300)
+    w.add_array("t.short", ["a", "b"])
+    w.add_uint32("t.after", 7)
+    w.add_tensor("x", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    header = read_gguf_header(path)
+    assert header.meta["tokenizer.ggml.tokens"] == 5000 and header.meta["t.floats"] == 300
+    assert header.meta["t.short"] == ["a", "b"] and header.meta["t.after"] == 7
+    assert header.tensors["x"].shape == (8, 4)
+    data = path.read_bytes()
+    inside = data.index(b"tok2500")
+    (tmp_path / "cut.gguf").write_bytes(data[:inside])
+    with pytest.raises(CheckpointError, match="truncated GGUF"):
+        read_gguf_header(tmp_path / "cut.gguf")
+    at = inside - 8  # the u64 length of that string
+    (tmp_path / "huge.gguf").write_bytes(data[:at] + struct.pack("<Q", 1 << 40) + data[at + 8 :])
+    with pytest.raises(CheckpointError, match="corrupt GGUF"):
+        read_gguf_header(tmp_path / "huge.gguf")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
+        read_gguf_header(tmp_path / "empty.gguf")
+
+
 def test_exported_gguf_carries_the_keys_the_bundle_checks(bundle) -> None:
     from mdl_edge.runtime import gguf_meta as Gm
     from mdl_edge.runtime.bundle import Bundle
