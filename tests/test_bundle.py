@@ -171,25 +171,30 @@ def test_bundle_files_have_ordinary_modes(bundle) -> None:
 
 
 # -- formats ----------------------------------------------------------------------------------
-def test_gguf_reader_value_types_round_trip(tmp_path) -> None:
-    """Every GGUF value type the writer (gguf-py) emits reads back through our header reader."""
+def write_small_gguf(path: Path, add_keys: Callable[[Any], object]) -> None:
+    """A GGUF file written by gguf-py (llama.cpp's own writer): the keys ``add_keys`` adds and one
+    small tensor ``x``."""
     import gguf
 
-    from mdl_edge.runtime.gguf_meta import read_gguf_metadata
-
-    path = tmp_path / "t.gguf"
     w = gguf.GGUFWriter(str(path), "qwen3")
-    values = {"u8": (w.add_uint8, 200), "i8": (w.add_int8, -100), "u16": (w.add_uint16, 60000), "i16": (w.add_int16, -30000),
-              "u32": (w.add_uint32, 4_000_000_000), "i32": (w.add_int32, -2_000_000_000), "f32": (w.add_float32, 0.5),
-              "bool": (w.add_bool, True), "u64": (w.add_uint64, 2**40), "i64": (w.add_int64, -(2**40)), "f64": (w.add_float64, 0.25),
-              "str": (w.add_string, "héllo"), "arr": (w.add_array, [1, 2, 3]), "long": (w.add_array, list(range(40)))}
-    for key, (add, v) in values.items():
-        add(f"t.{key}", v)
+    add_keys(w)
     w.add_tensor("x", np.zeros((4, 8), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_gguf_reader_value_types_round_trip(tmp_path) -> None:
+    """Every GGUF value type the writer (gguf-py) emits reads back through our header reader."""
+    from mdl_edge.runtime.gguf_meta import read_gguf_metadata
+
+    path = tmp_path / "t.gguf"
+    values = {"u8": ("add_uint8", 200), "i8": ("add_int8", -100), "u16": ("add_uint16", 60000), "i16": ("add_int16", -30000),
+              "u32": ("add_uint32", 4_000_000_000), "i32": ("add_int32", -2_000_000_000), "f32": ("add_float32", 0.5),
+              "bool": ("add_bool", True), "u64": ("add_uint64", 2**40), "i64": ("add_int64", -(2**40)), "f64": ("add_float64", 0.25),
+              "str": ("add_string", "héllo"), "arr": ("add_array", [1, 2, 3]), "long": ("add_array", list(range(40)))}
+    write_small_gguf(path, lambda w: [getattr(w, add)(f"t.{key}", v) for key, (add, v) in values.items()])
     meta = read_gguf_metadata(path)
     for key, (_, v) in values.items():
         assert meta[f"t.{key}"] == (len(v) if key == "long" else v), key
@@ -203,22 +208,17 @@ def test_gguf_reader_steps_over_long_arrays(tmp_path) -> None:
     still read; a file cut inside it, or a string length past any sane size, is refused."""
     import struct
 
-    import gguf
-
     from mdl_edge.runtime.gguf_meta import read_gguf_header
 
     path = tmp_path / "v.gguf"
-    w = gguf.GGUFWriter(str(path), "qwen3")
-    words = [f"tok{i}" * (1 + i % 3) for i in range(5000)]
-    w.add_array("tokenizer.ggml.tokens", words)
-    w.add_array("t.floats", [0.5] * 300)
-    w.add_array("t.short", ["a", "b"])
-    w.add_uint32("t.after", 7)
-    w.add_tensor("x", np.zeros((4, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def keys(w: Any) -> None:  # a gguf.GGUFWriter
+        w.add_array("tokenizer.ggml.tokens", [f"tok{i}" * (1 + i % 3) for i in range(5000)])
+        w.add_array("t.floats", [0.5] * 300)
+        w.add_array("t.short", ["a", "b"])
+        w.add_uint32("t.after", 7)
+
+    write_small_gguf(path, keys)
     header = read_gguf_header(path)
     assert header.meta["tokenizer.ggml.tokens"] == 5000 and header.meta["t.floats"] == 300
     assert header.meta["t.short"] == ["a", "b"] and header.meta["t.after"] == 7
