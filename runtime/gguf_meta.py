@@ -90,7 +90,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
 
     Parsed in place from a read-only map of the file. Arrays of more than 16 items are stepped
     over, not decoded: a Qwen vocabulary is two arrays of ~150,000 strings, and decoding them into
-    Python objects nobody reads took 0.7 s of every model load."""
+    Python objects nobody reads took 0.16 s of each read (0.02 s now), twice per model load."""
     path = Path(path)
     try:
         f = open(path, "rb")
