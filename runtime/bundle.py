@@ -25,6 +25,19 @@ if TYPE_CHECKING:
     from .prefill import PrefillEngine
 
 
+def engine_by_default(options: DecoderOptions, decoder_meta: dict[str, object]) -> bool:
+    """Whether ``prefill="auto"`` evaluates prompts with the int8 prompt engine: for a quantized
+    decoder (its GGUF metadata ``decoder_meta``) outside parity mode (``f32_kv``) and with
+    ``one_batch``, on a CPU with int8 dot products (:attr:`~mdl_edge.runtime.cpu.CpuInfo.fast_int8`;
+    without them ONNX Runtime's int8 is no faster than its fp32). A full-precision decoder, chosen
+    for fidelity, keeps llama.cpp's own prompt pass."""
+    from .cpu import cpu_info
+
+    file_type = decoder_meta.get(G.KEY_FILE_TYPE)
+    quantized = G.FILE_TYPES.get(file_type if isinstance(file_type, int) else -1, "") not in (*G.FULL_PRECISION_TYPES, "")
+    return quantized and not options.f32_kv and options.one_batch and cpu_info().fast_int8
+
+
 @dataclass(frozen=True)
 class Bundle:
     """An opened, checked bundle folder: its manifest and its prompt format."""
@@ -125,11 +138,7 @@ class Bundle:
 
     def load_prefill(self, options: DecoderOptions, decoder_meta: dict[str, object], *, threads: int | None = None) -> "PrefillEngine | None":
         """The prompt engine ``options.prefill`` asks for, checked against the manifest; ``None``
-        where llama.cpp evaluates prompts. ``"auto"`` uses it for a quantized decoder outside parity
-        mode (``f32_kv``) and with ``one_batch``, on a CPU with int8 dot products
-        (:attr:`~mdl_edge.runtime.cpu.CpuInfo.fast_int8`; without them ONNX Runtime's int8 is no
-        faster than its fp32); a full-precision decoder, chosen for fidelity, keeps llama.cpp's
-        own prompt pass."""
+        where llama.cpp evaluates prompts. ``"auto"`` uses it where :func:`engine_by_default` says."""
         from .cpu import cpu_info
         from .options import resolve_threads
         from .prefill import PrefillEngine
@@ -141,11 +150,8 @@ class Bundle:
             if options.prefill == "onnx":
                 raise OptionError("prefill", f"{self.dir}: this bundle has no prompt engine (re-export it with a quantized decoder)")
             return None
-        if options.prefill == "auto":
-            file_type = decoder_meta.get(G.KEY_FILE_TYPE)
-            quantized = G.FILE_TYPES.get(file_type if isinstance(file_type, int) else -1, "") not in (*G.FULL_PRECISION_TYPES, "")
-            if not quantized or options.f32_kv or not options.one_batch or not cpu_info().fast_int8:
-                return None
+        if options.prefill == "auto" and not engine_by_default(options, decoder_meta):
+            return None
         engine = PrefillEngine(self.file(part.file), threads=resolve_threads(threads), precise_int8=cpu_info().int8_saturates)
         if engine.source_hash != self.manifest.source_hash:
             raise CheckpointError(f"{engine.path}: made from another checkpoint than this bundle (source hash {engine.source_hash} vs "

@@ -132,7 +132,7 @@ def _parse_header(path: Path, buf: mmap.mmap, size: int) -> GGUFHeader:
         if pos + n > size:
             raise truncated()
         pos += n
-        return bytes(buf[pos - n : pos]).decode("utf-8", errors="replace")
+        return buf[pos - n : pos].decode("utf-8", errors="replace")
 
     def skip_strings(count: int) -> None:
         nonlocal pos
@@ -174,7 +174,7 @@ def _parse_header(path: Path, buf: mmap.mmap, size: int) -> GGUFHeader:
             raise CheckpointError(f"{path}: corrupt GGUF (value type {t})")
         return unpack(SCALAR_FORMATS[t])
 
-    if bytes(buf[:4]) != MAGIC:
+    if buf[:4] != MAGIC:
         raise CheckpointError(f"{path}: not a GGUF file (bad magic)")
     pos = 4
     version = unpack("<I")

@@ -142,27 +142,31 @@ def encoder_flops(embed_dim: int, depth: int, mlp_dim: int, patches: list[int], 
 class DecoderCost:
     """A GGUF decoder's work: operations per prompt position (the weight matrices of the layers,
     2 per multiply-add; the output matrix runs for the last position only) and bytes of weights
-    read per generated token (every layer's, and the output matrix)."""
+    read per generated token (every layer's, and the output matrix, whose own share is
+    ``output_bytes``)."""
 
     flops_per_position: float
     bytes_per_token: float
+    output_bytes: float = 0.0
 
 
 def decoder_cost(path: str) -> DecoderCost:
     from ...runtime.gguf_meta import TENSOR_BLOCKS, TOKEN_EMBD, read_gguf_header
 
     tensors = read_gguf_header(path).tensors
+    output = "output.weight" if "output.weight" in tensors else TOKEN_EMBD  # tied: the table is also the output matrix
     flops = 0.0
     read = 0.0
+    output_bytes = 0.0
     for name, info in tensors.items():
         n = float(np.prod(info.shape, dtype=np.float64))
         block, block_bytes = TENSOR_BLOCKS.get(info.ggml_type, (1, 4))
         size = n / block * block_bytes
-        if name == TOKEN_EMBD:
-            if "output.weight" not in tensors:  # tied: the table is also the output matrix
-                read += size
-            continue
-        if name != "output.weight" and len(info.shape) == 2:
+        if name == output:
+            output_bytes = size
+        elif name == TOKEN_EMBD:
+            continue  # an input lookup: one row a token
+        elif len(info.shape) == 2:
             flops += 2 * n
         read += size
-    return DecoderCost(flops, read)
+    return DecoderCost(flops, read, output_bytes)

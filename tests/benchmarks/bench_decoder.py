@@ -41,9 +41,6 @@ from pathlib import Path
 import numpy as np
 from common import best_of
 
-FULL_PRECISION = ("f16", "f32")
-
-
 def build_bare_decode(out_dir: Path) -> Path | None:
     """Compile bare_decode.c against the installed llama-cpp-python (None without a compiler)."""
     import llama_cpp
@@ -85,13 +82,15 @@ class TimedLib:
         return timed
 
 
-def repacked_by_runtime(variant: str) -> bool:
-    """Whether the runtime decodes ``variant`` on repacked weights: a quantized decoder whose
-    prompts its int8 engine evaluates, on a build that repacks safely (``Bundle.load_decoder``)."""
-    from mdl_edge.runtime.cpu import cpu_info
+def repacked_by_runtime(path: Path) -> bool:
+    """Whether the runtime decodes the GGUF at ``path`` on repacked weights: where its prompt
+    engine would evaluate the prompts, on a build that repacks safely (``Bundle.load_decoder``)."""
+    from mdl_edge.runtime.bundle import engine_by_default
     from mdl_edge.runtime.decoder import extra_bufts_safe
+    from mdl_edge.runtime.gguf_meta import read_gguf_metadata
+    from mdl_edge.runtime.options import DecoderOptions
 
-    return variant not in FULL_PRECISION and cpu_info().fast_int8 and extra_bufts_safe()
+    return engine_by_default(DecoderOptions(), read_gguf_metadata(path)) and extra_bufts_safe()
 
 
 def some_tokens(dec: object, n: int, offset: int = 0) -> list[int]:
@@ -169,7 +168,7 @@ def main() -> None:
         rows.append({"variant": "transformers fp32", "threads": threads, "prefill_tok_s": len(ids) / t_pre,
                      "decode_tok_s": rate, "size_gb": size, "bandwidth_fraction": rate * size / bw[threads]})
         for name, path in variants.items():
-            repack = repacked_by_runtime(name)
+            repack = repacked_by_runtime(path)
             with LlamaDecoder(path, n_ctx=1024, threads=threads, extra_bufts=repack) as dec:
                 def prefill() -> None:
                     dec.reset()
@@ -275,11 +274,10 @@ def decode_split(variants: dict[str, Path], threads: int, n: int, repeats: int) 
     """Per quantized or f16 variant: ms per decoded token with and without its logits."""
     from mdl_edge.export.bench.machine import decoder_cost
     from mdl_edge.runtime.decoder import LlamaDecoder, Segment
-    from mdl_edge.runtime.gguf_meta import TENSOR_BLOCKS, TOKEN_EMBD, read_gguf_header
 
     out = []
     for name, path in variants.items():
-        repack = repacked_by_runtime(name)
+        repack = repacked_by_runtime(path)
         with LlamaDecoder(path, n_ctx=1024, threads=threads, extra_bufts=repack) as dec:
             prompt = Segment(tokens=tuple(some_tokens(dec, 268)))
             rows = dec.token_rows(some_tokens(dec, n, offset=500))
@@ -289,12 +287,9 @@ def decode_split(variants: dict[str, Path], threads: int, n: int, repeats: int) 
                     dec.reset()
                     dec.evaluate([prompt])
                     best[want] = min(best[want], decode_steps(dec, rows, len(prompt), want))
-        tensors = read_gguf_header(path).tensors
-        head = tensors.get("output.weight") or tensors[TOKEN_EMBD]
-        block, block_bytes = TENSOR_BLOCKS.get(head.ggml_type, (1, 4))
-        head_gb = float(np.prod(head.shape, dtype=np.float64)) / block * block_bytes / 1e9
+        cost = decoder_cost(str(path))
         out.append({"variant": name, "repacked": repack, "ms_with_logits": best[True] / n * 1e3, "ms_without_logits": best[False] / n * 1e3,
-                    "head_gb": head_gb, "rest_gb": decoder_cost(str(path)).bytes_per_token / 1e9 - head_gb})
+                    "head_gb": cost.output_bytes / 1e9, "rest_gb": (cost.bytes_per_token - cost.output_bytes) / 1e9})
     return out
 
 
@@ -302,7 +297,7 @@ def decode_by_context(path: Path, threads: int, n: int, contexts: list[int], rep
     """Decode tok/s after each number of cached positions, flash attention on and off."""
     from mdl_edge.runtime.decoder import LlamaDecoder, Segment
 
-    repack = repacked_by_runtime("Q4_K_M")
+    repack = repacked_by_runtime(path)
     decs = {fa: LlamaDecoder(path, n_ctx=max(1024, max(contexts) + n + 1), threads=threads, flash_attn=fa, extra_bufts=repack)
             for fa in (True, False)}
     try:
