@@ -255,3 +255,17 @@ def test_cli_repacks_weights_for_batched_decoding_where_safe(bundle, tmp_path, m
         with pytest.raises(Stop):
             main(["caption", *args])
         assert seen.pop() is want, (safe, args)
+
+
+def test_decoder_cost_counts_the_kv_cache_a_token_reads(bundle, tiny_qwen2_dir) -> None:
+    """Decoding's fraction of read bandwidth counts what a token reads: the weights and the f16
+    keys and values of every cached position (layers x KV heads x head size x 2, for K and V)."""
+    from mdl_edge.export.bench.machine import KV_ELEMENT_BYTES, decoder_cost
+    from mdl_edge.runtime.bundle import Bundle
+
+    text = json.loads((tiny_qwen2_dir / "config.json").read_text())["text_config"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    want = text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 2 * KV_ELEMENT_BYTES
+    cost = decoder_cost(str(Bundle.open(bundle).variant("decoder", "f32")[1]))
+    assert cost.kv_bytes_per_position == want, (cost.kv_bytes_per_position, want)
+    assert cost.bytes_read(0) == cost.bytes_per_token and cost.bytes_read(10) == cost.bytes_per_token + 10 * want

@@ -101,7 +101,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
             rows.append({"clip": c, "seconds": r.audio_seconds, "n_samples": int(round(r.audio_seconds * 16000)),
                          "ttft": r.timings["time_to_first_token"], "total": r.timings["total"],
                          "encoder": r.timings["encoder"] + r.timings["projector"], "prefill": r.timings["prefill"], "positions": r.n_evaluated,
-                         "decode_tok_s": r.tokens_per_second, "peak_rss_gb": _peak_rss() / 1e9})
+                         "decode_tok_s": r.tokens_per_second, "new_tokens": len(r.token_ids), "peak_rss_gb": _peak_rss() / 1e9})
         prompt_by = "onnx" if lm.decoder.prefill is not None else "llama"
         repacked = lm.decoder.extra_bufts
         lm.close()
@@ -226,7 +226,10 @@ def _fractions(res: dict[str, Any], r: dict[str, Any], bundle: Any, peaks: Any, 
     cost = costs[dec_variant]
     if r["prefill"]:
         out["prompt"] = cost.flops_per_position * r["positions"] / r["prefill"] / 1e9 / peaks.fp32_gflops
-    out["decode"] = cost.bytes_per_token * r["decode_tok_s"] / 1e9 / peaks.read_gbs
+    # a token reads the weights and the cached positions' keys and values: on average the
+    # prompt's and half the answer's (f16, as the runtime keeps them)
+    cached = r["positions"] + r.get("new_tokens", 0) / 2
+    out["decode"] = cost.bytes_read(cached) * r["decode_tok_s"] / 1e9 / peaks.read_gbs
     return out
 
 

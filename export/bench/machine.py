@@ -141,13 +141,24 @@ def encoder_flops(embed_dim: int, depth: int, mlp_dim: int, patches: list[int], 
 @dataclass(frozen=True)
 class DecoderCost:
     """A GGUF decoder's work: operations per prompt position (the weight matrices of the layers,
-    2 per multiply-add; the output matrix runs for the last position only) and bytes of weights
+    2 per multiply-add; the output matrix runs for the last position only), bytes of weights
     read per generated token (every layer's, and the output matrix, whose own share is
-    ``output_bytes``)."""
+    ``output_bytes``), and bytes of the default f16 KV cache per cached position, which every
+    generated token reads too (``kv_bytes_per_position``)."""
 
     flops_per_position: float
     bytes_per_token: float
     output_bytes: float = 0.0
+    kv_bytes_per_position: float = 0.0
+
+    def bytes_read(self, cached: float) -> float:
+        """Bytes one generated token reads with ``cached`` positions in the KV cache: the weights
+        and those positions' keys and values."""
+        return self.bytes_per_token + self.kv_bytes_per_position * cached
+
+
+#: bytes per element of the KV cache as the runtime keeps it by default (f16)
+KV_ELEMENT_BYTES = 2
 
 
 def decoder_cost(path: str) -> DecoderCost:
@@ -155,13 +166,17 @@ def decoder_cost(path: str) -> DecoderCost:
 
     tensors = read_gguf_header(path).tensors
     output = "output.weight" if "output.weight" in tensors else TOKEN_EMBD  # tied: the table is also the output matrix
+    n_embd = tensors[TOKEN_EMBD].shape[0]
     flops = 0.0
     read = 0.0
     output_bytes = 0.0
+    kv_width = 0.0
     for name, info in tensors.items():
         n = float(np.prod(info.shape, dtype=np.float64))
         block, block_bytes = TENSOR_BLOCKS.get(info.ggml_type, (1, 4))
         size = n / block * block_bytes
+        if name.endswith((".attn_k.weight", ".attn_v.weight")):
+            kv_width += n / n_embd  # each layer's key (value) width: heads x head size
         if name == output:
             output_bytes = size
         elif name == TOKEN_EMBD:
@@ -169,4 +184,4 @@ def decoder_cost(path: str) -> DecoderCost:
         elif len(info.shape) == 2:
             flops += 2 * n
         read += size
-    return DecoderCost(flops, read, output_bytes)
+    return DecoderCost(flops, read, output_bytes, kv_width * KV_ELEMENT_BYTES)

@@ -10,7 +10,8 @@ and its Q8_0 / Q4_K_M quantizations when missing. Measured in one run, on this m
    the runs, the higher kept), then per variant and
    thread count the prefill rate (250 audio embeddings + the prompt text, from an empty cache)
    and the greedy decode rate, each variant's decode rate as a fraction of its bandwidth limit
-   (all weight bytes are read per token: the tied head reads the embedding matrix), and our
+   (all weight bytes are read per token, the tied head reading the embedding matrix, and so are
+   the f16 keys and values of every cached position), and our
    generation loop (``LlamaDecoder.generate``) against the same loop in C (``bare_decode.c``,
    built here against llama-cpp-python's own ``libllama`` and headers, with the same settings;
    runs interleaved, best of each). Separate runs differ by machine noise (several % here), so
@@ -204,7 +205,7 @@ def main() -> None:
                     bare()
                 t_dec = min(times)
                 t_bare = min(bare_times) if bare_times else float("nan")
-            size = decoder_cost(str(path)).bytes_per_token / 1e9
+            size = decoder_cost(str(path)).bytes_read(len(ids) + n / 2) / 1e9  # weights, and the cached positions' keys and values
             rate = n / t_dec
             rows.append({"variant": f"llama.cpp {name}", "threads": threads, "repacked": repack, "prefill_tok_s": len(ids) / t_pre,
                          "decode_tok_s": rate, "size_gb": size, "bandwidth_fraction": rate * size / bw[threads],
@@ -225,7 +226,7 @@ def main() -> None:
     print("memory read bandwidth (1 GiB sum; the higher of two readings, before and after the runs): "
           + ", ".join(f"{bw[t]:.1f} GB/s at {t} thread(s)" for t in thread_counts)
           + f"; prompt {len(ids)} positions ({n_audio} audio), {n} tokens decoded\n")
-    print("| decoder | threads | weights | prefill tok/s | vs fp32 | decode tok/s | vs fp32 | weights read per token (MB) | "
+    print("| decoder | threads | weights | prefill tok/s | vs fp32 | decode tok/s | vs fp32 | read per token (MB: weights, KV cache) | "
           "of read bandwidth | our loop vs C loop | Python time / C time |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -289,7 +290,7 @@ def decode_split(variants: dict[str, Path], threads: int, n: int, repeats: int) 
                     best[want] = min(best[want], decode_steps(dec, rows, len(prompt), want))
         cost = decoder_cost(str(path))
         out.append({"variant": name, "repacked": repack, "ms_with_logits": best[True] / n * 1e3, "ms_without_logits": best[False] / n * 1e3,
-                    "head_gb": cost.output_bytes / 1e9, "rest_gb": (cost.bytes_per_token - cost.output_bytes) / 1e9})
+                    "head_gb": cost.output_bytes / 1e9, "rest_gb": (cost.bytes_read(len(prompt) + n / 2) - cost.output_bytes) / 1e9})
     return out
 
 
