@@ -28,7 +28,7 @@ import numpy as np
 from .errors import CheckpointError, ConfigError, ContextLengthError, MdlEdgeError, OptionError
 from .gguf_meta import KEY_ARCHITECTURE, TokenEmbeddings, read_gguf_header
 from .heap import release_freed_memory
-from .kv_state import SequenceBlob, restore_sequence, save_sequence
+from .kv_state import KV_CACHE_DTYPE, SequenceBlob, restore_sequence, save_sequence
 from .options import DEFAULT_MAX_NEW_TOKENS, MIN_CTX, SamplingOptions, resolve_threads, whole_number
 from .prefill import MIN_PREFILL_POSITIONS, PrefillEngine
 from .prompt import Segment, same_segment
@@ -213,7 +213,7 @@ class LlamaDecoder:
             self.n_batch = n_batch
             self.threads = n_threads
             self.auto_ctx = n_ctx is None
-            self._kv_dtype = np.dtype(np.float32 if f32_kv else np.float16)
+            self._kv_dtype = np.dtype(np.float32) if f32_kv else KV_CACHE_DTYPE
             self._new_context(n_ctx or AUTO_CTX_STEP)
             if prefill is not None:
                 self._check_prefill(prefill)

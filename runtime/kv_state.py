@@ -34,6 +34,8 @@ from .errors import MdlEdgeError
 
 # ggml types a KV cache of mdl-edge's holds (ggml.h, enum ggml_type) and their numpy dtypes.
 KV_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
+#: the KV cache's element type outside parity mode (half the memory of f32, which parity mode keeps)
+KV_CACHE_DTYPE = KV_DTYPES[1]
 KV_TYPE_IDS = {dt: t for t, dt in KV_DTYPES.items()}
 MAGIC = 0xAF143CD8  # llama-context.cpp, io_magic
 

@@ -77,7 +77,8 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
             # the reference's first token comes out of the prefill
             rows.append({"clip": c, "seconds": wave.size / 16000, "n_samples": int(wave.size), "ttft": t_embed + tm["prefill"], "total": total,
                          "encoder": t_enc, "prefill": tm["prefill"], "positions": len(ids),
-                         "decode_tok_s": max(len(toks) - 1, 1) / tm["decode"] if tm["decode"] else 0.0, "peak_rss_gb": _peak_rss() / 1e9})
+                         "decode_tok_s": max(len(toks) - 1, 1) / tm["decode"] if tm["decode"] else 0.0, "new_tokens": len(toks),
+                         "peak_rss_gb": _peak_rss() / 1e9})
     else:
         from ...runtime.options import DecoderOptions, EncoderOptions, GenerationOptions
         from ...runtime.pipeline import AudioLM
@@ -227,8 +228,8 @@ def _fractions(res: dict[str, Any], r: dict[str, Any], bundle: Any, peaks: Any, 
     if r["prefill"]:
         out["prompt"] = cost.flops_per_position * r["positions"] / r["prefill"] / 1e9 / peaks.fp32_gflops
     # a token reads the weights and the cached positions' keys and values: on average the
-    # prompt's and half the answer's (f16, as the runtime keeps them)
-    cached = r["positions"] + r.get("new_tokens", 0) / 2
+    # prompt's and half the answer's
+    cached = r["positions"] + r["new_tokens"] / 2
     out["decode"] = cost.bytes_read(cached) * r["decode_tok_s"] / 1e9 / peaks.read_gbs
     return out
 

@@ -14,6 +14,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from ...runtime.cpu import CpuInfo, cpu_info
+from ...runtime.kv_state import KV_CACHE_DTYPE
 
 GEMM_N = 2048  # square side: large enough that the kernels, not the edges, set the rate
 READ_BYTES = 1 << 30  # well beyond any last-level cache
@@ -157,8 +158,8 @@ class DecoderCost:
         return self.bytes_per_token + self.kv_bytes_per_position * cached
 
 
-#: bytes per element of the KV cache as the runtime keeps it by default (f16)
-KV_ELEMENT_BYTES = 2
+#: bytes per element of the KV cache as the runtime keeps it by default
+KV_ELEMENT_BYTES = KV_CACHE_DTYPE.itemsize
 
 
 def decoder_cost(path: str) -> DecoderCost:
