@@ -30,6 +30,24 @@ AudioSource = Union[str, Path, bytes, bytearray, BinaryIO, np.ndarray]
 #: Samples decoded per block (about 16 s at 16 kHz; a few MB whatever the file's rate).
 BLOCK_FRAMES = 1 << 18
 
+#: File name endings taken as audio when a folder is given as input: libsndfile's formats and
+#: the common ones ffmpeg decodes (containers with an audio track included).
+AUDIO_SUFFIXES = frozenset((
+    ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".caf",
+    ".w64", ".rf64", ".m4a", ".m4b", ".aac", ".wma", ".amr", ".3gp", ".mka", ".webm", ".mp4", ".mov", ".mkv",
+))
+
+
+def audio_files_under(folder: Path) -> list[Path]:
+    """The audio files (by :data:`AUDIO_SUFFIXES`) anywhere under ``folder``, sorted by path.
+    Hidden files and folders are passed over: a copied archive's ``.DS_Store`` and ``._x.wav``
+    (macOS resource forks, not audio) would otherwise fail as corrupt audio."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in AUDIO_SUFFIXES]
+    return sorted(found)
+
 
 def describe(source: AudioSource) -> str:
     """A short name for an audio source, for error messages."""
@@ -207,6 +225,8 @@ def _decoded_blocks(source: AudioSource, name: str) -> Iterator[tuple[np.ndarray
 
     path = Path(source) if isinstance(source, (str, Path)) else None
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else None
+    if path is not None and path.is_dir():
+        raise AudioError(f"{name}: is a folder, not an audio file")
     if path is not None and not path.is_file():
         raise AudioError(f"{name}: no such file")
     if data is None and path is None:  # a file object: read it once, it may not be seekable

@@ -237,17 +237,19 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
     from . import constants as C
     from .audio import expected_samples
     from .progress import Progress
-    from .writers import SegmentWriter
+    from .writers import SegmentWriter, output_paths
 
     fmt = args.format or ("jsonl" if args.json else "txt")
     out = Path(args.output) if args.output else None
     many = len(args.audio) > 1
     if out is not None and many and not out.is_dir():
         raise OptionError("output", f"{out} must be an existing folder when several files are given (one output per input)")
+    targets = output_paths(args.audio, out, fmt) if out is not None and out.is_dir() else [out] * len(args.audio)
     failed: list[str] = []
     with audio_lm(args, args.parallel) as lm:
-        for path in args.audio:
-            target = out / f"{Path(path).stem}.{fmt}" if out is not None and out.is_dir() else out
+        for path, target in zip(args.audio, targets):
+            if target is not None:
+                target.parent.mkdir(parents=True, exist_ok=True)
             stream = open(target, "w", encoding="utf-8") if target is not None else sys.stdout
             if target is None and many and fmt == "txt":
                 print(f"==> {path} <==", flush=True)
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for task, helptext in (("caption", "caption audio files"), ("transcribe", "transcribe speech in audio files"), ("ask", "ask a question about an audio file")):
         t = sub.add_parser(task, help=helptext)
-        t.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; more with ffmpeg)")
+        t.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; more with ffmpeg), folders (every audio file under them), globs or list files")
         t.add_argument("--model", required=True, help="bundle folder made by `mdl-edge export`")
         if task == "ask":
             t.add_argument("-q", "--question", required=True)
@@ -355,11 +357,11 @@ def _add_segment_args(t: argparse.ArgumentParser, seg_d: "SegmentOptions") -> No
     seg.add_argument("--window", type=float, default=seg_d.window, metavar="S", help="caption window in seconds (default: %(default)s)")
     seg.add_argument("--format", choices=("txt", "json", "jsonl", "srt", "vtt"),
                      help="timed segments in this format (default for long files: txt; jsonl with --json)")
-    seg.add_argument("-o", "--output", help="write there: a file, or for several inputs an existing folder (one output per input)")
+    seg.add_argument("-o", "--output", help="write there: a file, or for several inputs an existing folder (one output per input, mirroring the inputs' folders)")
 
 
 def _add_cluster_args(t: argparse.ArgumentParser, cl_d: "ClusterOptions") -> None:
-    cl = t.add_argument_group("many machines (needs the `cluster` extra): inputs may also be globs and list files (.txt, one path a line)")
+    cl = t.add_argument_group("many machines (needs the `cluster` extra)")
     cl.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="local (default): this process; ray: a pool of Ray actors, rows appended to --out as they come")
     cl.add_argument("--out", help="with --engine ray: results as JSON Lines (or .parquet); a rerun with the same --out answers only what is missing")

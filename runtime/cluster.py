@@ -87,13 +87,21 @@ class JobSummary:
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
-    """Files, globs (``**`` recursive) and list files (``.txt``/``.lst``/``.list``: one path per
-    line, ``#`` comments; relative paths are relative to the list) -> paths, in order (a path
-    given twice stays twice: the CLI answers it twice; a Ray job answers each file once)."""
+    """Files, folders (the audio files anywhere under them, sorted), globs (``**`` recursive) and
+    list files (``.txt``/``.lst``/``.list``: one path per line, ``#`` comments; relative paths are
+    relative to the list) -> paths, in order (a path given twice stays twice: the CLI answers it
+    twice; a Ray job answers each file once)."""
+    from .audio import AUDIO_SUFFIXES, audio_files_under
+
     out: list[str] = []
     for item in inputs:
         p = Path(item)
-        if p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
+        if p.is_dir():
+            found = audio_files_under(p)
+            if not found:
+                raise ConfigError(f"{item}: no audio files in this folder or under it (names ending {' '.join(sorted(AUDIO_SUFFIXES))})")
+            out += [str(f) for f in found]
+        elif p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
             for line in p.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):

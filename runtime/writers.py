@@ -7,12 +7,35 @@ what was done; JSON (one document) is written when the file ends.
 from __future__ import annotations
 
 import json
-from typing import IO, Any
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import IO, Any, Sequence
 
 from .errors import OptionError
 from .segments import TimedSegment
 
 FORMATS = ("txt", "json", "jsonl", "srt", "vtt")
+
+
+def output_paths(inputs: Sequence[str], folder: Path, fmt: str) -> list[Path]:
+    """Where each input's segments go in ``folder``: its path relative to the folder all inputs
+    share, with its ending replaced by ``fmt``. Inputs of one folder give ``folder/NAME.fmt``; a
+    tree of folders (a folder given as input) gives the same tree. Two inputs that would still
+    share an output (``a.wav`` and ``a.flac``) keep their ending (``a.wav.srt``), so no input's
+    output overwrites another's."""
+    absolute = [Path(os.path.abspath(p)) for p in inputs]
+    try:
+        common = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+        relative = [p.relative_to(common) for p in absolute]
+    except ValueError:  # no shared folder (Windows drives): names alone
+        relative = [Path(p.name) for p in absolute]
+    plain = [r.with_suffix(f".{fmt}") for r in relative]
+    sources: dict[Path, set[Path]] = defaultdict(set)
+    for src, out in zip(absolute, plain):
+        sources[out].add(src)
+    return [folder / (out if len(sources[out]) == 1 else rel.with_name(f"{rel.name}.{fmt}"))
+            for rel, out in zip(relative, plain)]
 
 
 def timestamp(seconds: float, sep: str = ",") -> str:

@@ -189,6 +189,11 @@ def test_missing_file() -> None:
         load_audio("/no/such/file.wav")
 
 
+def test_a_folder_is_not_an_audio_file(tmp_path) -> None:
+    with pytest.raises(AudioError, match=f"{tmp_path}: is a folder, not an audio file"):
+        load_audio(tmp_path)
+
+
 def test_block_converter_cut_hands_over_the_resamplers_tail() -> None:
     """At an utterance boundary (a live commit) the 16 kHz audio so far must end with the last
     sample received: ``cut`` hands over what soxr holds back, and the next stretch starts a stream

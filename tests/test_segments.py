@@ -17,7 +17,7 @@ from mdl_edge.runtime.options import GenerationOptions as G
 from mdl_edge.runtime.pipeline import AudioLM
 from mdl_edge.runtime.prompt import transcribe_prompt
 from mdl_edge.runtime.segments import SegmentOptions, TimedSegment, segment_stream
-from mdl_edge.runtime.writers import SegmentWriter, timestamp
+from mdl_edge.runtime.writers import SegmentWriter, output_paths, timestamp
 from mdl_edge.runtime.options import DecoderOptions
 
 SENTENCES = [
@@ -240,3 +240,47 @@ def test_cli_long_file_formats_and_damage(bundle, speech, tmp_path, capsys) -> N
     assert main(["caption", str(short), "--model", str(bundle), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith(f"{short}: ")
     assert main([*base, str(short), str(path), "-o", str(tmp_path / "one.txt")]) == 2
+
+
+def test_output_paths_mirror_the_inputs_and_never_collide(tmp_path) -> None:
+    out = tmp_path / "out"
+    # one folder: names alone, as before
+    assert output_paths(["in/a.wav", "in/b.flac"], out, "srt") == [out / "a.srt", out / "b.srt"]
+    # a tree: the tree under the folder the inputs share; a shared stem keeps its ending
+    got = output_paths(["in/a.wav", "in/sub/a.wav", "in/sub/a.flac", "in/sub/b.mp3", "in/a.wav"], out, "txt")
+    assert got == [out / "a.txt", out / "sub/a.wav.txt", out / "sub/a.flac.txt", out / "sub/b.txt", out / "a.txt"], got
+    assert output_paths(["/x/y/talk.m4a"], out, "vtt") == [out / "talk.vtt"]
+
+
+def test_cli_folder_input_answers_every_audio_file_under_it(bundle, tmp_path, capsys) -> None:
+    """A folder stands for the audio files under it (hidden files, such as macOS's ``._x.wav``
+    resource forks, and files of other kinds passed over); with ``-o`` the outputs mirror its tree,
+    a stem shared by two files keeping their endings apart."""
+    from mdl_edge.runtime.cluster import expand_inputs
+    from mdl_edge.runtime.errors import ConfigError
+
+    from conftest import chirp
+
+    tree = tmp_path / "in"
+    (tree / "sub").mkdir(parents=True)
+    (tree / ".cache").mkdir()
+    wave = chirp(1.0, 2)
+    for rel in ("a.wav", "sub/a.wav", "sub/a.flac", ".cache/x.wav"):
+        sf.write(tree / rel, wave, C.SAMPLE_RATE)
+    (tree / "sub/._a.wav").write_bytes(b"\x00\x05\x16\x07 not audio")
+    (tree / "notes.md").write_text("not audio")
+    want = [tree / "a.wav", tree / "sub/a.flac", tree / "sub/a.wav"]
+    assert expand_inputs([str(tree)]) == [str(p) for p in want]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty: no audio files in this folder or under it"):
+        expand_inputs([str(tmp_path / "empty")])
+
+    base = ["--model", str(bundle), "--max-new-tokens", "3"]
+    assert main(["caption", str(tree), *base]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in printed] == [str(p) for p in want], printed
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["transcribe", str(tree), *base, "--format", "srt", "-o", str(out)]) == 0
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["a.srt", "sub/a.flac.srt", "sub/a.wav.srt"], written
