@@ -17,7 +17,7 @@ from .errors import ConfigError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, PREFILL_CHOICES, DecoderOptions, EncoderOptions, SamplingOptions, default_parallel
 
 if TYPE_CHECKING:
-    from .cluster import ClusterOptions
+    from .cluster import ClusterOptions, JobSummary
     from .pipeline import AudioLM, Result
     from .progress import Progress
     from .segments import SegmentOptions
@@ -40,8 +40,8 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
     from .cluster import expand_inputs  # torch- and ray-free: files, globs, list files
 
     args.audio = expand_inputs(args.audio)
-    if args.engine == "ray":
-        return _run_ray(args, task, prompt, options)
+    if args.engine == "ray" or args.out:
+        return _run_job(args, task, prompt, options)
     if task != "ask":
         segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window)
         mode = segmenting.resolved(task)
@@ -131,30 +131,33 @@ def _answer_together(lm: "AudioLM", args: argparse.Namespace, prompt: str, optio
     bar.close()
 
 
-def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object) -> int:
-    """``--engine ray``: the inputs as a Ray Data job, rows appended to ``--out``."""
-    try:
-        from .cluster import ClusterOptions, answer_files
-    except ImportError as e:
-        raise MdlEdgeError(f"--engine ray needs the cluster extra (pip install 'mdl-edge[cluster]'): {e}") from e
+def _run_job(args: argparse.Namespace, task: str, prompt: str, options: object) -> int:
+    """``--out`` (needed with ``--engine ray``): the inputs as a job whose rows are appended to
+    ``--out``, which a rerun goes on from; on Ray Data, or in this process (``--engine local``)."""
     from .segments import SegmentOptions
 
     if not args.out:
         raise OptionError("out", "--engine ray writes its rows to a file: give --out RESULTS.jsonl (or .parquet)")
-    cluster = ClusterOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker, address=args.ray_address,
-                             batch_size=args.batch_size, parallel=args.parallel, retries=args.retries, retry_errors=args.retry_errors)
+    if getattr(args, "output", None) or getattr(args, "format", None):
+        raise OptionError("out", "--out writes every file's rows to one file; -o / --format write one output per input: give one or the other")
     segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window) if task != "ask" \
         else SegmentOptions(mode="none")
     encoder, decoder = _load_options(args, args.parallel)
-    # Ctrl-C ends the process at once (after the batch being written, if any): Ray's orderly
-    # shutdown, and Ray Data's own clean-up on KeyboardInterrupt, wait for busy actors and on a
-    # loaded machine take minutes. The local instance's processes share this process's fate.
+    on_row = None if args.no_progress else lambda r: print(f"{r['file']}: {r.get('error') or r['text']}", file=sys.stderr)
+    # Ctrl-C ends the process at once (after the batch of rows being written, if any): an orderly
+    # end waits for the batches being answered (on Ray, for busy actors: minutes on a loaded
+    # machine). Ray's local instance shares this process's fate.
     main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGINT, lambda *_: _leave_ray_now(args.out)) if main_thread else None
+    previous = signal.signal(signal.SIGINT, lambda *_: _leave_job_now(args.out)) if main_thread else None
     try:
-        summary = answer_files(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options, segmenting=segmenting,  # type: ignore[arg-type]
-                               cluster=cluster, encoder=encoder, decoder=decoder,
-                               on_row=None if args.no_progress else lambda r: print(f"{r['file']}: {r.get('error') or r['text']}", file=sys.stderr))
+        if args.engine == "ray":
+            summary = _run_ray(args, task, prompt, options, segmenting, encoder, decoder, on_row)
+        else:
+            from .cluster import answer_files_here
+
+            summary = answer_files_here(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options,  # type: ignore[arg-type]
+                                        segmenting=segmenting, parallel=args.parallel, threads=args.threads,
+                                        retry_errors=args.retry_errors, encoder=encoder, decoder=decoder, on_row=on_row)
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
@@ -163,8 +166,22 @@ def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object) 
     return 1 if summary.failed else 0
 
 
-def _leave_ray_now(out: str) -> None:
-    """The SIGINT handler of a Ray job: say where the rows are, then end the process as soon as
+def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object, segmenting: object, encoder: object, decoder: object,
+             on_row: object) -> "JobSummary":
+    """``--engine ray``: the inputs as a Ray Data job."""
+    try:
+        from .cluster import ClusterOptions, answer_files
+    except ImportError as e:
+        raise MdlEdgeError(f"--engine ray needs the cluster extra (pip install 'mdl-edge[cluster]'): {e}") from e
+
+    cluster = ClusterOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker, address=args.ray_address,
+                             batch_size=args.batch_size, parallel=args.parallel, retries=args.retries, retry_errors=args.retry_errors)
+    return answer_files(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options,  # type: ignore[arg-type]
+                        segmenting=segmenting, cluster=cluster, encoder=encoder, decoder=decoder, on_row=on_row)  # type: ignore[arg-type]
+
+
+def _leave_job_now(out: str) -> None:
+    """The SIGINT handler of a job with ``--out``: say where the rows are, then end the process as soon as
     no batch of rows is being written (from another thread: the main thread may hold the lock)."""
     from .cluster import OUTPUT_LOCK
 
@@ -361,16 +378,16 @@ def _add_segment_args(t: argparse.ArgumentParser, seg_d: "SegmentOptions") -> No
 
 
 def _add_cluster_args(t: argparse.ArgumentParser, cl_d: "ClusterOptions") -> None:
-    cl = t.add_argument_group("many machines (needs the `cluster` extra)")
+    cl = t.add_argument_group("many files: a job whose rows go to --out, which a rerun goes on from; here, or on Ray Data (--engine ray: the `cluster` extra)")
     cl.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="local (default): this process; ray: a pool of Ray actors, rows appended to --out as they come")
-    cl.add_argument("--out", help="with --engine ray: results as JSON Lines (or .parquet); a rerun with the same --out answers only what is missing")
+    cl.add_argument("--out", help="a job's results, one row per segment, as JSON Lines (or .parquet): with --engine ray or in this process; a rerun with the same --out answers only what is missing")
     cl.add_argument("--workers", type=int, default=cl_d.workers, help="with --engine ray: actors, each loading the bundle once (default: %(default)s)")
     cl.add_argument("--cpus-per-worker", type=int, help="with --engine ray: CPUs (threads) per actor (default: a local instance's cores shared out)")
     cl.add_argument("--ray-address", help="with --engine ray: a running cluster (auto, ray://HOST:10001; default: start a local instance)")
     cl.add_argument("--batch-size", type=int, default=cl_d.batch_size, help="with --engine ray: files per actor call (default: %(default)s)")
     cl.add_argument("--retries", type=int, default=cl_d.retries, help="with --engine ray: tries again of a batch whose actor died (default: %(default)s)")
-    cl.add_argument("--retry-errors", action="store_true", help="with --engine ray: a rerun also retries files whose row is an error")
+    cl.add_argument("--retry-errors", action="store_true", help="with --out: a rerun also retries files whose row is an error")
 
 
 def _add_performance_args(t: argparse.ArgumentParser) -> None:

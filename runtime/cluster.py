@@ -10,6 +10,9 @@ one write, so an interrupted job leaves a valid partial output and a rerun with 
 answers only what is missing. ``.parquet`` outputs are journaled as JSON Lines beside them and
 written when the job completes.
 
+:func:`answer_files_here` runs the same job in the caller's process, without Ray: the same rows,
+the same resumption.
+
 Every row names its file: ``{"file", "segment", "n_segments", "start", "end", "text",
 "token_ids", "stop_reason", "n_audio_tokens", "timings", "worker"}``, or ``{"file", "error"}``.
 """
@@ -117,6 +120,18 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
 
 
 # -- rows ----------------------------------------------------------------------------------------
+def this_worker() -> str:
+    """What a row's ``worker`` says: this host and process."""
+    return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def segment_row(path: str, seg: TimedSegment, n_segments: int, n_audio_tokens: int | None, worker: str) -> dict[str, Any]:
+    """The row of one answered segment (a file answered whole is its one segment)."""
+    return {"file": path, "segment": seg.index, "n_segments": n_segments, "start": round(seg.start, 3), "end": round(seg.end, 3),
+            "text": seg.text, "token_ids": list(seg.token_ids), "stop_reason": seg.stop_reason, "n_audio_tokens": n_audio_tokens,
+            "timings": seg.timings, "worker": worker}
+
+
 def error_row(path: str, error: BaseException | str, worker: str = "") -> dict[str, Any]:
     return {"file": path, "error": error if isinstance(error, str) else one_line(error), "worker": worker}
 
@@ -169,10 +184,15 @@ class FileAnswerer:
         self.engine = Engine(self.lm, parallel=parallel)
         self.prompt, self.task, self.options, self.segmenting, self.parallel = prompt, task, options, segmenting, parallel
         self.mode = segmenting.resolved(task)
-        self.worker = f"{os.uname().nodename}:{os.getpid()}"
+        self.worker = this_worker()
         # Fault injection for the tests: die (as a killed process does) the first time this file
         # comes, once per marker file, so that Ray's restart and retry are exercised for real.
         self._crash_once = crash_once
+
+    def close(self) -> None:
+        """Stop the decoder's engine and free the model (an actor is ended with its process)."""
+        self.engine.close()
+        self.lm.close()
 
     def _long(self, path: str) -> bool:
         from .audio import expected_samples
@@ -209,9 +229,7 @@ class FileAnswerer:
         return out
 
     def _row(self, path: str, seg: TimedSegment, n_segments: int, n_audio_tokens: int | None) -> dict[str, Any]:
-        return {"file": path, "segment": seg.index, "n_segments": n_segments, "start": round(seg.start, 3), "end": round(seg.end, 3),
-                "text": seg.text, "token_ids": list(seg.token_ids), "stop_reason": seg.stop_reason, "n_audio_tokens": n_audio_tokens,
-                "timings": seg.timings, "worker": self.worker}
+        return segment_row(path, seg, n_segments, n_audio_tokens, self.worker)
 
     def _segments(self, path: str) -> list[dict[str, Any]]:
         try:
@@ -247,9 +265,7 @@ def answer_files(
     sees each row as it is written. Ctrl-C stops the job and leaves ``out`` valid."""
     import ray
 
-    out = Path(out)
-    parquet = out.suffix.lower() == ".parquet"
-    journal = out.with_name(out.name + ".jsonl") if parquet else out
+    out, journal = _journal(out)
     if cluster.address is None and not Path(model).is_dir():
         raise ConfigError(f"{model}: not a folder (expected a bundle made by `mdl-edge export`)")
     t0 = time.perf_counter()
@@ -258,9 +274,7 @@ def answer_files(
     if not is_dataset:
         paths = list(dict.fromkeys(expand_inputs(inputs)))  # rows are keyed by file
         if all(p in done for p in paths):  # nothing to do: no cluster to start
-            if parquet and paths:
-                _write_parquet(journal, out)
-            return JobSummary(len(paths), len(paths), 0, 0, time.perf_counter() - t0, out)
+            return _finish(out, journal, paths, [], 0, 0, t0)
     _start_ray(cluster)
     if is_dataset:
         paths = list(dict.fromkeys(str(r["path"]) for r in inputs.select_columns(["path"]).iter_rows()))
@@ -271,8 +285,78 @@ def answer_files(
         actor_kwargs = dict(model=str(model), prompt=prompt, task=task, options=options, segmenting=segmenting,
                             parallel=cluster.parallel, threads=cpus, encoder=encoder, decoder=decoder, crash_once=crash_once)
         ds = _answering_dataset(todo, cluster, cpus, actor_kwargs)
-        answered, failed = _append_rows(ds, journal, todo, cluster.retries, on_row)
-    if parquet:  # reached only when the job was not interrupted
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+        answered, failed = _append_rows(batches, journal, todo, f"its worker failed {cluster.retries + 1} times", on_row)
+    return _finish(out, journal, paths, todo, answered, failed, t0)
+
+
+def answer_files_here(
+    inputs: Sequence[str],
+    model: str | Path,
+    *,
+    out: str | Path,
+    prompt: str,
+    task: str = "caption",
+    options: GenerationOptions = GenerationOptions(),
+    segmenting: SegmentOptions = SegmentOptions(),
+    parallel: int | None = None,
+    threads: int | None = None,
+    retry_errors: bool = False,
+    encoder: EncoderOptions = EncoderOptions(),
+    decoder: DecoderOptions = DecoderOptions(),
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> JobSummary:
+    """:func:`answer_files` in this process, without Ray: the same rows appended to ``out``, and a
+    rerun with the same ``out`` answers only what is missing (an interrupted job of thousands of
+    files goes on where it stopped). Files are answered as the CLI answers them
+    (:meth:`AudioLM.run`, ``parallel`` decoded together; a long recording segment by segment),
+    and each file's rows are written as soon as it is done."""
+    from .audio import expected_samples
+    from .pipeline import AudioLM, Request
+
+    out, journal = _journal(out)
+    if not Path(model).is_dir():
+        raise ConfigError(f"{model}: not a folder (expected a bundle made by `mdl-edge export`)")
+    t0 = time.perf_counter()
+    done = answered_files(journal, retry_errors=retry_errors)
+    paths = list(dict.fromkeys(expand_inputs(inputs)))  # rows are keyed by file
+    todo = [p for p in paths if p not in done]
+    answered = failed = 0
+    if todo:
+        mode, worker = segmenting.resolved(task), this_worker()
+        parallel = parallel or default_parallel()
+        with AudioLM(model, threads=threads, encoder=encoder, decoder=decoder) as lm:
+            long = {p for p in todo if segmenting.cuts(mode, expected_samples(p))}
+
+            def rows() -> Iterator[dict[str, Any]]:
+                requests = (Request(audio=p, prompt=prompt, options=options, tag=p) for p in todo if p not in long)
+                for req, res in lm.run(requests, parallel=parallel):
+                    row = error_row(req.tag, res, worker) if isinstance(res, MdlEdgeError) \
+                        else segment_row(req.tag, res.as_segment(), 1, res.n_audio_tokens, worker)
+                    yield {"row": [json.dumps(row, ensure_ascii=False)]}
+                for path in (p for p in todo if p in long):
+                    try:
+                        segs = list(lm.segments(path, prompt, options, mode=mode, segmenting=segmenting, parallel=parallel))
+                        lines = [segment_row(path, seg, len(segs), None, worker) for seg in segs]
+                    except MdlEdgeError as e:
+                        lines = [error_row(path, e, worker)]
+                    yield {"row": [json.dumps(r, ensure_ascii=False) for r in lines]}
+
+            answered, failed = _append_rows(rows(), journal, todo, "it was not answered", on_row)
+    return _finish(out, journal, paths, todo, answered, failed, t0)
+
+
+def _journal(out: str | Path) -> tuple[Path, Path]:
+    """(the output, the JSON Lines file rows are appended to: the output itself, or for a
+    ``.parquet`` output a journal beside it, written as Parquet when the job completes)."""
+    out = Path(out)
+    return out, out.with_name(out.name + ".jsonl") if out.suffix.lower() == ".parquet" else out
+
+
+def _finish(out: Path, journal: Path, paths: list[str], todo: list[str], answered: int, failed: int, t0: float) -> JobSummary:
+    """The job's summary, once its rows are all in the journal (reached only when the job was not
+    interrupted: a ``.parquet`` output is written from the journal here)."""
+    if out != journal and paths:
         _write_parquet(journal, out)
     return JobSummary(len(paths), len(paths) - len(todo), answered, failed, time.perf_counter() - t0, out)
 
@@ -319,15 +403,17 @@ def _answering_dataset(todo: list[str], cluster: ClusterOptions, cpus: int, acto
         )
 
 
-def _append_rows(ds: Any, journal: Path, todo: list[str], retries: int, on_row: Callable[[dict[str, Any]], None] | None) -> tuple[int, int]:
-    """Append the rows of ``ds`` to ``journal`` as they come (each batch flushed whole), and an
-    error row for each file whose batch failed beyond its retries: ``(answered, failed)``."""
+def _append_rows(batches: Iterable[dict[str, Any]], journal: Path, todo: list[str], lost_why: str,
+                 on_row: Callable[[dict[str, Any]], None] | None) -> tuple[int, int]:
+    """Append the rows of ``batches`` (``{"row": [json, ...]}`` each) to ``journal`` as they come
+    (each batch flushed whole), and an error row saying ``lost_why`` for each file of ``todo`` that
+    got none (on Ray: its batch failed beyond its retries): ``(answered, failed)``."""
     seen: set[str] = set()
     answered = failed = 0
     journal.parent.mkdir(parents=True, exist_ok=True)
     with journal.open("a", encoding="utf-8") as f:
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in batches:
                 with OUTPUT_LOCK:
                     f.write("".join(line + "\n" for line in batch["row"]))  # as the actor wrote them
                     f.flush()
@@ -342,7 +428,7 @@ def _append_rows(ds: Any, journal: Path, todo: list[str], retries: int, on_row: 
             if len(seen) < len(todo) and not _interrupted():
                 lost = [p for p in todo if p not in seen]
                 with OUTPUT_LOCK:
-                    f.write("".join(json.dumps(error_row(p, f"its worker failed {retries + 1} times"), ensure_ascii=False) + "\n"
+                    f.write("".join(json.dumps(error_row(p, lost_why), ensure_ascii=False) + "\n"
                                     for p in lost))
                     f.flush()
                 failed += len(lost)
@@ -388,4 +474,4 @@ def rows_in(out: str | Path) -> Iterator[dict[str, Any]]:
             continue
 
 
-__all__ = ["ClusterOptions", "FileAnswerer", "JobSummary", "answer_files", "answered_files", "expand_inputs", "rows_in"]
+__all__ = ["ClusterOptions", "FileAnswerer", "JobSummary", "answer_files", "answer_files_here", "answered_files", "expand_inputs", "rows_in"]

@@ -5,8 +5,9 @@ and whether every file got the same tokens.
         [--tokens 32] [--json OUT]
 
 Each run is a fresh process, timed from start to exit as a user sees it (model loading, and for
-Ray starting a local instance and its actors, included): `mdl-edge caption FILES --json` and
-`mdl-edge caption FILES --engine ray --workers N --out ...` with the same options. Workers share
+Ray starting a local instance and its actors, included): `mdl-edge caption FILES --json`,
+`mdl-edge caption FILES --out ...` (a resumable job in one process) and `mdl-edge caption FILES
+--engine ray --workers N --out ...` with the same options. Workers share
 the machine's cores (N workers get cores/N threads each).
 """
 
@@ -113,6 +114,14 @@ def main() -> int:
     local = {r["file"]: r["token_ids"] for r in map(json.loads, out.splitlines())}
     runs.append({"engine": "local (one process)", "workers": 1, "wall": wall, "first": stamps[0], "steady": steady(stamps), "same": len(local)})
     print(f"  local: {wall:.1f} s", flush=True)
+    # the same in this process as a job (--out without --engine ray): resumable, rows per batch
+    rows_path = work / "here.jsonl"
+    rows_path.unlink(missing_ok=True)
+    wall, stamps, _ = timed(cli + common[:-1] + ["--out", str(rows_path)], "stderr", str(clips))
+    rows = {r["file"]: r["token_ids"] for r in map(json.loads, rows_path.read_text().splitlines())}
+    runs.append({"engine": "local job (--out)", "workers": 1, "wall": wall, "first": stamps[0], "steady": steady(stamps),
+                 "same": sum(rows.get(p) == local[p] for p in paths)})
+    print(f"  local job (--out): {wall:.1f} s", flush=True)
     for n in [int(w) for w in args.workers.split(",")]:
         rows_path = work / f"ray-{n}.jsonl"
         rows_path.unlink(missing_ok=True)
