@@ -93,6 +93,8 @@ def test_bench_cluster(bench_bundle: Path, tmp_path: Path) -> None:
     out = run_bench("bench_cluster.py", "--bundle", bench_bundle, "--files", 3, "--seconds", 2, "--workers", 1, "--tokens", 4, "--parallel", 2,
                     "--work", tmp_path)
     assert "goal: identical greedy tokens per file: 3/3 -> met" in out, out
+    job = next(line for line in out.splitlines() if line.startswith("| local job (--out) |"))
+    assert job.rstrip().endswith("| 3/3 |"), job  # the job's rows carry the plain command's tokens
 
 
 def test_bench_toy_train() -> None:
