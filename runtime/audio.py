@@ -49,10 +49,24 @@ def audio_files_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+class NamedBytes(bytes):
+    """An audio file's bytes in memory, with the name messages give it (the CLI's ``-``: what
+    came on standard input)."""
+
+    name: str
+
+    def __new__(cls, data: bytes, name: str) -> "NamedBytes":
+        obj = super().__new__(cls, data)
+        obj.name = name
+        return obj
+
+
 def describe(source: AudioSource) -> str:
     """A short name for an audio source, for error messages."""
     if isinstance(source, (str, Path)):
         return str(source)
+    if isinstance(source, NamedBytes):
+        return source.name
     if isinstance(source, (bytes, bytearray)):
         return f"<{len(source)} bytes>"
     if isinstance(source, np.ndarray):
@@ -198,6 +212,7 @@ def _ffmpeg_blocks(path: Path, name: str) -> Iterator[tuple[np.ndarray, int]]:
     streams = json.loads(probe.stdout or "{}").get("streams", []) if probe.returncode == 0 else []
     if not streams:
         detail = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "no audio stream"
+        detail = detail.removeprefix(f"{path}: ")  # ffmpeg names the file it read: the name comes first already
         raise AudioError(f"{name}: cannot decode audio with ffmpeg: {detail}")
     rate, channels = int(streams[0]["sample_rate"]), int(streams[0]["channels"])
     with tempfile.TemporaryFile() as err:
@@ -216,7 +231,7 @@ def _ffmpeg_blocks(path: Path, name: str) -> Iterator[tuple[np.ndarray, int]]:
         if code != 0:
             err.seek(0)
             msg = err.read().decode(errors="replace").strip().splitlines()
-            raise AudioError(f"{name}: ffmpeg failed to decode it: {msg[-1] if msg else f'exit code {code}'}")
+            raise AudioError(f"{name}: ffmpeg failed to decode it: {msg[-1].removeprefix(f'{path}: ') if msg else f'exit code {code}'}")
 
 
 def _decoded_blocks(source: AudioSource, name: str) -> Iterator[tuple[np.ndarray, int]]:

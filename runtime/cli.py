@@ -18,6 +18,7 @@ from .options import DEFAULT_MAX_NEW_TOKENS, PREFILL_CHOICES, DecoderOptions, En
 
 if TYPE_CHECKING:
     from .cluster import ClusterOptions, JobSummary
+    from .audio import NamedBytes
     from .pipeline import AudioLM, Result
     from .progress import Progress
     from .segments import SegmentOptions
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 def _run_task(args: argparse.Namespace, task: str) -> int:
     from .audio import expected_samples
     from .options import GenerationOptions, SamplingOptions, whole_number
-    from .segments import SegmentOptions
     from .progress import Progress
     from .prompt import CAPTION_PROMPT, question_prompt, transcribe_prompt
 
@@ -41,11 +41,14 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
 
     args.audio = expand_inputs(args.audio)
     if args.engine == "ray" or args.out:
+        if STDIN in args.audio:
+            raise OptionError("out", f"{STDIN} (standard input) cannot be a job's input: a job's rows are kept by file name")
         return _run_job(args, task, prompt, options)
+    args.stdin = _read_stdin(args.audio)
     if task != "ask":
-        segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window)
+        segmenting = _segmenting(args)
         mode = segmenting.resolved(task)
-        long_input = any(segmenting.cuts(mode, expected_samples(p)) for p in args.audio)
+        long_input = any(segmenting.cuts(mode, expected_samples(_source(args, p))) for p in args.audio)
         if args.format or args.output or long_input:
             return _run_segments(args, task, prompt, options, segmenting, mode)
     # streamed text of several files at once would interleave: one at a time then
@@ -66,6 +69,29 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
         print(f"mdl-edge: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+#: The input name that stands for standard input (``ffmpeg ... -f wav - | mdl-edge transcribe -``).
+STDIN = "-"
+
+
+def _read_stdin(paths: list[str]) -> "NamedBytes | None":
+    """What came on standard input, read once, where ``-`` is among the inputs."""
+    from .audio import NamedBytes
+
+    if STDIN not in paths:
+        return None
+    if paths.count(STDIN) > 1:
+        raise OptionError("audio", f"{STDIN} (standard input) can be given once")
+    if sys.stdin is None or sys.stdin.isatty():
+        raise OptionError("audio", f"{STDIN} reads an audio file from standard input, but it is a terminal: pipe one in "
+                          f"(e.g. ffmpeg -i talk.mp4 -f wav - | mdl-edge transcribe - ...)")
+    return NamedBytes(sys.stdin.buffer.read(), STDIN)
+
+
+def _source(args: argparse.Namespace, path: str) -> "str | NamedBytes":
+    """What to decode for an input: the file, or for ``-`` the bytes read from standard input."""
+    return args.stdin if path == STDIN and getattr(args, "stdin", None) is not None else path
 
 
 def _report(args: argparse.Namespace, path: str, res: "Result | MdlEdgeError", streaming: bool, failed: list[str]) -> None:
@@ -100,7 +126,7 @@ def _answer_one_by_one(lm: "AudioLM", args: argparse.Namespace, prompt: str, opt
             print(f"{path}: ", end="", flush=True)
         try:
             res: Result | MdlEdgeError = lm.generate(
-                path, prompt, options, on_text=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
+                _source(args, path), prompt, options, on_text=(lambda piece: print(piece, end="", flush=True)) if streaming else None,
                 on_chunks=lambda k, total, name=Path(path).name: bar.update(n_done, f"{name}: chunk {k}/{total}"))
         except MdlEdgeError as e:
             res = e
@@ -116,7 +142,7 @@ def _answer_together(lm: "AudioLM", args: argparse.Namespace, prompt: str, optio
 
     pending: dict[int, Result | MdlEdgeError] = {}
     next_out = 0
-    requests = (Request(audio=p, prompt=prompt, options=options, tag=i) for i, p in enumerate(args.audio))
+    requests = (Request(audio=_source(args, p), prompt=prompt, options=options, tag=i) for i, p in enumerate(args.audio))
     for n_done, (req, res) in enumerate(lm.run(requests, parallel=parallel), start=1):
         bar.update(n_done, Path(args.audio[req.tag]).name)
         if args.json:
@@ -140,8 +166,7 @@ def _run_job(args: argparse.Namespace, task: str, prompt: str, options: object) 
         raise OptionError("out", "--engine ray writes its rows to a file: give --out RESULTS.jsonl (or .parquet)")
     if getattr(args, "output", None) or getattr(args, "format", None):
         raise OptionError("out", "--out writes every file's rows to one file; -o / --format write one output per input: give one or the other")
-    segmenting = SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window) if task != "ask" \
-        else SegmentOptions(mode="none")
+    segmenting = _segmenting(args) if task != "ask" else SegmentOptions(mode="none")
     encoder, decoder = _load_options(args, args.parallel)
     on_row = None if args.no_progress else lambda r: print(f"{r['file']}: {r.get('error') or r['text']}", file=sys.stderr)
     # Ctrl-C ends the process at once (after the batch of rows being written, if any): an orderly
@@ -271,12 +296,12 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
             if target is None and many and fmt == "txt":
                 print(f"==> {path} <==", flush=True)
             writer = SegmentWriter(stream, fmt, source=str(path))
-            n = expected_samples(path)
+            n = expected_samples(_source(args, path))
             seg_s = segmenting.segment_seconds(mode)  # type: ignore[attr-defined]
             bar = Progress(max(1, -(-n // int(seg_s * C.SAMPLE_RATE))) if n else 1, "segments", enabled=not args.no_progress)
             error = None
             try:
-                for seg in lm.segments(path, prompt, options, mode=mode, segmenting=segmenting, parallel=args.parallel,  # type: ignore[arg-type]
+                for seg in lm.segments(_source(args, path), prompt, options, mode=mode, segmenting=segmenting, parallel=args.parallel,  # type: ignore[arg-type]
                                        on_segment=lambda k, name=Path(path).name: bar.update(k, name)):
                     bar.close()
                     writer.write(seg)
@@ -334,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for task, helptext in (("caption", "caption audio files"), ("transcribe", "transcribe speech in audio files"), ("ask", "ask a question about an audio file")):
         t = sub.add_parser(task, help=helptext)
-        t.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; more with ffmpeg), folders (every audio file under them), globs or list files")
+        t.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; more with ffmpeg), folders (every audio file under them), globs, list files, or - (a file on standard input)")
         t.add_argument("--model", required=True, help="bundle folder made by `mdl-edge export`")
         if task == "ask":
             t.add_argument("-q", "--question", required=True)
@@ -365,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _segmenting(args: argparse.Namespace) -> "SegmentOptions":
+    """The segment options of a caption or transcribe command (validated where built)."""
+    from .segments import SegmentOptions
+
+    return SegmentOptions(mode=args.segment, max_segment=args.max_segment, window=args.window,
+                          max_pause=args.max_pause or None)
+
+
 def _add_segment_args(t: argparse.ArgumentParser, seg_d: "SegmentOptions") -> None:
     seg = t.add_argument_group("long recordings (files longer than a segment are cut and answered segment by segment)")
     seg.add_argument("--segment", default=seg_d.mode, choices=("auto", "vad", "window", "none"),
@@ -372,6 +405,9 @@ def _add_segment_args(t: argparse.ArgumentParser, seg_d: "SegmentOptions") -> No
                           "windows to caption; vad / window: every file; none: the whole file at once")
     seg.add_argument("--max-segment", type=float, default=seg_d.max_segment, metavar="S", help="longest vad segment in seconds (default: %(default)s)")
     seg.add_argument("--window", type=float, default=seg_d.window, metavar="S", help="caption window in seconds (default: %(default)s)")
+    seg.add_argument("--max-pause", type=float, default=seg_d.max_pause, metavar="S",
+                     help=f"vad segments leave out pauses longer than this, but for {seg_d.pause_margin:g} s at each side; "
+                          "0 keeps every pause (segments then tile the recording; default: %(default)s)")
     seg.add_argument("--format", choices=("txt", "json", "jsonl", "srt", "vtt"),
                      help="timed segments in this format (default for long files: txt; jsonl with --json)")
     seg.add_argument("-o", "--output", help="write there: a file, or for several inputs an existing folder (one output per input, mirroring the inputs' folders)")

@@ -42,7 +42,8 @@ def bench_bundle(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_every_benchmark_script_is_covered_here() -> None:
     """A new benchmark script gets its run below."""
     covered = {"bench_decoder.py", "bench_encoder.py", "bench_prefill.py", "bench_mel.py", "bench_long.py", "bench_vad.py",
-               "bench_server.py", "bench_cluster.py", "bench_toy_train.py", "bench_live.py", "check_gguf_pair.py"}
+               "bench_server.py", "bench_cluster.py", "bench_toy_train.py", "bench_live.py", "check_gguf_pair.py",
+               "bench_pauses.py"}
     scripts = {p.name for p in BENCH.glob("*.py")} - {"common.py"}
     assert scripts == covered, f"not run by tests/test_benchmarks.py: {sorted(scripts - covered)}; gone: {sorted(covered - scripts)}"
 
@@ -104,6 +105,14 @@ def test_bench_toy_train() -> None:
         pytest.skip("needs espeak-ng (apt-get install espeak-ng)")
     out = run_bench("bench_toy_train.py", "--steps", 1, "--clips", 40)
     assert "| joint-phase step" in out, out
+
+
+def test_bench_pauses(toy_bundle: Path) -> None:
+    pytest.importorskip("webrtcvad")
+    out = run_bench("bench_pauses.py", "--toy", toy_bundle, "--phrases", 4, "--gaps", "8,14", "--repeats", 1)
+    rows = {r.split(" | ")[1]: r.split(" | ") for r in out.splitlines() if r.startswith("| ") and r.split(" | ")[0] != "| segments"}
+    kept, left_out = rows["every pause kept"], rows["pauses > 2 s left out"]
+    assert float(left_out[2]) < float(kept[2]), out  # less audio answered
 
 
 def test_bench_live(toy_bundle: Path) -> None:

@@ -85,3 +85,40 @@ def test_train_toy_scores_both_evaluation_sets(toy_dir, capsys) -> None:
     conn = re.search(r"connected speech \(4 phrases, \d with words outside the vocabulary\): word accuracy ([\d.]+), phrase exact ([\d.]+)", out)
     assert held and conn, out
     assert all(0.0 <= float(v) <= 1.0 for v in (*held.groups(), *conn.groups()))
+
+
+def test_standard_input_as_an_audio_file(bundle, tmp_path, capsys, monkeypatch) -> None:
+    """``-`` decodes what comes on standard input (``ffmpeg ... -f wav - | mdl-edge transcribe -``),
+    answered as the same file would be, long ones segment by segment; it names itself ``-`` in
+    messages, cannot be a resumable job's input and must not be a terminal."""
+    import io
+    import json
+
+    from conftest import chirp
+
+    from mdl_edge.runtime import constants as C
+
+    path = tmp_path / "talk.flac"
+    sf.write(path, chirp(9.0, 4), C.SAMPLE_RATE)
+    opts = ["--model", str(bundle), "--max-new-tokens", "4", "--no-progress"]
+    cmd = [sys.executable, "-m", "mdl_edge.runtime.cli"]
+    for extra in (["--json"], ["--segment", "window", "--window", "4", "--format", "jsonl"]):
+        want = subprocess.run([*cmd, "caption", str(path), *opts, *extra], capture_output=True, text=True, check=True).stdout
+        got = subprocess.run([*cmd, "caption", "-", *opts, *extra], input=path.read_bytes(), capture_output=True, check=True).stdout
+        w, g = [json.loads(x) for x in want.splitlines()], [json.loads(x) for x in got.decode().splitlines()]
+        assert len(g) == len(w) >= 1 and all(a["file"] == "-" for a in g), got
+        assert [(a["text"], a["token_ids"]) for a in g] == [(a["text"], a["token_ids"]) for a in w]
+    bad = subprocess.run([*cmd, "caption", "-", *opts], input=b"RIFF\x24\x00\x00\x00WAVEfmt not audio", capture_output=True, text=False)
+    assert bad.returncode == 1 and b"mdl-edge: error: -: " in bad.stderr, bad.stderr
+
+    class Terminal(io.BytesIO):
+        buffer = io.BytesIO()
+
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    assert main(["caption", "-", *opts]) == 2
+    assert "standard input, but it is a terminal" in capsys.readouterr().err
+    assert main(["caption", "-", *opts, "--out", str(tmp_path / "rows.jsonl")]) == 2
+    assert "cannot be a job's input" in capsys.readouterr().err

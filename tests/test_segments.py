@@ -71,11 +71,11 @@ def _blocks(x: np.ndarray, n: int = 8000):
 
 @pytest.mark.parametrize("snr", [30.0, 15.0, 8.0])
 def test_vad_cuts_land_in_pauses(speech, snr: float) -> None:
-    """Every cut lands inside a pause; segments tile the recording (every second of speech in
-    exactly one segment); no segment exceeds the maximum."""
+    """Every cut lands inside a pause; with every pause kept (``max_pause=None``) segments tile
+    the recording (every second of speech in exactly one segment); no segment exceeds the maximum."""
     mixes, pauses = speech
     x = mixes[snr]
-    opts = SegmentOptions(mode="vad", max_segment=8.0)
+    opts = SegmentOptions(mode="vad", max_segment=8.0, max_pause=None)
     segs = list(segment_stream(_blocks(x), opts, "vad"))
     starts = [s for s, _ in segs]
     assert starts[0] == 0 and sum(w.size for _, w in segs) == x.size
@@ -85,6 +85,44 @@ def test_vad_cuts_land_in_pauses(speech, snr: float) -> None:
     assert len(cuts) >= 4
     outside = [c for c in cuts if not any(a - 0.005 <= c <= b + 0.005 for a, b in pauses)]
     assert not outside, f"SNR {snr} dB: cuts at {outside} s fall outside every pause {pauses}"
+
+
+@pytest.mark.parametrize("snr", [30.0, 8.0])
+def test_long_pauses_are_left_out(snr: float) -> None:
+    """Sentences apart by silences of 3-12 s (over noise): every sentence lies whole in one
+    segment, no segment holds more quiet than ``max_pause`` plus its margins, and the silences
+    are not answered; a recording without speech gives one short segment, its end."""
+    from mdl_edge.export.toy import world as toyworld
+
+    if not toyworld.espeak_available():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    sr, rng = C.SAMPLE_RATE, np.random.default_rng(3)
+    parts, spans, pos = [], [], 0
+    for k, (text, gap) in enumerate(zip(SENTENCES[:5], (3.0, 12.0, 4.5, 0.7, 8.0))):
+        voiced = toyworld.speak(text, "en-us+m3" if k % 2 else "en+f2", 160, 50)
+        spans.append((pos, pos + voiced.size))
+        parts += [voiced, np.zeros(int(gap * sr), np.float32)]
+        pos += voiced.size + int(gap * sr)
+    clean = np.concatenate(parts)
+    level = float(np.sqrt(np.mean(clean[clean != 0] ** 2)))
+    x = (clean + rng.standard_normal(clean.size).astype(np.float32) * level * 10 ** (-snr / 20)).astype(np.float32)
+    opts = SegmentOptions(mode="vad", max_segment=30.0)
+    segs = [(s, s + w.size) for s, w in segment_stream(_blocks(x), opts, "vad")]
+    for a, b in spans:
+        holding = [(s, e) for s, e in segs if s <= a + 0.03 * sr and b - 0.03 * sr <= e]
+        assert len(holding) == 1, f"SNR {snr} dB: speech {a / sr:.2f}-{b / sr:.2f} s is not whole in one segment of {segs}"
+    quiet_kept = max(min(e, b2) - max(s, b1) for s, e in segs for (_, b1), (b2, _) in zip(spans, spans[1:]))
+    assert quiet_kept <= (opts.max_pause + 2 * opts.pause_margin) * sr + 0.1 * sr, quiet_kept / sr
+    for n in (7001, x.size):  # the cuts do not depend on how the recording streams in
+        assert [(s, s + w.size) for s, w in segment_stream(_blocks(x, n), opts, "vad")] == segs, n
+    assert max(e - s for s, e in segs) <= opts.max_segment * sr
+    answered = sum(e - s for s, e in segs) / x.size
+    assert answered < 0.6, f"{answered:.2f} of the recording answered"
+    # every pause kept: the same recording tiled
+    tiled = [(s, s + w.size) for s, w in segment_stream(_blocks(x), SegmentOptions(mode="vad", max_pause=None), "vad")]
+    assert tiled[0][0] == 0 and tiled[-1][1] == x.size and all(e == s2 for (_, e), (s2, _) in zip(tiled, tiled[1:]))
+    quiet = np.zeros(70 * sr, np.float32)
+    assert [(s, w.size) for s, w in segment_stream(_blocks(quiet), opts, "vad")] == [(quiet.size - int(opts.pause_margin * sr), int(opts.pause_margin * sr))]
 
 
 def test_vad_sees_the_pauses(speech) -> None:
