@@ -286,6 +286,9 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
     many = len(args.audio) > 1
     if out is not None and many and not out.is_dir():
         raise OptionError("output", f"{out} must be an existing folder when several files are given (one output per input)")
+    if out is None and many and fmt in ("srt", "vtt", "json"):
+        # one document per input: several on stdout would make one invalid file
+        raise OptionError("format", f"{fmt} is one document per input: give -o FOLDER for several inputs (or --format jsonl for one stream)")
     targets = output_paths(args.audio, out, fmt) if out is not None and out.is_dir() else [out] * len(args.audio)
     failed: list[str] = []
     with audio_lm(args, args.parallel) as lm:

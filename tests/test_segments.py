@@ -278,6 +278,9 @@ def test_cli_long_file_formats_and_damage(bundle, speech, tmp_path, capsys) -> N
     assert main(["caption", str(short), "--model", str(bundle), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith(f"{short}: ")
     assert main([*base, str(short), str(path), "-o", str(tmp_path / "one.txt")]) == 2
+    capsys.readouterr()
+    assert main([*base, str(short), str(path), "--format", "srt"]) == 2  # two SRT documents on stdout would be one broken file
+    assert "give -o FOLDER for several inputs" in capsys.readouterr().err
 
 
 def test_output_paths_mirror_the_inputs_and_never_collide(tmp_path) -> None:
