@@ -4,6 +4,7 @@ export-side ones register themselves (``mdl_edge.commands`` entry points, see ``
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import re
@@ -11,7 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from .errors import ConfigError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, PREFILL_CHOICES, DecoderOptions, EncoderOptions, SamplingOptions, default_parallel
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .audio import NamedBytes
     from .pipeline import AudioLM, Result
     from .progress import Progress
-    from .segments import SegmentOptions
+    from .segments import SegmentOptions, TimedSegment
     from .server import ServerOptions
 
 
@@ -278,6 +279,7 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
     one output per input)."""
     from . import constants as C
     from .audio import expected_samples
+    from .pipeline import Request
     from .progress import Progress
     from .writers import SegmentWriter, output_paths
 
@@ -291,37 +293,68 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
         raise OptionError("format", f"{fmt} is one document per input: give -o FOLDER for several inputs (or --format jsonl for one stream)")
     targets = output_paths(args.audio, out, fmt) if out is not None and out.is_dir() else [out] * len(args.audio)
     failed: list[str] = []
-    with audio_lm(args, args.parallel) as lm:
-        for path, target in zip(args.audio, targets):
-            if target is not None:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            stream = open(target, "w", encoding="utf-8") if target is not None else sys.stdout
-            if target is None and many and fmt == "txt":
-                print(f"==> {path} <==", flush=True)
-            writer = SegmentWriter(stream, fmt, source=str(path))
-            n = expected_samples(_source(args, path))
-            seg_s = segmenting.segment_seconds(mode)  # type: ignore[attr-defined]
-            bar = Progress(max(1, -(-n // int(seg_s * C.SAMPLE_RATE))) if n else 1, "segments", enabled=not args.no_progress)
-            error = None
-            try:
-                for seg in lm.segments(_source(args, path), prompt, options, mode=mode, segmenting=segmenting, parallel=args.parallel,  # type: ignore[arg-type]
-                                       on_segment=lambda k, name=Path(path).name: bar.update(k, name)):
-                    bar.close()
-                    writer.write(seg)
-            except MdlEdgeError as e:
-                error = str(e)
-                failed.append(path)
-                print(f"mdl-edge: error: {e}", file=sys.stderr)
-            finally:
+
+    def emit(k: int, segments: Iterable[TimedSegment], bar: Progress) -> None:
+        """Write input ``k``'s segments as they come (an error ends its output and is reported)."""
+        path, target = args.audio[k], targets[k]
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(target, "w", encoding="utf-8") if target is not None else sys.stdout
+        if target is None and many and fmt == "txt":
+            print(f"==> {path} <==", flush=True)
+        writer = SegmentWriter(stream, fmt, source=str(path))
+        error = None
+        try:
+            for seg in segments:
                 bar.close()
-                writer.close(error)
-                if target is not None:
-                    stream.close()
-                    print(f"{path} -> {target}", file=sys.stderr)
+                writer.write(seg)
+        except MdlEdgeError as e:
+            error = str(e)
+            failed.append(path)
+            print(f"mdl-edge: error: {e}", file=sys.stderr)
+        finally:
+            bar.close()
+            writer.close(error)
+            if target is not None:
+                stream.close()
+                print(f"{path} -> {target}", file=sys.stderr)
+
+    sizes = [expected_samples(_source(args, p)) for p in args.audio]
+    cut = [segmenting.cuts(mode, n) for n in sizes]  # type: ignore[attr-defined]
+    with audio_lm(args, args.parallel) as lm:
+        k = 0
+        while k < len(args.audio):
+            if cut[k]:  # a long recording: its segments decoded together
+                n, seg_s = sizes[k], segmenting.segment_seconds(mode)  # type: ignore[attr-defined]
+                bar = Progress(max(1, -(-n // int(seg_s * C.SAMPLE_RATE))) if n else 1, "segments", enabled=not args.no_progress)
+                emit(k, lm.segments(_source(args, args.audio[k]), prompt, options, mode=mode, segmenting=segmenting,  # type: ignore[arg-type]
+                                    parallel=args.parallel, on_segment=lambda j, name=Path(args.audio[k]).name: bar.update(j, name)), bar)
+                k += 1
+                continue
+            # a run of files answered whole: decoded together, written in input order
+            run = list(itertools.takewhile(lambda j: not cut[j], range(k, len(args.audio))))
+            bar = Progress(len(run), "files", enabled=not args.no_progress)
+            done: dict[int, Result | MdlEdgeError] = {}
+            written = 0
+            requests = (Request(audio=_source(args, args.audio[j]), prompt=prompt, options=options, tag=j) for j in run)  # type: ignore[arg-type]
+            for n_done, (req, res) in enumerate(lm.run(requests, parallel=args.parallel), start=1):
+                bar.update(n_done, Path(args.audio[req.tag]).name)
+                done[req.tag] = res
+                while written < len(run) and run[written] in done:
+                    emit(run[written], _whole_segment(done.pop(run[written])), bar)
+                    written += 1
+            k += len(run)
     if failed:
         print(f"mdl-edge: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _whole_segment(res: "Result | MdlEdgeError") -> Iterator["TimedSegment"]:
+    """A file answered whole as its one segment (its error raised where the writer reports it)."""
+    if isinstance(res, MdlEdgeError):
+        raise res
+    yield res.as_segment()
 
 
 def _command_plugins() -> list:

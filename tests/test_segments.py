@@ -325,3 +325,24 @@ def test_cli_folder_input_answers_every_audio_file_under_it(bundle, tmp_path, ca
     assert main(["transcribe", str(tree), *base, "--format", "srt", "-o", str(out)]) == 0
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == ["a.srt", "sub/a.flac.srt", "sub/a.wav.srt"], written
+
+
+def test_cli_segments_of_many_files_keep_the_input_order(bundle, speech, tmp_path, capsys) -> None:
+    """Short files around a long one, as timed segments on stdout: the short ones are decoded
+    together (whole, as ``caption --json`` answers them), every file's lines in input order."""
+    x = speech[0][30.0]
+    paths = []
+    for name, n in (("a.wav", 2), ("b.wav", 3), ("long.flac", 0), ("c.wav", 2)):
+        p = tmp_path / name
+        sf.write(p, x[: n * C.SAMPLE_RATE] if n else x, C.SAMPLE_RATE)
+        paths.append(str(p))
+    base = ["--model", str(bundle), "--max-new-tokens", "4", "--no-progress", "--parallel", "2"]
+    capsys.readouterr()
+    assert main(["transcribe", *paths, *base, "--format", "jsonl", "--max-segment", "8"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    order = [ln["file"] for ln in lines]
+    assert [p for i, p in enumerate(order) if i == 0 or order[i - 1] != p] == paths, order
+    assert order.count(paths[2]) >= 3 and all(order.count(p) == 1 for p in paths[:2] + paths[3:])
+    assert main(["transcribe", *[paths[i] for i in (0, 1, 3)], *base, "--json"]) == 0
+    whole = {r["file"]: r["token_ids"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert all(ln["token_ids"] == whole[ln["file"]] for ln in lines if ln["file"] in whole)
