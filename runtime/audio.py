@@ -42,9 +42,19 @@ def audio_files_under(folder: Path) -> list[Path]:
     """The audio files (by :data:`AUDIO_SUFFIXES`) anywhere under ``folder``, sorted by path.
     Hidden files and folders are passed over: a copied archive's ``.DS_Store`` and ``._x.wav``
     (macOS resource forks, not audio) would otherwise fail as corrupt audio."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    import logging
+
+    def unreadable(e: OSError) -> None:
+        logging.getLogger("mdl_edge").warning("%s: cannot list this folder, its files are left out: %s", e.filename, e.strerror)
+
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back to a folder already walked: each folder once, and no endless loop
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: the first of two ways to a folder is the one kept
         found += [Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in AUDIO_SUFFIXES]
     return sorted(found)
 

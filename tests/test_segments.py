@@ -310,6 +310,8 @@ def test_cli_folder_input_answers_every_audio_file_under_it(bundle, tmp_path, ca
         sf.write(tree / rel, wave, C.SAMPLE_RATE)
     (tree / "sub/._a.wav").write_bytes(b"\x00\x05\x16\x07 not audio")
     (tree / "notes.md").write_text("not audio")
+    (tree / "sub/up").symlink_to("..")  # a loop: walked once
+    (tree / "twin").symlink_to("sub")  # a second way to a folder: its files once
     want = [tree / "a.wav", tree / "sub/a.flac", tree / "sub/a.wav"]
     assert expand_inputs([str(tree)]) == [str(p) for p in want]
     (tmp_path / "empty").mkdir()
