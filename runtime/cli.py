@@ -18,7 +18,7 @@ from .errors import ConfigError, MdlEdgeError, OptionError
 from .options import DEFAULT_MAX_NEW_TOKENS, PREFILL_CHOICES, DecoderOptions, EncoderOptions, SamplingOptions, default_parallel
 
 if TYPE_CHECKING:
-    from .cluster import ClusterOptions, JobSummary
+    from .cluster import ClusterOptions
     from .audio import NamedBytes
     from .pipeline import AudioLM, Result
     from .progress import Progress
@@ -176,34 +176,23 @@ def _run_job(args: argparse.Namespace, task: str, prompt: str, options: object) 
     main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous = signal.signal(signal.SIGINT, lambda *_: _leave_job_now(args.out)) if main_thread else None
     try:
-        if args.engine == "ray":
-            summary = _run_ray(args, task, prompt, options, segmenting, encoder, decoder, on_row)
-        else:
-            from .cluster import answer_files_here
+        from .cluster import ClusterOptions, answer_files
 
-            summary = answer_files_here(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options,  # type: ignore[arg-type]
-                                        segmenting=segmenting, parallel=args.parallel, threads=args.threads,
-                                        retry_errors=args.retry_errors, encoder=encoder, decoder=decoder, on_row=on_row)
+        here = args.engine == "local"
+        cluster = ClusterOptions(engine=args.engine, workers=args.workers, cpus_per_worker=args.threads if here else args.cpus_per_worker,
+                                 address=args.ray_address, batch_size=args.batch_size, parallel=args.parallel, retries=args.retries,
+                                 retry_errors=args.retry_errors)
+        try:
+            summary = answer_files(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options,  # type: ignore[arg-type]
+                                   segmenting=segmenting, cluster=cluster, encoder=encoder, decoder=decoder, on_row=on_row)
+        except ImportError as e:  # ray, or pyarrow for a .parquet output
+            raise MdlEdgeError(f"this job needs the cluster extra (pip install 'mdl-edge[cluster]'): {e}") from e
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
     print(f"mdl-edge: {summary.inputs} input(s): {summary.skipped} already in {summary.out}, {summary.answered} answered, "
           f"{summary.failed} failed ({summary.files_per_second:.2f} files/s over {summary.seconds:.1f} s)", file=sys.stderr)
     return 1 if summary.failed else 0
-
-
-def _run_ray(args: argparse.Namespace, task: str, prompt: str, options: object, segmenting: object, encoder: object, decoder: object,
-             on_row: object) -> "JobSummary":
-    """``--engine ray``: the inputs as a Ray Data job."""
-    try:
-        from .cluster import ClusterOptions, answer_files
-    except ImportError as e:
-        raise MdlEdgeError(f"--engine ray needs the cluster extra (pip install 'mdl-edge[cluster]'): {e}") from e
-
-    cluster = ClusterOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker, address=args.ray_address,
-                             batch_size=args.batch_size, parallel=args.parallel, retries=args.retries, retry_errors=args.retry_errors)
-    return answer_files(args.audio, args.model, out=args.out, prompt=prompt, task=task, options=options,  # type: ignore[arg-type]
-                        segmenting=segmenting, cluster=cluster, encoder=encoder, decoder=decoder, on_row=on_row)  # type: ignore[arg-type]
 
 
 def _leave_job_now(out: str) -> None:
@@ -450,8 +439,10 @@ def _add_segment_args(t: argparse.ArgumentParser, seg_d: "SegmentOptions") -> No
 
 
 def _add_cluster_args(t: argparse.ArgumentParser, cl_d: "ClusterOptions") -> None:
+    from .cluster import ENGINES
+
     cl = t.add_argument_group("many files: a job whose rows go to --out, which a rerun goes on from; here, or on Ray Data (--engine ray: the `cluster` extra)")
-    cl.add_argument("--engine", choices=("local", "ray"), default="local",
+    cl.add_argument("--engine", choices=ENGINES, default="local",
                     help="local (default): this process; ray: a pool of Ray actors, rows appended to --out as they come")
     cl.add_argument("--out", help="a job's results, one row per segment, as JSON Lines (or .parquet): with --engine ray or in this process; a rerun with the same --out answers only what is missing")
     cl.add_argument("--workers", type=int, default=cl_d.workers, help="with --engine ray: actors, each loading the bundle once (default: %(default)s)")

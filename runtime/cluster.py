@@ -10,8 +10,8 @@ one write, so an interrupted job leaves a valid partial output and a rerun with 
 answers only what is missing. ``.parquet`` outputs are journaled as JSON Lines beside them and
 written when the job completes.
 
-:func:`answer_files_here` runs the same job in the caller's process, without Ray: the same rows,
-the same resumption.
+``ClusterOptions(engine="local")`` runs the same job in the caller's process, without Ray: the
+same rows, the same resumption.
 
 Every row names its file: ``{"file", "segment", "n_segments", "start", "end", "text",
 "token_ids", "stop_reason", "n_audio_tokens", "timings", "worker"}``, or ``{"file", "error"}``.
@@ -30,21 +30,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .errors import ConfigError, MdlEdgeError, one_line
+from .errors import ConfigError, MdlEdgeError, OptionError, one_line
 from .options import DecoderOptions, EncoderOptions, GenerationOptions, available_cores, default_parallel, whole_number
 from .segments import SegmentOptions, TimedSegment
 
 logger = logging.getLogger("mdl_edge")
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
+ENGINES = ("local", "ray")
 #: Batches an actor answers at once (their files share its decoder; see FileAnswerer).
 CALLS_PER_ACTOR = 2
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterOptions:
-    """How a job runs on Ray (validated here).
+    """How a job runs (validated here).
 
+    ``engine``: ``"ray"`` (Ray Data) or ``"local"`` (this process, without Ray: the same rows
+    and the same resumption; ``workers``, ``address``, ``batch_size``, ``retries`` and
+    ``runtime_env`` are Ray's alone, and ``cpus_per_worker`` is the process's threads);
     ``workers``: actors, each with the bundle loaded once; ``cpus_per_worker``: CPUs Ray reserves
     for each (its threads; default: a local instance's CPUs shared out, else 1);
     ``address``: a running cluster (``"auto"``, ``"ray://host:10001"``; default: start a local
@@ -55,6 +59,7 @@ class ClusterOptions:
     a bundle with it).
     """
 
+    engine: str = "ray"
     workers: int = 1
     cpus_per_worker: int | None = None
     address: str | None = None
@@ -65,6 +70,8 @@ class ClusterOptions:
     runtime_env: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise OptionError("engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         whole_number("workers", self.workers)
         if self.cpus_per_worker is not None:
             whole_number("cpus_per_worker", self.cpus_per_worker)
@@ -256,25 +263,40 @@ def answer_files(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     crash_once: tuple[str, str] | None = None,
 ) -> JobSummary:
-    """Answer ``prompt`` about every input on Ray, rows appended to ``out`` as they come.
+    """Answer ``prompt`` about every input, rows appended to ``out`` as they come; on Ray, or
+    with ``cluster.engine == "local"`` in this process, without Ray (files answered as the CLI
+    answers them, each file's rows written when it is done).
 
-    ``inputs``: paths, globs and list files (see :func:`expand_inputs`), or a Ray Dataset with a
-    ``path`` column. ``model``: a bundle folder every worker can read (shared storage, or shipped
-    with ``cluster.runtime_env``). ``encoder`` / ``decoder``: each worker's load options. Inputs
-    already answered in ``out`` are skipped. ``on_row``
-    sees each row as it is written. Ctrl-C stops the job and leaves ``out`` valid."""
-    import ray
-
+    ``inputs``: paths, folders, globs and list files (see :func:`expand_inputs`), or on Ray a Ray
+    Dataset with a ``path`` column. ``model``: a bundle folder every worker can read (shared
+    storage, or shipped with ``cluster.runtime_env``). ``encoder`` / ``decoder``: each worker's
+    load options. Inputs already answered in ``out`` are skipped, so a rerun after an
+    interruption answers only what is missing. ``on_row`` sees each row as it is written.
+    Ctrl-C stops the job and leaves ``out`` valid."""
+    here = cluster.engine == "local"
     out, journal = _journal(out)
-    if cluster.address is None and not Path(model).is_dir():
+    if (cluster.address is None or here) and not Path(model).is_dir():
         raise ConfigError(f"{model}: not a folder (expected a bundle made by `mdl-edge export`)")
     t0 = time.perf_counter()
     done = answered_files(journal, retry_errors=cluster.retry_errors)
     is_dataset = hasattr(inputs, "select_columns") and hasattr(inputs, "iter_rows")
+    if is_dataset and here:
+        raise OptionError("engine", "a Ray Dataset of inputs runs on Ray: give paths for a local job")
     if not is_dataset:
         paths = list(dict.fromkeys(expand_inputs(inputs)))  # rows are keyed by file
         if all(p in done for p in paths):  # nothing to do: no cluster to start
             return _finish(out, journal, paths, [], 0, 0, t0)
+    if here:
+        todo = [p for p in paths if p not in done]
+        rows = _rows_here(todo, model, prompt=prompt, task=task, options=options, segmenting=segmenting, parallel=cluster.parallel,
+                          threads=cluster.cpus_per_worker, encoder=encoder, decoder=decoder)
+        try:
+            answered, failed = _append_rows(rows, journal, todo, "it was not answered", on_row)
+        finally:
+            rows.close()  # the model is freed here, also when the job stops early
+        return _finish(out, journal, paths, todo, answered, failed, t0)
+    import ray
+
     _start_ray(cluster)
     if is_dataset:
         paths = list(dict.fromkeys(str(r["path"]) for r in inputs.select_columns(["path"]).iter_rows()))
@@ -290,60 +312,28 @@ def answer_files(
     return _finish(out, journal, paths, todo, answered, failed, t0)
 
 
-def answer_files_here(
-    inputs: Sequence[str],
-    model: str | Path,
-    *,
-    out: str | Path,
-    prompt: str,
-    task: str = "caption",
-    options: GenerationOptions = GenerationOptions(),
-    segmenting: SegmentOptions = SegmentOptions(),
-    parallel: int | None = None,
-    threads: int | None = None,
-    retry_errors: bool = False,
-    encoder: EncoderOptions = EncoderOptions(),
-    decoder: DecoderOptions = DecoderOptions(),
-    on_row: Callable[[dict[str, Any]], None] | None = None,
-) -> JobSummary:
-    """:func:`answer_files` in this process, without Ray: the same rows appended to ``out``, and a
-    rerun with the same ``out`` answers only what is missing (an interrupted job of thousands of
-    files goes on where it stopped). Files are answered as the CLI answers them
-    (:meth:`AudioLM.run`, ``parallel`` decoded together; a long recording segment by segment),
-    and each file's rows are written as soon as it is done."""
+def _rows_here(todo: list[str], model: str | Path, *, prompt: str, task: str, options: GenerationOptions, segmenting: SegmentOptions,
+               parallel: int, threads: int | None, encoder: EncoderOptions, decoder: DecoderOptions) -> Iterator[dict[str, Any]]:
+    """A local job's rows, one batch per file as each is done: the files answered whole decoded
+    together (:meth:`AudioLM.run`), then each long recording segment by segment."""
     from .audio import expected_samples
     from .pipeline import AudioLM, Request
 
-    out, journal = _journal(out)
-    if not Path(model).is_dir():
-        raise ConfigError(f"{model}: not a folder (expected a bundle made by `mdl-edge export`)")
-    t0 = time.perf_counter()
-    done = answered_files(journal, retry_errors=retry_errors)
-    paths = list(dict.fromkeys(expand_inputs(inputs)))  # rows are keyed by file
-    todo = [p for p in paths if p not in done]
-    answered = failed = 0
-    if todo:
-        mode, worker = segmenting.resolved(task), this_worker()
-        parallel = parallel or default_parallel()
-        with AudioLM(model, threads=threads, encoder=encoder, decoder=decoder) as lm:
-            long = {p for p in todo if segmenting.cuts(mode, expected_samples(p))}
-
-            def rows() -> Iterator[dict[str, Any]]:
-                requests = (Request(audio=p, prompt=prompt, options=options, tag=p) for p in todo if p not in long)
-                for req, res in lm.run(requests, parallel=parallel):
-                    row = error_row(req.tag, res, worker) if isinstance(res, MdlEdgeError) \
-                        else segment_row(req.tag, res.as_segment(), 1, res.n_audio_tokens, worker)
-                    yield {"row": [json.dumps(row, ensure_ascii=False)]}
-                for path in (p for p in todo if p in long):
-                    try:
-                        segs = list(lm.segments(path, prompt, options, mode=mode, segmenting=segmenting, parallel=parallel))
-                        lines = [segment_row(path, seg, len(segs), None, worker) for seg in segs]
-                    except MdlEdgeError as e:
-                        lines = [error_row(path, e, worker)]
-                    yield {"row": [json.dumps(r, ensure_ascii=False) for r in lines]}
-
-            answered, failed = _append_rows(rows(), journal, todo, "it was not answered", on_row)
-    return _finish(out, journal, paths, todo, answered, failed, t0)
+    mode, worker = segmenting.resolved(task), this_worker()
+    with AudioLM(model, threads=threads, encoder=encoder, decoder=decoder) as lm:
+        long = {p for p in todo if segmenting.cuts(mode, expected_samples(p))}
+        requests = (Request(audio=p, prompt=prompt, options=options, tag=p) for p in todo if p not in long)
+        for req, res in lm.run(requests, parallel=parallel):
+            row = error_row(req.tag, res, worker) if isinstance(res, MdlEdgeError) \
+                else segment_row(req.tag, res.as_segment(), 1, res.n_audio_tokens, worker)
+            yield {"row": [json.dumps(row, ensure_ascii=False)]}
+        for path in (p for p in todo if p in long):
+            try:
+                segs = list(lm.segments(path, prompt, options, mode=mode, segmenting=segmenting, parallel=parallel))
+                lines = [segment_row(path, seg, len(segs), None, worker) for seg in segs]
+            except MdlEdgeError as e:
+                lines = [error_row(path, e, worker)]
+            yield {"row": [json.dumps(r, ensure_ascii=False) for r in lines]}
 
 
 def _journal(out: str | Path) -> tuple[Path, Path]:
@@ -474,4 +464,4 @@ def rows_in(out: str | Path) -> Iterator[dict[str, Any]]:
             continue
 
 
-__all__ = ["ClusterOptions", "FileAnswerer", "JobSummary", "answer_files", "answer_files_here", "answered_files", "expand_inputs", "rows_in"]
+__all__ = ["ClusterOptions", "FileAnswerer", "JobSummary", "answer_files", "answered_files", "expand_inputs", "rows_in"]

@@ -1,4 +1,4 @@
-"""A job of many files in this process (``--out`` without ``--engine ray``): the rows Ray's job
+"""A job of many files in this process (``--out`` without ``--engine ray``, ``ClusterOptions(engine="local")``): the rows Ray's job
 writes, each equal to the CLI's answer for its file; a rerun with the same ``--out`` answers only
 what is missing, and Ctrl-C leaves a valid partial output that a rerun completes."""
 
@@ -17,7 +17,7 @@ import soundfile as sf
 
 from mdl_edge.runtime import constants as C
 from mdl_edge.runtime.cli import main
-from mdl_edge.runtime.cluster import answer_files_here, answered_files, rows_in
+from mdl_edge.runtime.cluster import ClusterOptions, answer_files, answered_files, rows_in
 from mdl_edge.runtime.options import DecoderOptions, EncoderOptions, GenerationOptions
 from mdl_edge.runtime.prompt import CAPTION_PROMPT
 
@@ -82,8 +82,8 @@ def test_parquet_output_and_the_python_api(bundle, clips, tmp_path, capsys) -> N
     good = [p for p in paths if not p.endswith("clip3.wav")]
     want = cli_answers(bundle, good, capsys)
     out = tmp_path / "rows.parquet"
-    summary = answer_files_here(good, bundle, out=out, prompt=CAPTION_PROMPT, options=GenerationOptions(max_new_tokens=10),
-                                parallel=2, encoder=EncoderOptions(variant="fp32"), decoder=DecoderOptions(variant="f32"))
+    summary = answer_files(good, bundle, out=out, prompt=CAPTION_PROMPT, options=GenerationOptions(max_new_tokens=10),
+                           cluster=ClusterOptions(engine="local", parallel=2), encoder=EncoderOptions(variant="fp32"), decoder=DecoderOptions(variant="f32"))
     assert (summary.inputs, summary.skipped, summary.answered, summary.failed) == (len(good), 0, len(good), 0)
     rows = {r["file"]: r for r in rows_in(out)}
     assert sorted(rows) == good and all(list(rows[p]["token_ids"]) == want[p]["token_ids"] for p in good)
