@@ -92,7 +92,7 @@ def test_page_captions_transcribes_and_shows_errors(browser, served, toy_files, 
     with AudioLM(toy_bundle, **LM) as lm:
         caption = lm.caption(d / "spoken.wav").text
         transcript = lm.transcribe(d / "spoken.wav").text
-        segments = list(lm.transcribe_segments(d / "long.wav", segmenting=SegmentOptions()))
+        segments = list(lm.transcribe_segments(d / "long.wav", segmenting=SegmentOptions(), parallel=2))
 
     answer, error, _ = _run(browser, served.url, d / "spoken.wav", "caption")
     assert (answer, error) == (caption.strip(), "")
@@ -103,7 +103,20 @@ def test_page_captions_transcribes_and_shows_errors(browser, served, toy_files, 
 
     answer, error, rows = _run(browser, served.url, d / "long.wav", "transcribe")
     assert error == "" and len(rows) == len(segments) > 1, (rows, segments)
-    assert [r.split(" ", 2)[2] if r.count(" ") >= 2 else "" for r in rows] == [s.text.strip() for s in segments]
+    # the server's segments, at the same times; their text as decoded beside other segments, which
+    # llama.cpp's batched kernels round otherwise than the same decode here (docs/cluster.md): a
+    # word may differ, the rest must not
+    from mdl_edge.export.toy.world import word_accuracy
+
+    def seconds(hms: str) -> float:  # the page's "HH:MM:SS.cc"
+        h, m, sec = hms.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+
+    times = [tuple(seconds(t) for t in r.split(" ", 2)[:2]) for r in rows]
+    assert all(abs(a - s.start) <= 0.011 and abs(b - s.end) <= 0.011 for (a, b), s in zip(times, segments)), (times, segments)
+    shown = " | ".join(r.split(" ", 2)[2] if r.count(" ") >= 2 else "" for r in rows)
+    want = " | ".join(s.text.strip() for s in segments)
+    assert word_accuracy(shown, want) >= 0.9, (shown, want)
     browser.save_screenshot(str(ARTIFACTS / "server-page-segments.png"))
 
     answer, error, _ = _run(browser, served.url, d / "broken.wav", "ask", "What is heard?")
