@@ -196,11 +196,6 @@ class FileAnswerer:
         # comes, once per marker file, so that Ray's restart and retry are exercised for real.
         self._crash_once = crash_once
 
-    def close(self) -> None:
-        """Stop the decoder's engine and free the model (an actor is ended with its process)."""
-        self.engine.close()
-        self.lm.close()
-
     def _long(self, path: str) -> bool:
         from .audio import expected_samples
 
