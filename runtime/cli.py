@@ -256,7 +256,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel, max_queue=args.max_queue,
                             max_upload_mb=args.max_upload_mb, max_audio_s=args.max_audio_s, model_id=args.model_id,
-                            segmenting=SegmentOptions(max_segment=args.max_segment), n_ctx=args.n_ctx, max_realtime=args.max_realtime)
+                            segmenting=SegmentOptions(max_segment=args.max_segment, max_pause=args.max_pause or None), n_ctx=args.n_ctx,
+                            max_realtime=args.max_realtime)
     encoder, decoder = _load_options(args, args.parallel)
     serve(args.model, options, threads=args.threads, encoder=encoder, decoder=decoder)
     return 0
@@ -492,6 +493,8 @@ def _add_serve_parser(sub: "argparse._SubParsersAction", sv_d: "ServerOptions") 
     sv.add_argument("--max-audio-s", type=float, default=sv_d.max_audio_s, help="longest recording; more gets 413 (default: %(default)s)")
     sv.add_argument("--max-segment", type=float, default=sv_d.segmenting.max_segment, metavar="S",
                     help="longer transcriptions are cut at pauses into segments of at most S seconds (default: %(default)s)")
+    sv.add_argument("--max-pause", type=float, default=sv_d.segmenting.max_pause, metavar="S",
+                    help="transcriptions cut into segments leave out pauses longer than this; 0 keeps every pause (default: %(default)s)")
     sv.add_argument("--n-ctx", type=int, help="decoder positions shared by the requests decoding together, allocated at start "
                     "(default: 2048 per --parallel)")
     sv.add_argument("--model-id", help="the model's name in /v1/models (default: the bundle folder's name)")
