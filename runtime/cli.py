@@ -281,7 +281,8 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
     if out is None and many and fmt in ("srt", "vtt", "json"):
         # one document per input: several on stdout would make one invalid file
         raise OptionError("format", f"{fmt} is one document per input: give -o FOLDER for several inputs (or --format jsonl for one stream)")
-    targets = output_paths(args.audio, out, fmt) if out is not None and out.is_dir() else [out] * len(args.audio)
+    named = ["stdin" if p == STDIN else p for p in args.audio]  # "-" would name its output "-.srt"
+    targets = output_paths(named, out, fmt) if out is not None and out.is_dir() else [out] * len(args.audio)
     failed: list[str] = []
 
     def emit(k: int, segments: Iterable[TimedSegment], bar: Progress) -> None:

@@ -108,6 +108,10 @@ def test_standard_input_as_an_audio_file(bundle, tmp_path, capsys, monkeypatch) 
         w, g = [json.loads(x) for x in want.splitlines()], [json.loads(x) for x in got.decode().splitlines()]
         assert len(g) == len(w) >= 1 and all(a["file"] == "-" for a in g), got
         assert [(a["text"], a["token_ids"]) for a in g] == [(a["text"], a["token_ids"]) for a in w]
+    folder = tmp_path / "out"
+    folder.mkdir()
+    subprocess.run([*cmd, "caption", "-", *opts, "--format", "srt", "-o", str(folder)], input=path.read_bytes(), check=True)
+    assert [p.name for p in folder.iterdir()] == ["stdin.srt"]
     bad = subprocess.run([*cmd, "caption", "-", *opts], input=b"RIFF\x24\x00\x00\x00WAVEfmt not audio", capture_output=True, text=False)
     assert bad.returncode == 1 and b"mdl-edge: error: -: " in bad.stderr, bad.stderr
 
