@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import struct
@@ -24,6 +25,8 @@ import numpy as np
 
 from . import constants as C
 from .errors import AudioError
+
+logger = logging.getLogger("mdl_edge")
 
 AudioSource = Union[str, Path, bytes, bytearray, BinaryIO, np.ndarray]
 
@@ -42,10 +45,8 @@ def audio_files_under(folder: Path) -> list[Path]:
     """The audio files (by :data:`AUDIO_SUFFIXES`) anywhere under ``folder``, sorted by path.
     Hidden files and folders are passed over: a copied archive's ``.DS_Store`` and ``._x.wav``
     (macOS resource forks, not audio) would otherwise fail as corrupt audio."""
-    import logging
-
     def unreadable(e: OSError) -> None:
-        logging.getLogger("mdl_edge").warning("%s: cannot list this folder, its files are left out: %s", e.filename, e.strerror)
+        logger.warning("%s: cannot list this folder, its files are left out: %s", e.filename, e.strerror)
 
     found, seen = [], set()
     for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
