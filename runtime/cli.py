@@ -47,6 +47,8 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
         return _run_job(args, task, prompt, options)
     args.stdin = _read_stdin(args.audio)
     if task != "ask":
+        if args.skip_existing and not args.output:
+            raise OptionError("skip_existing", "skips inputs whose output file is there already: give -o FOLDER (or --out for a job)")
         segmenting = _segmenting(args)
         mode = segmenting.resolved(task)
         long_input = any(segmenting.cuts(mode, expected_samples(_source(args, p))) for p in args.audio)
@@ -286,44 +288,59 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
     failed: list[str] = []
 
     def emit(k: int, segments: Iterable[TimedSegment], bar: Progress) -> None:
-        """Write input ``k``'s segments as they come (an error ends its output and is reported)."""
+        """Write input ``k``'s segments as they come (an error ends its output and is reported).
+        A file output is written under ``NAME.partial`` and takes its name when the input is done,
+        so an output cut short by a crash or Ctrl-C is never taken for a finished one."""
         path, target = args.audio[k], targets[k]
-        if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        stream = open(target, "w", encoding="utf-8") if target is not None else sys.stdout
+        partial = target.with_name(target.name + ".partial") if target is not None else None
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(partial, "w", encoding="utf-8") if partial is not None else sys.stdout
         if target is None and many and fmt == "txt":
             print(f"==> {path} <==", flush=True)
         writer = SegmentWriter(stream, fmt, source=str(path))
-        error = None
+        error, finished = None, False
         try:
-            for seg in segments:
-                bar.close()
-                writer.write(seg)
-        except MdlEdgeError as e:
-            error = str(e)
-            failed.append(path)
-            print(f"mdl-edge: error: {e}", file=sys.stderr)
+            try:
+                for seg in segments:
+                    bar.close()
+                    writer.write(seg)
+            except MdlEdgeError as e:
+                error = str(e)
+                failed.append(path)
+                print(f"mdl-edge: error: {e}", file=sys.stderr)
+            finished = True
         finally:
             bar.close()
             writer.close(error)
-            if target is not None:
+            if partial is not None and target is not None:
                 stream.close()
-                print(f"{path} -> {target}", file=sys.stderr)
+                if finished:
+                    partial.replace(target)
+                    print(f"{path} -> {target}", file=sys.stderr)
+                else:
+                    print(f"{path}: cut short; what was written is in {partial}", file=sys.stderr)
 
-    sizes = [expected_samples(_source(args, p)) for p in args.audio]
-    cut = [segmenting.cuts(mode, n) for n in sizes]  # type: ignore[attr-defined]
+    there = [k for k, t in enumerate(targets) if args.skip_existing and t is not None and t.exists()]
+    for k in there:
+        print(f"{args.audio[k]} -> {targets[k]} (there already)", file=sys.stderr)
+    skip = set(there)
+    todo = [k for k in range(len(args.audio)) if k not in skip]
+    sizes = {k: expected_samples(_source(args, args.audio[k])) for k in todo}
+    cut = {k: segmenting.cuts(mode, n) for k, n in sizes.items()}  # type: ignore[attr-defined]
     with audio_lm(args, args.parallel) as lm:
-        k = 0
-        while k < len(args.audio):
+        i = 0
+        while i < len(todo):
+            k = todo[i]
             if cut[k]:  # a long recording: its segments decoded together
                 n, seg_s = sizes[k], segmenting.segment_seconds(mode)  # type: ignore[attr-defined]
                 bar = Progress(max(1, -(-n // int(seg_s * C.SAMPLE_RATE))) if n else 1, "segments", enabled=not args.no_progress)
                 emit(k, lm.segments(_source(args, args.audio[k]), prompt, options, mode=mode, segmenting=segmenting,  # type: ignore[arg-type]
                                     parallel=args.parallel, on_segment=lambda j, name=Path(args.audio[k]).name: bar.update(j, name)), bar)
-                k += 1
+                i += 1
                 continue
             # a run of files answered whole: decoded together, written in input order
-            run = list(itertools.takewhile(lambda j: not cut[j], range(k, len(args.audio))))
+            run = list(itertools.takewhile(lambda j: not cut[j], todo[i:]))
             bar = Progress(len(run), "files", enabled=not args.no_progress)
             done: dict[int, Result | MdlEdgeError] = {}
             written = 0
@@ -334,7 +351,9 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
                 while written < len(run) and run[written] in done:
                     emit(run[written], _whole_segment(done.pop(run[written])), bar)
                     written += 1
-            k += len(run)
+            i += len(run)
+    if there:
+        print(f"mdl-edge: {len(there)} of {len(args.audio)} input(s) skipped, their outputs there already (--skip-existing)", file=sys.stderr)
     if failed:
         print(f"mdl-edge: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -438,6 +457,9 @@ def _add_segment_args(t: argparse.ArgumentParser, seg_d: "SegmentOptions") -> No
     seg.add_argument("--format", choices=("txt", "json", "jsonl", "srt", "vtt"),
                      help="timed segments in this format (default for long files: txt; jsonl with --json)")
     seg.add_argument("-o", "--output", help="write there: a file, or for several inputs an existing folder (one output per input, mirroring the inputs' folders)")
+    seg.add_argument("--skip-existing", action="store_true",
+                     help="with -o: inputs whose output is there already are skipped (an output is written as NAME.partial and named "
+                          "when its input is done, so one cut short is answered again)")
 
 
 def _add_cluster_args(t: argparse.ArgumentParser, cl_d: "ClusterOptions") -> None:

@@ -326,7 +326,17 @@ def test_cli_folder_input_answers_every_audio_file_under_it(bundle, tmp_path, ca
     out.mkdir()
     assert main(["transcribe", str(tree), *base, "--format", "srt", "-o", str(out)]) == 0
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == ["a.srt", "sub/a.flac.srt", "sub/a.wav.srt"], written
+    assert written == ["a.srt", "sub/a.flac.srt", "sub/a.wav.srt"], written  # no NAME.partial left
+    # a rerun with --skip-existing answers only what has no output (a NAME.partial is not one)
+    (out / "sub/a.wav.srt").rename(out / "sub/a.wav.srt.partial")
+    before = {p: p.stat().st_mtime_ns for p in (out / "a.srt", out / "sub/a.flac.srt")}
+    capsys.readouterr()
+    assert main(["transcribe", str(tree), *base, "--format", "srt", "-o", str(out), "--skip-existing"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("(there already)") == 2 and "2 of 3 input(s) skipped" in err and f"{tree / 'sub/a.wav'} -> " in err, err
+    assert {p: p.stat().st_mtime_ns for p in before} == before and (out / "sub/a.wav.srt").is_file()
+    assert not (out / "sub/a.wav.srt.partial").exists()
+    assert main(["transcribe", str(tree), *base, "--skip-existing"]) == 2  # without -o there is nothing to skip by
 
 
 def test_cli_segments_of_many_files_keep_the_input_order(bundle, speech, tmp_path, capsys) -> None:
