@@ -358,3 +358,32 @@ def test_cli_segments_of_many_files_keep_the_input_order(bundle, speech, tmp_pat
     assert main(["transcribe", *[paths[i] for i in (0, 1, 3)], *base, "--json"]) == 0
     whole = {r["file"]: r["token_ids"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert all(ln["token_ids"] == whole[ln["file"]] for ln in lines if ln["file"] in whole)
+
+
+def test_cli_ctrl_c_leaves_a_partial_output_that_skip_existing_answers_again(bundle, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import chirp
+
+    path = tmp_path / "long.flac"
+    sf.write(path, chirp(240.0, 5), C.SAMPLE_RATE)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "mdl_edge.runtime.cli", "caption", str(path), "--model", str(bundle), "--segment", "window",
+           "--window", "2", "--format", "srt", "-o", str(out), "--max-new-tokens", "48", "--parallel", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    partial = out / "long.srt.partial"
+    deadline = time.monotonic() + 120
+    while not (partial.is_file() and partial.stat().st_size > 0) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, log
+    assert partial.is_file() and not (out / "long.srt").exists(), log  # cut short: not taken for a finished output
+    assert "cut short" in log, log
+    rc = subprocess.run([*cmd, "--skip-existing"], capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0 and (out / "long.srt").is_file() and not partial.exists(), rc.stderr
