@@ -51,9 +51,9 @@ def _run_task(args: argparse.Namespace, task: str) -> int:
             raise OptionError("skip_existing", "skips inputs whose output file is there already: give -o FOLDER (or --out for a job)")
         segmenting = _segmenting(args)
         mode = segmenting.resolved(task)
-        long_input = any(segmenting.cuts(mode, expected_samples(_source(args, p))) for p in args.audio)
-        if args.format or args.output or long_input:
-            return _run_segments(args, task, prompt, options, segmenting, mode)
+        sizes = [expected_samples(_source(args, p)) for p in args.audio]  # what each header announces, read once
+        if args.format or args.output or any(segmenting.cuts(mode, n) for n in sizes):
+            return _run_segments(args, task, prompt, options, segmenting, mode, sizes)
     # streamed text of several files at once would interleave: one at a time then
     parallel = 1 if streaming else min(args.parallel, len(args.audio))
     failed: list[str] = []
@@ -265,12 +265,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: object, segmenting: object, mode: str) -> int:
+def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: object, segmenting: object, mode: str,
+                  sizes: list[int | None]) -> int:
     """Recordings as timed segments (long files, or any file with --format / -o): each file's
     segments are written as they are answered, to stdout or to -o (a file, or a folder that gets
     one output per input)."""
     from . import constants as C
-    from .audio import expected_samples
     from .pipeline import Request
     from .progress import Progress
     from .writers import SegmentWriter, output_paths
@@ -326,8 +326,7 @@ def _run_segments(args: argparse.Namespace, task: str, prompt: str, options: obj
         print(f"{args.audio[k]} -> {targets[k]} (there already)", file=sys.stderr)
     skip = set(there)
     todo = [k for k in range(len(args.audio)) if k not in skip]
-    sizes = {k: expected_samples(_source(args, args.audio[k])) for k in todo}
-    cut = {k: segmenting.cuts(mode, n) for k, n in sizes.items()}  # type: ignore[attr-defined]
+    cut = [segmenting.cuts(mode, n) for n in sizes]  # type: ignore[attr-defined]
     with audio_lm(args, args.parallel) as lm:
         i = 0
         while i < len(todo):

@@ -28,11 +28,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from .errors import ConfigError, MdlEdgeError, OptionError, one_line
 from .options import DecoderOptions, EncoderOptions, GenerationOptions, available_cores, default_parallel, whole_number
 from .segments import SegmentOptions, TimedSegment
+
+if TYPE_CHECKING:
+    from .pipeline import AudioLM, Result
 
 logger = logging.getLogger("mdl_edge")
 
@@ -139,6 +142,23 @@ def segment_row(path: str, seg: TimedSegment, n_segments: int, n_audio_tokens: i
             "timings": seg.timings, "worker": worker}
 
 
+def answer_row(path: str, res: "Result | MdlEdgeError", worker: str) -> dict[str, Any]:
+    """The row of a file answered whole (its one segment), or its error row."""
+    if isinstance(res, MdlEdgeError):
+        return error_row(path, res, worker)
+    return segment_row(path, res.as_segment(), 1, res.n_audio_tokens, worker)
+
+
+def recording_rows(lm: "AudioLM", path: str, prompt: str, options: GenerationOptions, worker: str, **segments: Any) -> list[dict[str, Any]]:
+    """The rows of a recording answered segment by segment (``segments``: :meth:`AudioLM.segments`'
+    options), or its one error row."""
+    try:
+        segs = list(lm.segments(path, prompt, options, **segments))
+    except MdlEdgeError as e:
+        return [error_row(path, e, worker)]
+    return [segment_row(path, seg, len(segs), None, worker) for seg in segs]
+
+
 def error_row(path: str, error: BaseException | str, worker: str = "") -> dict[str, Any]:
     return {"file": path, "error": error if isinstance(error, str) else one_line(error), "worker": worker}
 
@@ -223,23 +243,13 @@ class FileAnswerer:
         out: dict[str, list[dict[str, Any]]] = {}
         for path, ticket in tickets.items():
             res = ticket.wait()
-            if isinstance(res, MdlEdgeError):
-                out[path] = [error_row(path, res, self.worker)]
-            else:
-                assert res is not None
-                out[path] = [self._row(path, res.as_segment(), 1, res.n_audio_tokens)]
+            assert res is not None
+            out[path] = [answer_row(path, res, self.worker)]
         return out
 
-    def _row(self, path: str, seg: TimedSegment, n_segments: int, n_audio_tokens: int | None) -> dict[str, Any]:
-        return segment_row(path, seg, n_segments, n_audio_tokens, self.worker)
-
     def _segments(self, path: str) -> list[dict[str, Any]]:
-        try:
-            segs = list(self.lm.segments(path, self.prompt, self.options, mode=self.mode, segmenting=self.segmenting,
-                                         runner=self.engine.runner))
-        except MdlEdgeError as e:
-            return [error_row(path, e, self.worker)]
-        return [self._row(path, s, len(segs), None) for s in segs]
+        return recording_rows(self.lm, path, self.prompt, self.options, self.worker, mode=self.mode, segmenting=self.segmenting,
+                              runner=self.engine.runner)
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -319,16 +329,10 @@ def _rows_here(todo: list[str], model: str | Path, *, prompt: str, task: str, op
         long = {p for p in todo if segmenting.cuts(mode, expected_samples(p))}
         requests = (Request(audio=p, prompt=prompt, options=options, tag=p) for p in todo if p not in long)
         for req, res in lm.run(requests, parallel=parallel):
-            row = error_row(req.tag, res, worker) if isinstance(res, MdlEdgeError) \
-                else segment_row(req.tag, res.as_segment(), 1, res.n_audio_tokens, worker)
-            yield {"row": [json.dumps(row, ensure_ascii=False)]}
+            yield {"row": [json.dumps(answer_row(req.tag, res, worker), ensure_ascii=False)]}
         for path in (p for p in todo if p in long):
-            try:
-                segs = list(lm.segments(path, prompt, options, mode=mode, segmenting=segmenting, parallel=parallel))
-                lines = [segment_row(path, seg, len(segs), None, worker) for seg in segs]
-            except MdlEdgeError as e:
-                lines = [error_row(path, e, worker)]
-            yield {"row": [json.dumps(r, ensure_ascii=False) for r in lines]}
+            rows = recording_rows(lm, path, prompt, options, worker, mode=mode, segmenting=segmenting, parallel=parallel)
+            yield {"row": [json.dumps(r, ensure_ascii=False) for r in rows]}
 
 
 def _journal(out: str | Path) -> tuple[Path, Path]:
